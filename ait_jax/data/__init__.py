@@ -1,0 +1,1 @@
+"""Input pipelines: TFDS catalog datasets, generated benchmarks, grain readers, augmentation."""
