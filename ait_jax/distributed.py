@@ -1,0 +1,68 @@
+"""Multi-host start-up: one place that decides whether to call `jax.distributed.initialize`.
+
+Cloud TPU VMs and SLURM/GPU clusters are auto-detected by JAX; a coordinator can be forced with
+environment variables for hosts that JAX cannot detect (and for tests on 127.0.0.1).
+"""
+import os
+
+import jax
+
+# Set these to start a multi-process run by hand (JAX's auto-detection needs none of them).
+ENV_COORDINATOR = 'AIT_JAX_COORDINATOR'  # host:port of process 0
+ENV_NUM_PROCESSES = 'AIT_JAX_NUM_PROCESSES'
+ENV_PROCESS_ID = 'AIT_JAX_PROCESS_ID'
+ENV_DISTRIBUTED = 'AIT_JAX_DISTRIBUTED'  # 'auto' (default), '1' / 'on', '0' / 'off'
+
+_initialized = False
+
+
+def maybe_initialize(mode: str | None = None) -> None:
+  """Initialises multi-host JAX once, before any other JAX call touches the backend.
+
+  mode: 'on' always initialises (auto-detected cluster or the env coordinator), 'off' never,
+  'auto' initialises when a coordinator is given in the environment or a TPU pod / SLURM job is
+  detected. None reads `AIT_JAX_DISTRIBUTED` (default 'auto').
+  """
+  global _initialized
+  if _initialized:
+    return
+  mode = (mode or os.environ.get(ENV_DISTRIBUTED, 'auto')).lower()
+  mode = {'1': 'on', 'true': 'on', '0': 'off', 'false': 'off'}.get(mode, mode)
+  if mode not in ('auto', 'on', 'off'):
+    raise ValueError(f"distributed mode must be 'auto', 'on' or 'off', got {mode!r}.")
+  if mode == 'off':
+    return
+  coordinator = os.environ.get(ENV_COORDINATOR)
+  if coordinator:
+    missing = [v for v in (ENV_NUM_PROCESSES, ENV_PROCESS_ID) if v not in os.environ]
+    if missing:
+      raise ValueError(f'{ENV_COORDINATOR} is set, so also set {" and ".join(missing)}.')
+    jax.distributed.initialize(
+        coordinator_address=coordinator,
+        num_processes=int(os.environ[ENV_NUM_PROCESSES]),
+        process_id=int(os.environ[ENV_PROCESS_ID]))
+    _initialized = True
+    return
+  detected = ('TPU_WORKER_HOSTNAMES' in os.environ and
+              len(os.environ['TPU_WORKER_HOSTNAMES'].split(',')) > 1) or (
+                  int(os.environ.get('SLURM_NTASKS', '1')) > 1)
+  if mode == 'on' or detected:
+    jax.distributed.initialize()
+    _initialized = True
+
+
+def describe() -> str:
+  """One line for logs and the launch preflight: who am I and what do I see."""
+  return (f'process {jax.process_index()}/{jax.process_count()}: '
+          f'{jax.local_device_count()} local / {jax.device_count()} global devices '
+          f'({jax.devices()[0].platform}: {jax.devices()[0].device_kind})')
+
+
+def main() -> None:
+  """`python -m ait_jax.distributed`: the preflight that launch scripts run before training."""
+  maybe_initialize()
+  print(describe(), flush=True)
+
+
+if __name__ == '__main__':
+  main()
