@@ -1,0 +1,337 @@
+"""The AiT classifier and its dense ViT baseline as Flax Linen modules (SPEC §1).
+
+The explicit memory of every block is the variable collection 'memory' (state, never a parameter):
+`model.apply(variables, x, train=True, mutable=['memory'])` returns the written memory.
+"""
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ait_jax import hopfield
+from ait_jax import workspace
+
+Dtype = Any
+
+# SPEC §1.8. Every preset uses 64-dim attention heads.
+PRESETS = {
+    'small': dict(depth=2, width=768, mlp_dim=3072, num_heads=12),
+    'medium': dict(depth=6, width=768, mlp_dim=3072, num_heads=12),
+    'base': dict(depth=12, width=768, mlp_dim=3072, num_heads=12),
+    'large': dict(depth=24, width=1024, mlp_dim=4096, num_heads=16),
+    'coordination': dict(depth=1, width=256, mlp_dim=512, num_heads=4),
+}
+GRADIENT_MODES = ('reference', 'learned_write')
+SCOPES = ('batch', 'example')
+RETRIEVALS = ('hopfield', 'cross_attention')
+POSEMBS = ('none', 'learned')
+HEADS = ('flatten', 'mean', 'cls')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+BACKBONE_LN_EPS = 1e-5  # torch.nn.LayerNorm default, as in the reference code
+WRITE_LN_EPS = 1e-6  # SPEC §1.3
+
+_dense_init = nn.initializers.xavier_uniform()
+
+
+def _layer_norm(name: str | None = None, eps: float = BACKBONE_LN_EPS, **kw) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=eps, name=name, **kw)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with 64-dim heads, qkv without bias, output with bias (SPEC §1.1)."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, n, d = x.shape
+    qkv = nn.Dense(3 * d, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=_dense_init, name='qkv')(x)
+    q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 3, axis=2)
+    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+    return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init,
+                    name='out')(out.reshape(b, n, d))
+
+
+class FeedForward(nn.Module):
+  """Dense(mlp) → exact GELU → Dense(D)."""
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init)
+    h = nn.gelu(nn.Dense(self.mlp_dim, name='fc1', **kw)(x), approximate=False)
+    return nn.Dense(x.shape[-1], name='fc2', **kw)(h)
+
+
+class GlobalWorkspace(nn.Module):
+  """The Global Workspace Layer: bottleneck write into the shared memory, Hopfield read-back.
+
+  SPEC §1.2–1.7. `s` [B, N, D] are the normalised FFN outputs; returns (r, balance_loss) with r the
+  retrieved priors per token. The memory is written when training, or at evaluation only with
+  `eval_writes_memory` (the reference protocol, which makes predictions batch dependent, §1.7).
+  """
+  memory_slots: int = 32
+  memory_dim: int = 32
+  memory_heads: int = 8
+  bottleneck_k: int | None = 512
+  bottleneck_scope: str = 'batch'  # config field `scope` ('scope' is taken by Flax)
+  gradient_mode: str = 'reference'
+  eval_writes_memory: bool = False
+  memory_momentum: float = 0.9
+  write_dropout: float = 0.1
+  memory_reset: bool = False
+  retrieval: str = 'hopfield'
+  hopfield_beta: float = 1.0
+  hopfield_steps: int = 1
+  balance_coef: float = 0.01
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, s, *, train: bool):
+    b, n, d = s.shape
+    m, dm, hm = self.memory_slots, self.memory_dim, self.memory_heads
+    memory = self.variable(
+        'memory', 'slots',
+        lambda: jax.random.normal(self.make_rng('params'), (m, dm), jnp.float32))
+    # The memory is state: the optimizer never sees it and no gradient reaches it (SPEC §1.6).
+    mem = jax.lax.stop_gradient(memory.value)
+    kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+              kernel_init=_dense_init)
+
+    balance = jnp.zeros((), jnp.float32)
+    if train or self.eval_writes_memory or self.is_initializing():
+      q = nn.Dense(hm * dm, name='query', **kw)(mem.astype(self.dtype))
+      k = nn.Dense(hm * dm, name='key', **kw)(s)
+      v = nn.Dense(hm * dm, name='value', **kw)(s)
+      groups, per_group = (1, b * n) if self.bottleneck_scope == 'batch' else (b, n)
+      split = lambda t: t.reshape(groups, per_group, hm, dm).transpose(0, 2, 1, 3)
+      top_k = self.bottleneck_k
+      if top_k is not None and top_k > per_group and (not train or self.is_initializing()):
+        # Evaluation (or init) on a batch smaller than the training one: keep every token rather
+        # than fail; training batches are checked by the config (`bottleneck_k`).
+        top_k = per_group
+      out = workspace.bottleneck_attention(q.reshape(m, hm, dm).transpose(1, 0, 2), split(k),
+                                           split(v), top_k)
+      read = out.read.transpose(1, 0, 2).reshape(m, hm * dm)
+      y = nn.Dense(dm, name='out', **kw)(read)
+      y = nn.Dropout(self.write_dropout)(y, deterministic=not train)
+      y = nn.LayerNorm(epsilon=WRITE_LN_EPS, param_dtype=self.param_dtype,
+                       name='write_norm')(y.astype(jnp.float32) + mem)
+      if self.gradient_mode == 'reference':
+        y = jax.lax.stop_gradient(y)  # SPEC §1.6: Wv, Wo and write_norm get no gradient
+      written = workspace.ema_write(mem, y, self.memory_momentum)
+      if not self.memory_reset and not self.is_initializing():
+        memory.value = jax.lax.stop_gradient(written)
+      balance = workspace.balance_loss(out.importance, out.load, self.balance_coef)
+      if self.is_mutable_collection('intermediates'):
+        self.sow('intermediates', 'bottleneck_indices', out.indices)
+        self.sow('intermediates', 'bottleneck_weights', out.weights)
+    else:
+      written = mem  # read-only evaluation: predictions independent of the batch (SPEC §1.7)
+
+    priors = nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init,
+                      name='prior_proj')(written.astype(self.dtype))  # [M, D]
+    if self.retrieval == 'hopfield':
+      r = hopfield.hopfield_retrieve(s, priors, self.hopfield_beta, self.hopfield_steps)
+    else:  # SPEC §1.9 ablation: a learned cross-attention from tokens to priors
+      r = nn.MultiHeadDotProductAttention(
+          num_heads=max(1, d // 64), dtype=self.dtype, param_dtype=self.param_dtype,
+          name='cross_attention')(s, jnp.broadcast_to(priors, (b, m, d)))
+    if self.is_mutable_collection('intermediates'):
+      self.sow('intermediates', 'energy_before', hopfield.hopfield_energy(s, priors,
+                                                                          self.hopfield_beta))
+      self.sow('intermediates', 'energy_after', hopfield.hopfield_energy(r, priors,
+                                                                         self.hopfield_beta))
+    return r.astype(s.dtype), balance
+
+
+class Block(nn.Module):
+  """One pre-norm block: self-attention, FFN and, for AiT, the global workspace (SPEC §1.2)."""
+  num_heads: int
+  mlp_dim: int
+  use_workspace: bool = True
+  self_attention: bool = True
+  workspace: dict = dataclasses.field(default_factory=dict)
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.self_attention:
+      x = x + SelfAttention(self.num_heads, name='attn', **kw)(_layer_norm('norm1', **kw)(x))
+    h = FeedForward(self.mlp_dim, name='ffn', **kw)(_layer_norm('norm2', **kw)(x))
+    if not self.use_workspace:
+      return x + h, jnp.zeros((), jnp.float32)
+    s = _layer_norm('ffn_norm', **kw)(h)
+    r, balance = GlobalWorkspace(name='workspace', **self.workspace, **kw)(s, train=train)
+    return x + s + r, balance
+
+
+class AiT(nn.Module):
+  """AiT classifier (or, with use_workspace=False, the dense ViT of the same backbone).
+
+  __call__(images [B, H, W, C] float, question [B, Q] or None, train) -> (logits, aux) with
+  aux['balance_loss'] the sum over layers of the bottleneck balance loss (SPEC §1.4).
+  """
+  num_classes: int
+  patch_size: int
+  depth: int = 2
+  width: int = 768
+  mlp_dim: int = 3072
+  num_heads: int = 12
+  use_workspace: bool = True
+  self_attention: bool = True
+  posemb: str = 'none'
+  head: str = 'flatten'
+  workspace: dict = dataclasses.field(default_factory=dict)
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, question=None, *, train: bool = False):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    b, hh, ww, c = images.shape
+    p = self.patch_size
+    # (row, col, channel) order inside a patch, channel fastest (SPEC §1.1).
+    x = images.reshape(b, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, (hh // p) * (ww // p), p * p * c).astype(self.dtype)
+    x = _layer_norm('patch_norm_in', **kw)(x)
+    x = nn.Dense(self.width, kernel_init=_dense_init, name='patch_embed', **kw)(x)
+    x = _layer_norm('patch_norm_out', **kw)(x)
+    if self.posemb == 'learned':
+      x = x + self.param('posemb', nn.initializers.normal(0.02), (1,) + x.shape[1:],
+                         self.param_dtype).astype(self.dtype)
+    if question is not None:  # SPEC §1.10: one extra token before the patches
+      qt = _layer_norm('question_norm_in', **kw)(question.astype(self.dtype))
+      qt = nn.Dense(self.width, kernel_init=_dense_init, name='question_embed', **kw)(qt)
+      qt = _layer_norm('question_norm_out', **kw)(qt)
+      x = jnp.concatenate([qt[:, None], x], axis=1)
+    if self.head == 'cls':
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, self.width), self.param_dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(self.dtype), x], 1)
+
+    balance = jnp.zeros((), jnp.float32)
+    for i in range(self.depth):
+      x, layer_balance = Block(self.num_heads, self.mlp_dim, self.use_workspace,
+                               self.self_attention, self.workspace, name=f'block{i}',
+                               **kw)(x, train=train)
+      balance = balance + layer_balance
+
+    if self.head == 'flatten':  # SPEC §1.1: LayerNorm over the whole token grid
+      x = x.reshape(b, -1)
+    elif self.head == 'mean':
+      x = x.mean(axis=1)
+    else:
+      x = x[:, 0]
+    x = _layer_norm('head_norm', **kw)(x)
+    logits = nn.Dense(self.num_classes, kernel_init=_dense_init, name='head',
+                      **kw)(x)
+    return logits.astype(jnp.float32), {'balance_loss': balance}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The model fields of a training config, with the faithful values as defaults (SPEC §1)."""
+  return ml_collections.ConfigDict(dict(
+      preset='small',  # small | medium | base | large | coordination (SPEC §1.8)
+      vit=False,  # True: the dense ViT baseline ('without memory' ablation)
+      depth=None, width=None, mlp_dim=None, num_heads=None,  # None: from the preset
+      patch_size=4,
+      posemb='none',  # none (faithful) | learned
+      head='flatten',  # flatten (faithful) | mean | cls
+      self_attention=True,  # False: 'without self-attention' ablation
+      memory_slots=32, memory_dim=32, memory_heads=8,
+      bottleneck=True,  # False: dense cross-attention write ('without bottleneck')
+      bottleneck_k=512,
+      scope='batch',  # batch (faithful: all tokens of the batch compete) | example (k <= N)
+      gradient_mode='reference',  # reference (SPEC §1.6) | learned_write (project addition)
+      eval_writes_memory=False,  # True reproduces the reference's batch-dependent evaluation
+      retrieval='hopfield',  # hopfield | cross_attention ('without Hopfield')
+      hopfield_beta=1.0, hopfield_steps=1,
+      balance_coef=0.01,  # 0: 'without balance loss'
+      memory_reset=False,  # True: every batch writes from the initial memory ('memory reset')
+      memory_momentum=0.9, write_dropout=0.1,
+      dtype='float32',  # computation: float32 | bfloat16
+      param_dtype='float32',
+  ))
+
+
+def _choice(field: str, value, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(f'model.{field}={value!r} is not one of {", ".join(map(repr, allowed))}.')
+
+
+def num_tokens(cfg: Mapping, image_shape, question_dim: int = 0) -> int:
+  """Tokens per image that reach the blocks: patches, plus the question and CLS tokens if any."""
+  h, w = image_shape[:2]
+  return ((h // cfg['patch_size']) * (w // cfg['patch_size']) + (1 if question_dim else 0)
+          + (1 if cfg['head'] == 'cls' else 0))
+
+
+def create_model(cfg: Mapping | str = 'small', *, num_classes: int, image_shape,
+                 question_dim: int = 0, batch_size: int | None = None, **overrides) -> AiT:
+  """Builds AiT (or its ViT baseline) from model config fields, after validating them.
+
+  cfg: a preset name or a mapping with the fields of `default_config()` (missing ones default).
+  image_shape: (H, W[, C]) of the images the model sees. batch_size: the training batch, which
+  bounds `bottleneck_k` in scope 'batch'. Every invalid value raises one ValueError naming its field.
+  """
+  fields = default_config().to_dict()
+  if isinstance(cfg, str):
+    cfg = {'preset': cfg}
+  cfg = dict(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg)
+  unknown = set(cfg) | set(overrides)
+  unknown -= set(fields)
+  if unknown:
+    raise ValueError(f'Unknown model field(s) {sorted(unknown)}; valid fields: {sorted(fields)}.')
+  fields.update(cfg)
+  fields.update(overrides)
+  c = fields
+  _choice('preset', c['preset'], tuple(PRESETS))
+  for name, allowed in (('scope', SCOPES), ('gradient_mode', GRADIENT_MODES),
+                        ('retrieval', RETRIEVALS), ('posemb', POSEMBS), ('head', HEADS),
+                        ('dtype', tuple(DTYPES)), ('param_dtype', tuple(DTYPES))):
+    _choice(name, c[name], allowed)
+  dims = dict(PRESETS[c['preset']])
+  for name in dims:
+    if c[name] is not None:
+      dims[name] = c[name]
+  if dims['width'] % dims['num_heads']:
+    raise ValueError(f"model.width={dims['width']} must be divisible by "
+                     f"model.num_heads={dims['num_heads']}.")
+  h, w = image_shape[:2]
+  p = c['patch_size']
+  if p < 1 or h % p or w % p:
+    raise ValueError(f'model.patch_size={p} must divide the image size {h}x{w}.')
+  if c['hopfield_steps'] < 1:
+    raise ValueError(f"model.hopfield_steps={c['hopfield_steps']} must be at least 1.")
+  if not 0.0 <= c['memory_momentum'] < 1.0:
+    raise ValueError(f"model.memory_momentum={c['memory_momentum']} must be in [0, 1).")
+  top_k = c['bottleneck_k'] if c['bottleneck'] else None
+  if not c['vit'] and top_k is not None:
+    n = num_tokens(c, image_shape, question_dim)
+    in_scope = n if c['scope'] == 'example' else (n * batch_size if batch_size else None)
+    if top_k < 1 or (in_scope is not None and top_k > in_scope):
+      where = ('the tokens of one image' if c['scope'] == 'example' else
+               f'the {in_scope} tokens of a batch of {batch_size}')
+      raise ValueError(f'model.bottleneck_k={top_k} must be between 1 and {in_scope}, {where} '
+                       '(scope ' + repr(c['scope']) + ').')
+  ws = dict(memory_slots=c['memory_slots'], memory_dim=c['memory_dim'],
+            memory_heads=c['memory_heads'], bottleneck_k=top_k, bottleneck_scope=c['scope'],
+            gradient_mode=c['gradient_mode'], eval_writes_memory=c['eval_writes_memory'],
+            memory_momentum=c['memory_momentum'], write_dropout=c['write_dropout'],
+            memory_reset=c['memory_reset'], retrieval=c['retrieval'],
+            hopfield_beta=c['hopfield_beta'], hopfield_steps=c['hopfield_steps'],
+            balance_coef=c['balance_coef'])
+  return AiT(num_classes=num_classes, patch_size=p, use_workspace=not c['vit'],
+             self_attention=c['self_attention'], posemb=c['posemb'], head=c['head'],
+             workspace=ws, dtype=DTYPES[c['dtype']], param_dtype=DTYPES[c['param_dtype']],
+             **dims)
