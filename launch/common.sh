@@ -1,0 +1,61 @@
+# shellcheck shell=bash
+# Helpers sourced by tpu_vm.sh and gpu.sh: errors, shell quoting and the --dry-run command runner.
+# Not meant to be run on its own.
+
+# The jax release the package pins in setup.cfg; the accelerator builds must match it.
+# shellcheck disable=SC2034  # used by the scripts that source this file
+AIT_JAX_VERSION=0.10.2
+
+# 1 prints every command instead of running it (the scripts' --dry-run flag sets it too).
+DRY_RUN=${DRY_RUN:-0}
+
+# die MESSAGE: one clear sentence on stderr and exit status 2 (a usage error).
+die() {
+  echo "${PROG:-$0}: error: $*" >&2
+  exit 2
+}
+
+# need_value FLAG REST...: a flag that takes a value must be followed by one.
+need_value() {
+  (($# > 1)) || die "$1 needs a value (see --help)."
+}
+
+# require VALUE FLAG ENV: a setting without a default must be given.
+require() {
+  [[ -n $1 ]] || die "no $2 given: pass $2 or set $3."
+}
+
+# quote ARGS...: the arguments as one line that a POSIX shell splits back into the same words.
+quote() {
+  local plain='^[A-Za-z0-9_./:=@%+,-]+$' word out=()
+  for word in "$@"; do
+    if [[ $word =~ $plain ]]; then
+      out+=("$word")
+    else
+      out+=("'${word//\'/\'\\\'\'}'")
+    fi
+  done
+  local IFS=' '
+  printf '%s' "${out[*]}"
+}
+
+# run CMD ARGS...: prints the command (stdout with --dry-run, else stderr as a log line) and runs it
+# unless this is a dry run.
+run() {
+  if [[ $DRY_RUN == 1 ]]; then
+    printf '%s\n' "$(quote "$@")"
+  else
+    printf '+ %s\n' "$(quote "$@")" >&2
+    "$@"
+  fi
+}
+
+# run_sh LINE: like run, for a local shell line with pipes or redirections.
+run_sh() {
+  if [[ $DRY_RUN == 1 ]]; then
+    printf '%s\n' "$1"
+  else
+    printf '+ %s\n' "$1" >&2
+    bash -o pipefail -c "$1"
+  fi
+}

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# GPU host launcher: install ait_jax with the CUDA build of jax into a virtualenv, check that JAX sees
+# the GPUs, and train (the preflight, then python -m ait_jax.main, logged to a file).
+set -euo pipefail
+
+PROG=$(basename "$0")
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$HERE")
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$HERE/common.sh"
+
+# Defaults; each is overridden by the environment variable of the same name, then by its flag.
+D_VENV=$ROOT/.venv
+D_PYTHON=python3
+D_CUDA=12
+
+VENV=${VENV:-$D_VENV}
+PYTHON=${PYTHON:-$D_PYTHON}
+CUDA=${CUDA:-$D_CUDA}
+EXTRAS=${EXTRAS:-}
+CONFIG=${CONFIG:-}
+WORKDIR=${WORKDIR:-}
+DATA_DIR=${DATA_DIR:-}
+LOG_FILE=${LOG_FILE:-}
+
+usage() {
+  cat <<EOF
+Usage: $PROG <subcommand> [flags] [-- extra flags for python -m ait_jax.main]
+
+Runs ait_jax on this machine's GPUs, from this checkout ($ROOT).
+
+Subcommands:
+  install   create the venv, pip install jax[cuda<CUDA>]==$AIT_JAX_VERSION and the package (pip install -e)
+  check     print jax.devices() (fails when JAX sees no GPU), then the preflight
+            python -m ait_jax.distributed (process index, process count, devices)
+  train     the preflight, then python -m ait_jax.main --config=CONFIG --workdir=WORKDIR
+            [--config.data_dir=DATA_DIR] [extra], with all output appended to LOG_FILE
+
+Flags (environment variable, default):
+  --venv DIR          VENV        ($D_VENV)
+  --python PYTHON     PYTHON      ($D_PYTHON; creates the venv, needs Python >= 3.11)
+  --cuda 12|13        CUDA        ($D_CUDA; jax[cuda12] needs an NVIDIA driver >= 525, jax[cuda13] >= 580)
+  --extras EXTRAS     EXTRAS      (none; e.g. prepare, for the TFDS data preparation)
+  --config CONFIG     CONFIG      (required by train; e.g. configs/cifar100.py:model=base)
+  --workdir DIR       WORKDIR     (required by train; a local folder or gs:// path)
+                                  CONFIG is relative to the checkout, other paths to the current folder
+  --data-dir DIR      DATA_DIR    (none: the config's data_dir; e.g. gs://BUCKET/tfds)
+  --log-file FILE     LOG_FILE    (WORKDIR/train.log; \$HOME/ait_logs/train.log for a gs:// workdir)
+  --dry-run           DRY_RUN=1   (0; print each command instead of running it)
+  -h, --help          this help
+
+Several GPU hosts: run the same train command on each host with
+  AIT_JAX_COORDINATOR=HOST0:1234 AIT_JAX_NUM_PROCESSES=N AIT_JAX_PROCESS_ID=I
+(I = 0 on HOST0); SLURM jobs are detected without them.
+
+Example:
+  $PROG install
+  $PROG check
+  $PROG train --config configs/cifar100.py:model=base --workdir workdir/cifar100 \\
+      --data-dir ~/tensorflow_datasets -- --config.seed=1
+EOF
+}
+
+SUBCOMMAND=
+EXTRA=()
+while (($#)); do
+  arg=$1
+  shift
+  if [[ $arg == --*=* ]]; then
+    set -- "${arg#*=}" "$@"
+    arg=${arg%%=*}
+  fi
+  case $arg in
+    -h | --help) usage; exit 0 ;;
+    --dry-run) DRY_RUN=1 ;;
+    --venv) need_value "$arg" "$@"; VENV=$1; shift ;;
+    --python) need_value "$arg" "$@"; PYTHON=$1; shift ;;
+    --cuda) need_value "$arg" "$@"; CUDA=$1; shift ;;
+    --extras) need_value "$arg" "$@"; EXTRAS=$1; shift ;;
+    --config) need_value "$arg" "$@"; CONFIG=$1; shift ;;
+    --workdir) need_value "$arg" "$@"; WORKDIR=$1; shift ;;
+    --data-dir) need_value "$arg" "$@"; DATA_DIR=$1; shift ;;
+    --log-file) need_value "$arg" "$@"; LOG_FILE=$1; shift ;;
+    --) EXTRA=("$@"); break ;;
+    -*) die "unknown flag $arg (see --help)." ;;
+    *)
+      [[ -z $SUBCOMMAND ]] || die "one subcommand at a time, got '$SUBCOMMAND' and '$arg'."
+      SUBCOMMAND=$arg
+      ;;
+  esac
+done
+
+[[ -n $SUBCOMMAND ]] || { usage >&2; die "no subcommand given."; }
+PY=$VENV/bin/python
+
+cmd_install() {
+  [[ $CUDA == 12 || $CUDA == 13 ]] || die "--cuda must be 12 or 13, got '$CUDA'."
+  if [[ $DRY_RUN != 1 ]]; then
+    command -v "$PYTHON" >/dev/null || die "$PYTHON not found: pass --python with a Python >= 3.11."
+    "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+      die "jax $AIT_JAX_VERSION needs Python >= 3.11, $PYTHON is older: pass --python python3.11 (or newer)."
+  fi
+  local package=$ROOT
+  [[ -z $EXTRAS ]] || package="${ROOT}[$EXTRAS]"
+  run "$PYTHON" -m venv "$VENV"
+  run "$PY" -m pip install -U pip
+  run "$PY" -m pip install "jax[cuda$CUDA]==$AIT_JAX_VERSION"
+  run "$PY" -m pip install -e "$package"
+}
+
+cmd_check() {
+  [[ $DRY_RUN == 1 || -x $PY ]] || die "no venv at $VENV: run '$PROG install' first (or pass --venv)."
+  run "$PY" -c 'import sys, jax; print(jax.devices()); sys.exit(None if jax.default_backend() == "gpu" else "JAX sees no GPU: check nvidia-smi, and that --cuda matches the driver.")'
+  run_sh "cd $(quote "$ROOT") && $(quote "$PY") -m ait_jax.distributed"
+}
+
+cmd_train() {
+  require "$CONFIG" --config CONFIG
+  require "$WORKDIR" --workdir WORKDIR
+  [[ $DRY_RUN == 1 || -x $PY ]] || die "no venv at $VENV: run '$PROG install' first (or pass --venv)."
+  # The job runs from the checkout (where configs/ lives): make local paths given here absolute.
+  [[ $WORKDIR == gs://* || $WORKDIR == /* ]] || WORKDIR=$PWD/$WORKDIR
+  local log=$LOG_FILE
+  if [[ -z $log ]]; then
+    if [[ $WORKDIR == gs://* ]]; then log=$HOME/ait_logs/train.log; else log=$WORKDIR/train.log; fi
+  fi
+  local args=("--config=$CONFIG" "--workdir=$WORKDIR")
+  [[ -z $DATA_DIR ]] || args+=("--config.data_dir=$DATA_DIR")
+  args+=(${EXTRA[@]+"${EXTRA[@]}"})
+  [[ $log == /* ]] || log=$PWD/$log
+  run mkdir -p "$(dirname "$log")"
+  run_sh "cd $(quote "$ROOT") && { $(quote "$PY") -m ait_jax.distributed && $(quote "$PY") -m ait_jax.main $(quote "${args[@]}"); } 2>&1 | tee -a $(quote "$log")"
+}
+
+case $SUBCOMMAND in
+  install | check | train) "cmd_$SUBCOMMAND" ;;
+  *) die "unknown subcommand '$SUBCOMMAND': use install, check or train." ;;
+esac
