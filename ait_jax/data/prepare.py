@@ -1,0 +1,46 @@
+"""Prepares a dataset as ArrayRecord in --data_dir, the only step that downloads or generates data.
+
+Usage: python -m ait_jax.data.prepare --dataset=cifar100 --data_dir=DIR
+Catalog datasets need TensorFlow (`pip install -e .[prepare]`); generated ones (triangle,
+sort_of_clevr, optionally with a config such as triangle/small) do not.
+"""
+import importlib.util
+import time
+
+from absl import app
+from absl import flags
+import tensorflow_datasets as tfds
+
+from ait_jax.data import builders
+from ait_jax.data import input_pipeline
+
+_DATASET = flags.DEFINE_string('dataset', None, f'One of {sorted(input_pipeline.DATASETS)}.',
+                               required=True)
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Where TFDS writes the dataset.', required=True)
+
+
+def prepare(name: str, data_dir: str) -> str:
+  """Downloads (catalog) or generates (triangle, sort_of_clevr) `name`; returns its directory."""
+  info = input_pipeline.get_info(name)
+  base, _, config = name.partition('/')
+  if base in builders.GENERATED:
+    return builders.prepare_generated(base, data_dir, config or 'full')
+  # The TFDS catalog builders serialise through TensorFlow and probe importlib_resources.
+  missing = [m for m in ('tensorflow', 'importlib_resources') if importlib.util.find_spec(m) is None]
+  if missing:
+    raise RuntimeError(f'Preparing {name!r} needs {" and ".join(missing)}; install them with '
+                       f'`pip install -e .[prepare] importlib_resources` and run again.')
+  builder = tfds.builder(info.tfds_name, data_dir=data_dir, file_format='array_record')
+  builder.download_and_prepare()
+  return str(builder.data_dir)
+
+
+def main(argv):
+  del argv
+  start = time.time()
+  path = prepare(_DATASET.value, _DATA_DIR.value)
+  print(f'Prepared {_DATASET.value} in {path} in {time.time() - start:.1f} s.')
+
+
+if __name__ == '__main__':
+  app.run(main)
