@@ -1,0 +1,96 @@
+"""Shared pieces of the `configs/*.py` files: the base training config, variant strings, checks.
+
+A config file's `get_config(arg)` starts from `base_config()`, sets its dataset's recipe, then
+`apply_variant(config, arg)` handles `model=<preset>|vit_<preset>`, `ablation=...` and `quick`.
+"""
+import os
+
+import ml_collections
+
+from ait_jax import models
+
+ABLATIONS = {  # SPEC §1.9: name -> model fields
+    'none': {},
+    'no_bottleneck': {'bottleneck': False},
+    'no_self_attention': {'self_attention': False},
+    'no_hopfield': {'retrieval': 'cross_attention'},
+    'no_balance_loss': {'balance_coef': 0.0},
+    'memory_reset': {'memory_reset': True},
+    'no_memory': {'vit': True},
+}
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'model=base,quick' -> {model: 'base', quick: True}, over the given defaults (big_vision)."""
+  out = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, eq, value = item.partition('=')
+    key = key.strip()
+    if key not in out:
+      raise ValueError(f'Unknown config variant {key!r}; valid: {", ".join(sorted(out))}.')
+    if not eq:
+      out[key] = True
+    elif isinstance(out[key], bool):
+      out[key] = value.lower() in ('1', 'true', 'yes')
+    else:
+      out[key] = type(out[key])(value) if out[key] is not None else value
+  return ml_collections.ConfigDict(out)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Fields every training config has; values are the reference recipe (SPEC §2)."""
+  c = ml_collections.ConfigDict()
+  c.dataset = ''
+  c.data_dir = os.environ.get('TFDS_DATA_DIR', os.path.expanduser('~/tensorflow_datasets'))
+  c.question_types = ()  # Sort-of-CLEVR: which question types to train and evaluate on
+  c.augment = True
+  c.batch_size = 512
+  c.eval_batch_size = 512
+  c.num_epochs = 100
+  c.total_steps = -1  # > 0 overrides num_epochs
+  c.lr = 1e-4
+  c.warmup_epochs = 5.0
+  c.warmup_init_lr = 1e-5
+  c.end_lr = 1e-6
+  c.schedule_unit = 'epoch'  # 'epoch': the LR changes once per epoch, as the reference; or 'step'
+  c.weight_decay = 0.01
+  c.b1, c.b2, c.adam_eps = 0.9, 0.999, 1e-8
+  c.grad_clip_norm = 0.0  # 0: no clipping (reference)
+  c.seed = 0
+  c.log_every_steps = 50
+  c.eval_every_steps = -1  # -1: once per epoch
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'model': 1})
+  c.prefetch = 2
+  c.worker_count = 0  # grain worker processes (0: read in the main process)
+  c.model = models.default_config()
+  return c
+
+
+def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies `model=small|vit_small|...`, `ablation=...` and `quick` to a dataset's config."""
+  v = parse_arg(arg, model=c.model.preset, ablation='none', quick=False)
+  preset = v.model
+  if preset.startswith('vit_'):
+    c.model.vit = True
+    preset = preset[len('vit_'):]
+  if preset not in models.PRESETS:
+    raise ValueError(f'Unknown model variant {v.model!r}; use one of '
+                     f'{", ".join(list(models.PRESETS) + ["vit_" + p for p in models.PRESETS])}.')
+  c.model.preset = preset
+  if v.ablation not in ABLATIONS:
+    raise ValueError(f'Unknown ablation {v.ablation!r}; use one of {", ".join(ABLATIONS)}.')
+  c.model.update(ABLATIONS[v.ablation])
+  if v.quick:  # a CPU smoke run: a narrow 1-layer model, a few steps
+    c.model.update(depth=1, width=64, mlp_dim=128, num_heads=1)
+    c.batch_size = min(c.batch_size, 64)
+    c.eval_batch_size = 256
+    c.total_steps = 60
+    c.warmup_epochs = 0.0
+    c.schedule_unit = 'step'
+    c.lr = 1e-3
+    c.log_every_steps = 10
+    c.eval_every_steps = 30
+    c.checkpoint_every_steps = 30
+  return c

@@ -1,0 +1,63 @@
+"""The device mesh and the shardings of the train state and batches (jax.jit with shardings).
+
+Batches are split over the 'data' axis; parameters are replicated, or with a 'model' axis > 1 their
+large kernels are split along their output dimension. The memory state is small and replicated.
+"""
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA, MODEL = 'data', 'model'
+# Kernels smaller than this stay replicated even with a model axis: splitting them costs more in
+# communication than it saves in memory.
+MIN_SHARDED_SIZE = 2 ** 16
+
+
+def make_mesh(data: int = -1, model: int = 1, devices=None) -> jax.sharding.Mesh:
+  """A ('data', 'model') mesh over all devices; data=-1 takes every device the model axis leaves."""
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if model < 1 or n % model:
+    raise ValueError(f'mesh.model={model} must divide the {n} available devices.')
+  if data == -1:
+    data = n // model
+  if data * model != n:
+    raise ValueError(f'mesh.data={data} × mesh.model={model} must equal the {n} devices; '
+                     'set mesh.data=-1 to use them all.')
+  return jax.make_mesh((data, model), (DATA, MODEL), axis_types=(AxisType.Auto,) * 2,
+                       devices=devices)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  """Leading (batch) axis split over 'data'."""
+  return NamedSharding(mesh, P(DATA))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def param_sharding(mesh, abstract_tree):
+  """Shardings for a pytree of parameters (or optimizer state shaped like them)."""
+  model_size = mesh.shape[MODEL]
+
+  def spec(x):
+    shape = getattr(x, 'shape', ())
+    if (model_size > 1 and len(shape) >= 2 and shape[-1] % model_size == 0
+        and math.prod(shape) >= MIN_SHARDED_SIZE):
+      return NamedSharding(mesh, P(*([None] * (len(shape) - 1)), MODEL))
+    return replicated(mesh)
+
+  return jax.tree.map(spec, abstract_tree)
+
+
+def check_batch_size(batch_size: int, mesh, name: str = 'batch_size') -> None:
+  """Global batches must split evenly over the data axis and over processes."""
+  shards = mesh.shape[DATA]
+  if batch_size % shards or batch_size % jax.process_count():
+    raise ValueError(f'{name}={batch_size} must be divisible by the {shards} data shards and the '
+                     f'{jax.process_count()} processes; pick a multiple of '
+                     f'{np.lcm(shards, jax.process_count())}.')

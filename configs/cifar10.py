@@ -1,0 +1,21 @@
+r"""AiT on CIFAR-10 with the reference recipe (SPEC §2): AdamW 1e-4, batch 512, 100 epochs.
+
+Command:
+  python -m ait_jax.data.prepare --dataset=cifar10 --data_dir=$TFDS_DATA_DIR   # once
+  python -m ait_jax.main --config=configs/cifar10.py:model=base --workdir=workdir/cifar10_base
+
+Variants (after the colon, comma separated): model=small|medium|base|large|vit_base|...,
+ablation=no_bottleneck|no_self_attention|no_hopfield|no_balance_loss|memory_reset|no_memory,
+quick (a CPU smoke run). Sized for one H200 or a TPU v4-8; wall time not yet measured here.
+Paper top-1 (SPEC §4): AiT-Base 85.44, AiT-Medium 84.59, ViT-Base 83.82, ViT-Medium 82.41.
+"""
+from ait_jax import config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.base_config()
+  c.dataset = 'cifar10'
+  c.model.preset = 'base'
+  c.model.patch_size = 4
+  c.model.bottleneck_k = 512
+  return config_lib.apply_variant(c, arg)

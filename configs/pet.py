@@ -1,0 +1,22 @@
+r"""AiT on Oxford-IIIT Pet (37 breeds), batch 128 and M = 128 memory slots as the paper (SPEC §3).
+
+Command:
+  python -m ait_jax.data.prepare --dataset=oxford_iiit_pet --data_dir=$TFDS_DATA_DIR   # once
+  python -m ait_jax.main --config=configs/pet.py --workdir=workdir/pet
+
+Images are resized once at prepare time (see ait_jax/data/input_pipeline.py); patch 16 on the
+stored size. The paper reports no Pet number in SPEC §4; wall time not yet measured.
+"""
+from ait_jax import config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.base_config()
+  c.dataset = 'oxford_iiit_pet'
+  c.batch_size = 128
+  c.eval_batch_size = 256
+  c.model.preset = 'small'
+  c.model.patch_size = 16
+  c.model.memory_slots = 128
+  c.model.bottleneck_k = 512
+  return config_lib.apply_variant(c, arg)
