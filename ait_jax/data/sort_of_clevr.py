@@ -32,7 +32,6 @@ YES, NO, RECTANGLE, CIRCLE, COUNT0 = 0, 1, 2, 3, 4
 _TYPE_OFFSET = 12
 _SUBTYPE_OFFSET = 15
 _LINE_TOLERANCE = 12
-_EPSILON = 1e-10  # keeps the slope finite for a vertical A-B line, as in the reference generator
 
 
 def encode_question(qtype: int, subtype: int, color_a: int, color_b: int | None = None) -> np.ndarray:
@@ -122,26 +121,29 @@ def answer(centers: np.ndarray, shapes: np.ndarray, qtype: int, subtype: int, a:
   if subtype == 0:
     lo, hi = np.minimum(pa, pb), np.maximum(pa, pb)
     return COUNT0 + sum(bool(np.all((lo <= centers[c]) & (centers[c] <= hi))) for c in others)
+  # Exact integer geometry here and below: the reference's float arithmetic (slope with a 1e-10
+  # guard, arccos of the law of cosines) flips exact ties, which integer centres make common.
+  pts = np.rint(centers).astype(np.int64)
+  x, y = pts[a], pts[b]
   if subtype == 1:
-    m = (pb[1] - pa[1]) / ((pb[0] - pa[0]) + _EPSILON)
-    intercept = pa[1] - m * pa[0]
+    # |dy_c - slope·dx_c| <= 12, multiplied through by |dx_AB|; a vertical A-B line keeps only
+    # objects on it (the reference's slope becomes infinite).
+    dx, dy = int(y[0] - x[0]), int(y[1] - x[1])
     for c in others:
-      y = m * centers[c][0] + intercept
-      if y - _LINE_TOLERANCE <= centers[c][1] <= y + _LINE_TOLERANCE:
+      u, v = int(pts[c][0] - x[0]), int(pts[c][1] - x[1])
+      near = abs(v * dx - dy * u) <= _LINE_TOLERANCE * abs(dx) if dx else (
+          u == 0 and abs(v) <= _LINE_TOLERANCE)
+      if near:
         return YES
     return NO
+  # The angle at X is >= 90° iff (Y-X)·(Z-X) <= 0; a collinear triple has a 180° (or 0°)
+  # largest angle, which never counts.
   count = 0
   for c in others:
-    pc = centers[c]
-    la, lb, lc = np.linalg.norm(pb - pc), np.linalg.norm(pc - pa), np.linalg.norm(pa - pb)
-    with np.errstate(invalid='ignore', divide='ignore'):
-      angles = np.rad2deg(np.arccos([
-          (lb ** 2 + lc ** 2 - la ** 2) / (2 * lb * lc),
-          (la ** 2 + lc ** 2 - lb ** 2) / (2 * la * lc),
-          (la ** 2 + lb ** 2 - lc ** 2) / (2 * la * lb)]))
-    # Collinear triples can give NaN angles; Python's max in the reference's order decides them.
-    largest = max(angles.tolist())
-    if 90 <= largest < 180:
+    z = pts[c]
+    if (y - x)[0] * (z - x)[1] - (y - x)[1] * (z - x)[0] == 0:
+      continue
+    if min(np.dot(q - p, r - p) for p, q, r in ((x, y, z), (y, z, x), (z, x, y))) <= 0:
       count += 1
   return COUNT0 + count
 
