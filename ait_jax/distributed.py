@@ -20,8 +20,9 @@ def maybe_initialize(mode: str | None = None) -> None:
   """Initialises multi-host JAX once, before any other JAX call touches the backend.
 
   mode: 'on' always initialises (auto-detected cluster or the env coordinator), 'off' never,
-  'auto' initialises when a coordinator is given in the environment or a TPU pod / SLURM job is
-  detected. None reads `AIT_JAX_DISTRIBUTED` (default 'auto').
+  'auto' initialises when a coordinator is given in the environment or a multi-worker TPU
+  (TPU_WORKER_HOSTNAMES) or SLURM job is detected; Cloud TPU VM pods that do not export
+  TPU_WORKER_HOSTNAMES need 'on' (launch/tpu_vm.sh sets it). None reads `AIT_JAX_DISTRIBUTED` (default 'auto').
   """
   global _initialized
   if _initialized:
@@ -32,6 +33,9 @@ def maybe_initialize(mode: str | None = None) -> None:
     raise ValueError(f"distributed mode must be 'auto', 'on' or 'off', got {mode!r}.")
   if mode == 'off':
     return
+  # Cross-process collectives between CPU devices (tests, CPU clusters) go through gloo; the
+  # setting is ignored by GPU and TPU backends.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   coordinator = os.environ.get(ENV_COORDINATOR)
   if coordinator:
     missing = [v for v in (ENV_NUM_PROCESSES, ENV_PROCESS_ID) if v not in os.environ]

@@ -7,6 +7,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from ait_jax import distributed
@@ -31,6 +32,7 @@ def main(argv) -> None:
     raise app.UsageError('Pass --config=configs/<dataset>.py (e.g. configs/triangle.py:quick).')
   if _WORKDIR.value is None:
     raise app.UsageError('Pass --workdir=DIR: checkpoints and metrics are written there.')
+  logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
   distributed.maybe_initialize(_DISTRIBUTED.value)
   from ait_jax import train  # pylint: disable=g-import-not-at-top  (after distributed start-up)
   config = _CONFIG.value

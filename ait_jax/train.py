@@ -75,7 +75,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     bad = [q for q in question_types if q not in QUESTION_TYPES]
     if bad:
       raise ValueError(f'question_types has {bad}; use some of {QUESTION_TYPES}.')
-  num_train = input_pipeline.num_examples(config.dataset, 'train', question_types)
+  info = input_pipeline.get_info(config.dataset, question_types)
+  num_train = info.num_train
   steps_per_epoch = num_train // config.batch_size
   if steps_per_epoch < 1:
     raise ValueError(f'batch_size={config.batch_size} is larger than the {num_train} training '
@@ -152,8 +153,8 @@ def _model_inputs(s: Setup, batch, rng, train: bool):
   return images, batch.get('question')
 
 
-def train_step(s: Setup, tx, state: TrainState, batch):
-  """One optimisation step; returns the new state and this step's metrics (device arrays)."""
+def loss_and_grads(s: Setup, state: TrainState, batch):
+  """CE + balance loss of one training batch, its gradients and the written memory."""
   rng = jax.random.fold_in(state.rng, state.step)
   aug_rng, dropout_rng = jax.random.split(rng)
   images, question = _model_inputs(s, batch, aug_rng, train=True)
@@ -169,6 +170,13 @@ def train_step(s: Setup, tx, state: TrainState, batch):
 
   (loss, (ce, balance, logits, memory)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
+  return loss, (ce, balance, logits, memory), grads
+
+
+def train_step(s: Setup, tx, state: TrainState, batch):
+  """One optimisation step; returns the new state and this step's metrics (device arrays)."""
+  loss, (ce, balance, logits, memory), grads = loss_and_grads(s, state, batch)
+  labels = batch['label']
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
@@ -231,10 +239,10 @@ def summarize_eval(s: Setup, sums) -> dict:
 class Trainer:
   """Holds the compiled steps, mesh and shardings of one run."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, devices=None):
     self.s = setup(config)
     c = config
-    self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.model)
+    self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.model, devices)
     sharding.check_batch_size(c.batch_size, self.mesh, 'batch_size')
     sharding.check_batch_size(c.eval_batch_size, self.mesh, 'eval_batch_size')
     self.tx = make_optimizer(self.s)
@@ -328,6 +336,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       batch = {k: v for k, v in next(train_iter).items() if k in _TRAIN_KEYS}
       state, metrics = trainer.train_step(state, batch)
       step += 1
+      if step == start + 1:  # keep compilation out of the images/s and ETA figures
+        jax.block_until_ready(metrics)
+        progress = metric_writer.Progress(step, s.total_steps, c.batch_size)
       pending.append(metrics)
       is_last = step == s.total_steps
       if step % c.log_every_steps == 0 or is_last or step % c.checkpoint_every_steps == 0:

@@ -4,6 +4,7 @@ Pure JAX and vectorised over the batch, with per-example randomness split from t
 """
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -15,11 +16,20 @@ _SCALED_ONLY = ('triangle', 'sort_of_clevr')
 CROP_PADDING = 4
 
 
+def _like_batch(x: jax.Array, images: jax.Array) -> jax.Array:
+  """Shards per-example random values like the batch (needed under explicit mesh axes)."""
+  sharding = jax.typeof(images).sharding
+  spec = getattr(sharding, 'spec', None)
+  if not spec or spec[0] is None:
+    return x
+  return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, P(spec[0])))
+
+
 def random_crop(images: jax.Array, rng: jax.Array, padding: int = CROP_PADDING) -> jax.Array:
   """Zero-pads each image by `padding` and crops back to its size at a per-example offset."""
   b, h, w, _ = images.shape
   padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  offsets = jax.random.randint(rng, (b, 2), 0, 2 * padding + 1)
+  offsets = _like_batch(jax.random.randint(rng, (b, 2), 0, 2 * padding + 1), images)
 
   def crop(image, offset):
     return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, image.shape[-1]))
@@ -29,7 +39,7 @@ def random_crop(images: jax.Array, rng: jax.Array, padding: int = CROP_PADDING) 
 
 def random_flip(images: jax.Array, rng: jax.Array) -> jax.Array:
   """Flips each image left-right with probability 1/2."""
-  flip = jax.random.bernoulli(rng, 0.5, (images.shape[0],))
+  flip = _like_batch(jax.random.bernoulli(rng, 0.5, (images.shape[0],)), images)
   return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
 
 
