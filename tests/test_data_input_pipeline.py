@@ -84,8 +84,9 @@ class _IndexSource:
   def __len__(self):
     return 103
 
-  def __getitem__(self, i):
-    return {'image': np.zeros((2, 2, 1), np.uint8), 'label': np.int32(i)}
+  def read(self, indices):
+    return {'image': np.zeros((len(indices), 2, 2, 1), np.uint8),
+            'label': np.asarray(indices, np.int32)}
 
   def __repr__(self):
     return '_IndexSource()'

@@ -1,4 +1,5 @@
-"""grain input pipelines over TFDS ArrayRecord sources: sharded, resumable training and padded eval.
+"""Input pipelines over TFDS ArrayRecord sources: grain-ordered, sharded, resumable training
+batches and padded evaluation batches, delivered as global jax.Arrays.
 
 The host only reads and stacks uint8 arrays; augmentation and normalisation run on device
 (`augment.py`). No TensorFlow is needed here.
@@ -6,15 +7,18 @@ The host only reads and stacks uint8 arrays; augmentation and normalisation run 
 from collections.abc import Iterator, Sequence
 import concurrent.futures
 import dataclasses
-import json
+import io
 import queue
 import threading
 from typing import Any
+import zlib
 
 import grain
 import jax
 import numpy as np
+import PIL.Image
 import tensorflow_datasets as tfds
+from tensorflow_datasets.proto import tf_example_pb2
 
 from ait_jax.data import builders
 from ait_jax.data import sort_of_clevr as clevr
@@ -107,7 +111,9 @@ def _open_tfds(info: DatasetInfo, split: str, data_dir: str | None):
 class ExampleSource:
   """Random-access examples as uint8/int32 numpy dicts; Sort-of-CLEVR expands to (image, question).
 
-  Follows grain's RandomAccessDataSource protocol and pickles, so grain workers can use it.
+  `read(indices)` returns a stacked batch. It reads the raw ArrayRecord bytes of the TFDS source
+  in one call and parses only the features the pipeline needs, which is about 4x faster than
+  TFDS's generic per-example decoding (the host's whole job is reading and stacking).
   """
 
   def __init__(self, info: DatasetInfo, split: str, data_dir: str | None,
@@ -123,38 +129,72 @@ class ExampleSource:
                    for k in range(clevr.QUESTIONS_PER_TYPE)]
       images = np.arange(len(self._source), dtype=np.int64)
       self._index = (images[:, None] * _Q + np.array(per_image)[None, :]).reshape(-1)
-    self._repr = f'ExampleSource({info.tfds_name!r}, {split!r}, question_types={question_types!r})'
+    self._zlib_images = info.name.partition('/')[0] in builders.GENERATED
+    self._repr = f'ExampleSource({info.name!r}, {split!r}, question_types={question_types!r})'
 
   def __len__(self) -> int:
     return len(self._source) if self._index is None else len(self._index)
 
   def __repr__(self) -> str:
-    # grain compares reprs when restoring a state, so no memory addresses here.
     return self._repr
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    return {k: v[0] for k, v in self.read([i]).items()}
+
+  def read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+    """The examples at `indices`, stacked: a local batch."""
+    indices = np.asarray(indices, np.int64)
     if self._index is None:
-      record = self._source[int(i)]
-      return {'image': self._image(record['image']), 'label': np.int32(record['label'])}
-    flat = int(self._index[i])
-    record = self._source[flat // _Q]
-    q = flat % _Q
-    question = np.asarray(record['questions'][q], np.float32)
-    return {
-        'image': np.asarray(record['image'], np.uint8),
-        'label': np.int32(record['answers'][q]),
-        'question': question,
-        'qtype': np.int32(q // clevr.QUESTIONS_PER_TYPE),
-        'qsubtype': np.int32(np.argmax(question[15:18])),
-    }
+      examples = [self._example(r) for r in self._records(indices)]
+    else:
+      flat = self._index[indices]
+      examples = [self._example(r, q) for r, q in zip(self._records(flat // _Q),
+                                                       (flat % _Q).tolist())]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+  def _records(self, keys: np.ndarray) -> list[Any]:
+    raw, keys = self._source.data_source, keys.tolist()
+    try:
+      return raw.__getitems__(keys)  # one batched ArrayRecord read
+    except TypeError:  # tfds.testing.mock_data's __getitems__ is unbound; read one by one
+      return [raw[k] for k in keys]
+
+  def _example(self, record, q: int | None = None) -> dict[str, np.ndarray]:
+    """Parses the features the pipeline needs from one record (question q for Sort-of-CLEVR)."""
+    if isinstance(record, bytes):
+      f = tf_example_pb2.Example.FromString(record).features.feature
+      image = f['image'].bytes_list.value[0]
+      if self._zlib_images:  # tfds.features.Tensor(encoding='zlib'), see builders.py
+        image = np.frombuffer(zlib.decompress(image), np.uint8).reshape(self.info.image_shape)
+      if q is None:
+        label = f['label'].int64_list.value[0]
+      else:
+        question = f['questions'].float_list.value[q * clevr.QUESTION_DIM:(q + 1) * clevr.QUESTION_DIM]
+        label = f['answers'].int64_list.value[q]
+    else:  # tfds.testing.mock_data hands out examples already decoded
+      image = record['image']
+      if q is None:
+        label = record['label']
+      else:
+        question, label = record['questions'][q], record['answers'][q]
+    example = {'image': self._image(image), 'label': np.int32(label)}
+    if q is not None:
+      question = np.asarray(question, np.float32)
+      example.update(question=question, qtype=np.int32(q // clevr.QUESTIONS_PER_TYPE),
+                     qsubtype=np.int32(np.argmax(question[15:18])))
+    return example
 
   def _image(self, image) -> np.ndarray:
-    image = np.asarray(image, np.uint8)
-    if image.shape != self.info.image_shape:
-      from PIL import Image  # pylint: disable=g-import-not-at-top
-      h, w, _ = self.info.image_shape
-      image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR), np.uint8)
-    return image
+    if isinstance(image, bytes):
+      image = PIL.Image.open(io.BytesIO(image)).convert('RGB')
+    elif image.shape == self.info.image_shape:
+      return np.asarray(image, np.uint8)
+    else:
+      image = PIL.Image.fromarray(np.asarray(image, np.uint8))
+    h, w, _ = self.info.image_shape
+    if image.size != (w, h):
+      image = image.resize((w, h), PIL.Image.BILINEAR)
+    return np.asarray(image, np.uint8)
 
   def zeros(self) -> dict[str, np.ndarray]:
     """One all-zero example, used to pad the last evaluation batch."""
@@ -176,46 +216,60 @@ def _to_global(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
 class TrainIterator:
   """Infinite, shuffled, per-process-sharded global batches whose position is a small JSON dict.
 
-  grain's DataLoader does the reading; a thread keeps `prefetch` global batches ready, each with
-  the grain state right after it, so `get_state()` always describes the last batch returned.
+  A grain MapDataset decides the order (a fresh permutation of this process's shard every epoch,
+  from the seed); batches are read from it position by position, so the state is just the next
+  position. A thread keeps `prefetch` global batches ready, each with the state after it,
+  so `get_state()` always describes the last batch returned. Batches run across epoch ends.
   """
 
   def __init__(self, source: ExampleSource, *, local_batch_size: int, seed: int, sharding,
                prefetch: int = 2, worker_count: int = 0,
                shard_index: int | None = None, shard_count: int | None = None):
+    self._source = source
+    self._local = local_batch_size
     self._sharding = sharding
     self._prefetch = prefetch
-    shard_options = grain.sharding.ShardOptions(
-        shard_index=jax.process_index() if shard_index is None else shard_index,
-        shard_count=jax.process_count() if shard_count is None else shard_count,
-        # Keeping the remainder lets the shards cover the split; batches run across epochs anyway.
-        drop_remainder=False)
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source), shard_options=shard_options, shuffle=True, num_epochs=None,
-        seed=seed)
-    self._loader = grain.DataLoader(
-        data_source=source, sampler=sampler,
-        operations=[grain.transforms.Batch(local_batch_size, drop_remainder=True)],
-        worker_count=worker_count)
-    self._it = iter(self._loader)
-    self._state = self._grain_state()
+    self._shard_index = jax.process_index() if shard_index is None else shard_index
+    self._shard_count = jax.process_count() if shard_count is None else shard_count
+    # This process's records are every shard_count-th one, so shards are disjoint and cover the
+    # split; grain's shuffle draws a new permutation of them each epoch, and repeat() makes the
+    # stream infinite. Batches run across epoch ends, so no example is ever dropped.
+    # (grain's IndexSampler would give the same guarantees at ~4x the per-record cost.)
+    self._order = (grain.MapDataset.range(len(source))[self._shard_index::self._shard_count]
+                   .seed(seed).shuffle().repeat())
+    self._fingerprint = (f'{source!r} seed={seed} shard={self._shard_index}/{self._shard_count} '
+                         f'batch={local_batch_size}')
+    # Decoding threads: zlib and PIL release the GIL, so they help on multi-core hosts.
+    self._workers = worker_count
+    self._pool = (concurrent.futures.ThreadPoolExecutor(worker_count) if worker_count > 0
+                  else None)
+    self._position = 0  # batches read so far by this process
+    self._state = self._make_state(0)
     self._queue = None
     self._thread = None
     self._stop = None
 
-  def _grain_state(self) -> dict[str, Any]:
-    state = self._it.get_state()
-    return json.loads(state.decode() if isinstance(state, bytes) else state)
+  def _make_state(self, position: int) -> dict[str, Any]:
+    return {'position': position, 'fingerprint': self._fingerprint}
 
-  def _next_local(self):
-    batch = next(self._it)
-    return batch, self._grain_state()
+  def _read_local(self, position: int) -> dict[str, np.ndarray]:
+    first = position * self._local
+    keys = [self._order[k] for k in range(first, first + self._local)]
+    if self._pool is None:
+      return self._source.read(keys)
+    chunks = np.array_split(np.asarray(keys), self._workers)
+    parts = list(self._pool.map(self._source.read, [c for c in chunks if len(c)]))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def _next_item(self):
+    local = self._read_local(self._position)
+    self._position += 1
+    return _to_global(local, self._sharding), self._make_state(self._position)
 
   def _produce(self, q: queue.Queue, stop: threading.Event) -> None:
     while not stop.is_set():
       try:
-        local, state = self._next_local()
-        item = (_to_global(local, self._sharding), state)
+        item = self._next_item()
       except Exception as e:  # pylint: disable=broad-except  # re-raised in the consumer
         item = e
       while not stop.is_set():
@@ -227,29 +281,27 @@ class TrainIterator:
       if isinstance(item, Exception):
         return
 
-  def _start(self) -> None:
-    self._queue = queue.Queue(maxsize=self._prefetch)
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._produce, args=(self._queue, self._stop),
-                                    daemon=True)
-    self._thread.start()
-
   def close(self) -> None:
-    """Stops the prefetch thread; the iterator can be resumed with `set_state`."""
+    """Stops the prefetch thread; `next` restarts it from the last returned batch."""
     if self._thread is not None:
       self._stop.set()
       self._thread.join()
       self._thread = None
+      self._position = self._state['position']
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, jax.Array]:
     if self._prefetch <= 0:
-      local, self._state = self._next_local()
-      return _to_global(local, self._sharding)
+      batch, self._state = self._next_item()
+      return batch
     if self._thread is None:
-      self._start()
+      self._queue = queue.Queue(maxsize=self._prefetch)
+      self._stop = threading.Event()
+      self._thread = threading.Thread(target=self._produce, args=(self._queue, self._stop),
+                                      daemon=True)
+      self._thread.start()
     item = self._queue.get()
     if isinstance(item, Exception):
       raise item
@@ -258,13 +310,15 @@ class TrainIterator:
 
   def get_state(self) -> dict[str, Any]:
     """JSON-serialisable position: restoring it makes the next batch the one that would follow."""
-    return self._state
+    return dict(self._state)
 
   def set_state(self, state: dict[str, Any]) -> None:
+    if state.get('fingerprint') != self._fingerprint:
+      raise ValueError(f'The saved input state belongs to {state.get("fingerprint")!r}, not to '
+                       f'{self._fingerprint!r}; resume with the same dataset, seed and processes.')
     self.close()
-    self._it = iter(self._loader)
-    self._it.set_state(json.dumps(state).encode())
-    self._state = state
+    self._state = dict(state)
+    self._position = int(state['position'])
 
   def __del__(self):
     try:
@@ -303,8 +357,8 @@ def eval_indices(num_examples: int, global_batch_size: int, process_index: int,
 
 
 def make_eval_iterator(name: str, *, data_dir: str | None, global_batch_size: int, sharding,
-                       split: str = 'test', question_types: Sequence[str] | None = None,
-                       num_threads: int = 4) -> Iterator[dict[str, jax.Array]]:
+                       split: str = 'test', question_types: Sequence[str] | None = None
+                       ) -> Iterator[dict[str, jax.Array]]:
   """Every example of `split` exactly once, in order; the last batch is zero-padded.
 
   Adds 'mask' bool [B], False on padding, which metrics must use as weights.
@@ -314,16 +368,15 @@ def make_eval_iterator(name: str, *, data_dir: str | None, global_batch_size: in
   source = ExampleSource(info, split, data_dir, question_types)
   pad = source.zeros()
 
-  def read(i):
-    return source[i] if i >= 0 else pad
-
   def batches():
-    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-      for idx in eval_indices(len(source), global_batch_size, jax.process_index(),
-                              jax.process_count()):
-        examples = list(pool.map(read, idx.tolist()))
-        batch = {k: np.stack([e[k] for e in examples]) for k in pad}
-        batch['mask'] = idx >= 0
-        yield _to_global(batch, sharding)
+    for idx in eval_indices(len(source), global_batch_size, jax.process_index(),
+                            jax.process_count()):
+      mask = idx >= 0
+      batch = {k: np.zeros((len(idx), *v.shape), v.dtype) for k, v in pad.items()}
+      if mask.any():
+        for k, v in source.read(idx[mask]).items():
+          batch[k][mask] = v
+      batch['mask'] = mask
+      yield _to_global(batch, sharding)
 
   return batches()
