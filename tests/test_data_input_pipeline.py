@@ -182,3 +182,35 @@ def test_catalog_datasets_through_tfds_data_source(name, shape, sharding, tmp_pa
     batches = list(ip.make_eval_iterator(name, data_dir=str(tmp_path), global_batch_size=8,
                                          sharding=sharding))
     assert len(batches) == 3 and int(sum(np.asarray(b['mask']).sum() for b in batches)) == 20
+
+
+def _example_bytes(image_bytes: bytes, label: int) -> bytes:
+  """A record as TFDS writes tfds.features.Image and ClassLabel (TFDS needs TensorFlow for it)."""
+  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+  example = tf_example_pb2.Example()
+  example.features.feature['image'].bytes_list.value.append(image_bytes)
+  example.features.feature['label'].int64_list.value.append(label)
+  return example.SerializeToString()
+
+
+@pytest.mark.parametrize('name,fmt,size', [('cifar10', 'PNG', (32, 32)),
+                                           ('oxford_iiit_pet', 'JPEG', (300, 200))])
+def test_catalog_records_decode_from_their_stored_bytes(name, fmt, size, tmp_path):
+  import io  # pylint: disable=g-import-not-at-top
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+  image = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+  buffer = io.BytesIO()
+  PIL.Image.fromarray(image).save(buffer, format=fmt)
+  with tfds.testing.mock_data(num_examples=2, policy=tfds.testing.MockPolicy.USE_CODE):
+    source = ip.ExampleSource(ip.get_info(name), 'train', str(tmp_path))
+  example = source._example(_example_bytes(buffer.getvalue(), 7))  # pylint: disable=protected-access
+  assert example['label'] == 7 and example['image'].shape == ip.get_info(name).image_shape
+  if fmt == 'PNG':
+    np.testing.assert_array_equal(example['image'], image)
+
+
+def test_state_from_another_run_is_refused(data_dir, sharding):
+  kwargs = dict(data_dir=data_dir, global_batch_size=BATCH, sharding=sharding, prefetch=0)
+  state = ip.make_train_iterator('triangle/small', seed=0, **kwargs).get_state()
+  with pytest.raises(ValueError, match='same dataset, seed'):
+    ip.make_train_iterator('triangle/small', seed=1, start_state=state, **kwargs)

@@ -16,7 +16,7 @@ _DATASET = flags.DEFINE_string('dataset', None, 'Dataset name.', required=True)
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Where the dataset was prepared.', required=True)
 _BATCH = flags.DEFINE_integer('batch', 256, 'Global batch size.')
 _STEPS = flags.DEFINE_integer('steps', 100, 'Batches to time, after 5 warm-up batches.')
-_WORKERS = flags.DEFINE_integer('workers', 0, 'grain worker processes (0 reads in-process).')
+_WORKERS = flags.DEFINE_integer('workers', 0, 'Decoding threads (0 decodes in the prefetch thread).')
 
 
 def throughput(name: str, data_dir: str, batch: int, steps: int, workers: int) -> float:

@@ -334,7 +334,10 @@ def make_train_iterator(name: str, *, data_dir: str | None, global_batch_size: i
   """Infinite training batches of global jax.Arrays, reshuffled every epoch from `seed`.
 
   Keys: 'image' uint8 [B, H, W, C] as stored, 'label' int32 [B]; Sort-of-CLEVR adds 'question'
-  float32 [B, 18], 'qtype' and 'qsubtype' int32 [B]. Each process reads its own shard.
+  float32 [B, 18], 'qtype' and 'qsubtype' int32 [B]. Each process reads its own shard and
+  contributes global_batch_size // process_count examples. start_state is a `get_state()` dict;
+  prefetch is the number of global batches prepared ahead by a thread; worker_count adds that
+  many decoding threads.
   """
   info = get_info(name, question_types)
   local = _local_batch_size(global_batch_size)

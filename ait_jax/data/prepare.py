@@ -38,7 +38,10 @@ def prepare(name: str, data_dir: str) -> str:
 def main(argv):
   del argv
   start = time.time()
-  path = prepare(_DATASET.value, _DATA_DIR.value)
+  try:
+    path = prepare(_DATASET.value, _DATA_DIR.value)
+  except (ValueError, RuntimeError) as e:
+    raise SystemExit(f'error: {e}') from None
   print(f'Prepared {_DATASET.value} in {path} in {time.time() - start:.1f} s.')
 
 

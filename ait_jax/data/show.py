@@ -77,8 +77,11 @@ def save_grid(items: list[tuple[np.ndarray, str]], path: str) -> None:
 
 def main(argv):
   del argv
-  save_grid(examples(_DATASET.value, _NUM.value, _DATA_DIR.value, _SPLIT.value, _SEED.value),
-            _OUT.value)
+  try:
+    items = examples(_DATASET.value, _NUM.value, _DATA_DIR.value, _SPLIT.value, _SEED.value)
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f'error: {e}') from None
+  save_grid(items, _OUT.value)
   print(f'Wrote {_OUT.value}.')
 
 
