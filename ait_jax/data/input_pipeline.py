@@ -351,7 +351,12 @@ def make_train_iterator(name: str, *, data_dir: str | None, global_batch_size: i
 
 def eval_indices(num_examples: int, global_batch_size: int, process_index: int,
                  process_count: int) -> Iterator[np.ndarray]:
-  """Per batch, this process's example indices; -1 marks padding. Same batch count everywhere."""
+  """Per batch, this process's example indices; -1 marks padding. Same batch count everywhere.
+
+  Process p fills rows [p·local, (p+1)·local) of each global batch, where
+  `make_array_from_process_local_data` puts its rows on a data mesh ordered by process; on any
+  other layout each example still appears exactly once, with its mask.
+  """
   local = global_batch_size // process_count
   num_batches = -(-num_examples // global_batch_size)
   for b in range(num_batches):
