@@ -182,7 +182,7 @@ def train_step(s: Setup, tx, state: TrainState, batch):
   metrics = {
       'loss': loss, 'ce_loss': ce, 'balance_loss': balance,
       'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
-      'grad_norm': optax.global_norm(grads),
+      'grad_norm': optax.tree.norm(grads),
       'learning_rate': learning_rate_fn(s)(state.step),
   }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, memory=memory,
@@ -307,7 +307,10 @@ def _check_finite(metrics: dict, step: int) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (resuming from the workdir if it holds a checkpoint) and returns the final eval."""
+  """Trains (resuming from the workdir if it holds a checkpoint).
+
+  Returns the last eval metrics and the last logged train loss ('train_loss').
+  """
   os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config)
   s, c = trainer.s, config
@@ -328,7 +331,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   f'{dict(trainer.mesh.shape)}, {jax.process_count()} process(es).')
   train_iter = trainer.train_iterator(data_state)
   preemption = checkpointing.PreemptionFlag()
-  pending, last_eval = [], None
+  pending, last_eval, summary = [], None, {}
   progress = metric_writer.Progress(start, s.total_steps, c.batch_size)
   step = start
   try:
@@ -371,7 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if last_eval is not None and step == s.total_steps and jax.process_index() == 0:
     with open(os.path.join(workdir, 'eval_final.json'), 'w') as f:
       json.dump({'step': step, **last_eval}, f, indent=2)
-  return last_eval or {}
+  return {**(last_eval or {}), 'train_loss': summary.get('loss')}
 
 
 def _scalars(d: dict) -> dict:

@@ -1,0 +1,29 @@
+"""Test set-up: 8 virtual CPU devices (set before JAX starts) and small generated datasets."""
+import importlib.util
+import os
+import pathlib
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str, arg: str | None = None):
+  """`configs/<name>.py:<arg>` as `--config` would load it."""
+  spec = importlib.util.spec_from_file_location(f'config_{name}', ROOT / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope='session')
+def generated_data_dir(tmp_path_factory) -> str:
+  """A TFDS data_dir holding triangle/small and sort_of_clevr/small, built once per session."""
+  from ait_jax.data import builders  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  builders.prepare_generated('triangle', data_dir, 'small')
+  builders.prepare_generated('sort_of_clevr', data_dir, 'small')
+  return data_dir

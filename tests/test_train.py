@@ -1,0 +1,263 @@
+"""The trainer: sharded steps equal single-device ones, multi-process runs, resume, entry point."""
+import functools
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ait_jax import checkpointing
+from ait_jax import train
+from conftest import load_config, ROOT
+
+COMPARED = ('loss', 'ce_loss', 'balance_loss', 'accuracy', 'grad_norm', 'learning_rate')
+
+
+def quick_config(data_dir, **overrides):
+  c = load_config('triangle', 'quick')
+  c.dataset = 'triangle/small'
+  c.data_dir = data_dir
+  for k, v in overrides.items():
+    target = c
+    *path, leaf = k.split('.')
+    for p in path:
+      target = target[p]
+    target[leaf] = v
+  return c
+
+
+def synthetic_batch(trainer, n, seed=0):
+  rng = np.random.default_rng(seed)
+  h, w, ch = trainer.s.info.image_shape
+  batch = {'image': rng.integers(0, 256, (n, h, w, ch), dtype=np.uint8),
+           'label': rng.integers(0, 2, (n,), dtype=np.int32)}
+  return jax.device_put(batch, trainer.batch_sharding)
+
+
+@pytest.mark.parametrize('scope,k', [('batch', 64), ('example', 2)])
+def test_sharded_step_equals_single_device(generated_data_dir, scope, k):
+  assert jax.device_count() == 8
+  config = quick_config(generated_data_dir, **{'model.scope': scope, 'model.bottleneck_k': k})
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    trainer = train.Trainer(config, devices=devices)
+    state = trainer.init(trainer.rng)
+    batch = synthetic_batch(trainer, config.batch_size)
+    grads_fn = jax.jit(functools.partial(train.loss_and_grads, trainer.s),
+                       in_shardings=(trainer.state_sharding, trainer.batch_sharding))
+    loss, (_, balance, _, memory), grads = grads_fn(state, batch)
+    state, metrics = trainer.train_step(state, batch)
+    state, metrics2 = trainer.train_step(state, synthetic_batch(trainer, config.batch_size, 1))
+    results.append(jax.device_get(((loss, balance, memory, grads, metrics), metrics2)))
+  (single, single2), (sharded, sharded2) = results
+  chex.assert_trees_all_close(single, sharded, rtol=2e-5, atol=2e-6)
+  # After one AdamW update tiny gradient differences are amplified (g / sqrt(v)); still close.
+  chex.assert_trees_all_close(single2, sharded2, rtol=1e-3)
+
+
+def _read_metrics(workdir, split='train'):
+  lines = [json.loads(l) for l in pathlib.Path(workdir, 'metrics.jsonl').read_text().splitlines()]
+  return {m['step']: m for m in lines if m['split'] == split}
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(generated_data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  config = quick_config(generated_data_dir, total_steps=24, log_every_steps=1,
+                        checkpoint_every_steps=8, eval_every_steps=12)
+  result = train.train_and_evaluate(config, workdir)
+  return config, workdir, result
+
+
+def _assert_same_tail(reference_dir, resumed_dir, from_step):
+  ref, got = _read_metrics(reference_dir), _read_metrics(resumed_dir)
+  steps = [s for s in ref if s > from_step]
+  assert steps and all(s in got for s in steps)
+  for s in steps:  # bit for bit on CPU
+    assert {k: ref[s][k] for k in COMPARED} == {k: got[s][k] for k in COMPARED}, s
+  ref_eval, got_eval = _read_metrics(reference_dir, 'eval'), _read_metrics(resumed_dir, 'eval')
+  assert ref_eval[max(ref_eval)]['accuracy'] == got_eval[max(got_eval)]['accuracy']
+
+
+def test_resume_after_preemption_is_bit_exact(uninterrupted, tmp_path, monkeypatch):
+  config, reference_dir, _ = uninterrupted
+  workdir = str(tmp_path)
+  stop_at = 10  # not a checkpoint step: the preemption save must cover it
+  original = checkpointing.PreemptionFlag.should_stop
+  monkeypatch.setattr(checkpointing.PreemptionFlag, 'should_stop',
+                      lambda self, step, manager: step == stop_at)
+  train.train_and_evaluate(config, workdir)
+  assert max(_read_metrics(workdir)) == stop_at
+  monkeypatch.setattr(checkpointing.PreemptionFlag, 'should_stop', original)
+  train.train_and_evaluate(config, workdir)
+  assert max(_read_metrics(workdir)) == config.total_steps
+  _assert_same_tail(reference_dir, workdir, stop_at)
+
+
+def test_sigterm_saves_and_resumes(uninterrupted, tmp_path):
+  config, reference_dir, _ = uninterrupted
+  workdir = tmp_path / 'run'
+  cmd = [sys.executable, '-m', 'ait_jax.main', '--config=configs/triangle.py:quick',
+         f'--workdir={workdir}', '--config.dataset=triangle/small',
+         f'--config.data_dir={config.data_dir}', '--config.total_steps=24',
+         '--config.log_every_steps=1', '--config.checkpoint_every_steps=8',
+         '--config.eval_every_steps=12', '--config.mesh.data=1']
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  metrics = workdir / 'metrics.jsonl'
+  deadline = time.time() + 120
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.05)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  assert 'SIGTERM: saved step' in out, out
+  stopped = max(_read_metrics(workdir))
+  assert stopped < config.total_steps
+  ckpt = checkpointing.Checkpointer(str(workdir))
+  assert ckpt.latest_step() == stopped
+  ckpt.close()
+  # Resume in this process with 8 devices: a different device count than the interrupted run.
+  train.train_and_evaluate(config, str(workdir))
+  ref, got = _read_metrics(reference_dir), _read_metrics(workdir)
+  for s in range(stopped + 1, config.total_steps + 1):
+    np.testing.assert_allclose([got[s][k] for k in COMPARED], [ref[s][k] for k in COMPARED],
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_restore_onto_other_device_count(uninterrupted):
+  config, workdir, _ = uninterrupted
+  values = []
+  for devices in (jax.devices(), jax.devices()[:1], jax.devices()[:2]):
+    trainer = train.Trainer(config, devices=devices)
+    ckpt = checkpointing.Checkpointer(workdir)
+    step, state, data_state = ckpt.restore(trainer.abstract_with_shardings())
+    ckpt.close()
+    assert step == config.total_steps and data_state
+    assert state.params['head']['kernel'].sharding.mesh.size == len(devices)
+    values.append(jax.device_get(state))
+  chex.assert_trees_all_equal(values[0], values[1], values[2])
+
+
+def test_eval_mode_writes_metrics_json(uninterrupted):
+  config, workdir, result = uninterrupted
+  out = train.evaluate(config, workdir, which='latest')
+  assert out['accuracy'] == result['accuracy']
+  assert out['num_examples'] == 200
+  saved = json.loads(pathlib.Path(workdir, 'eval_latest.json').read_text())
+  assert saved['accuracy'] == out['accuracy'] and len(saved['per_class_accuracy']) == 2
+
+
+def test_sort_of_clevr_reports_question_types(generated_data_dir, tmp_path):
+  c = load_config('sort_of_clevr', 'quick')
+  c.dataset, c.data_dir = 'sort_of_clevr/small', generated_data_dir
+  c.question_types = ('non_relational', 'binary', 'ternary')
+  c.total_steps, c.eval_every_steps, c.batch_size = 4, 4, 16
+  c.model.bottleneck_k = 64
+  result = train.train_and_evaluate(c, str(tmp_path))
+  assert result['num_examples'] == 50 * 30
+  for t in ('non_relational', 'binary', 'ternary'):
+    assert 0.0 <= result[f'accuracy_{t}'] <= 1.0
+    for sub in range(3):
+      assert f'accuracy_{t}_{sub}' in result
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+_DRIVER = """
+import json, sys
+from ait_jax import distributed
+distributed.maybe_initialize('on')
+import jax
+from ait_jax import train
+sys.path.insert(0, 'tests')
+from test_train import quick_config
+config = quick_config(sys.argv[1], total_steps=4, log_every_steps=1, eval_every_steps=4)
+result = train.train_and_evaluate(config, sys.argv[2])
+print('RESULT', json.dumps({'process': jax.process_index(), 'devices': jax.device_count(),
+                            'loss': result['loss'], 'accuracy': result['accuracy'],
+                            'train_loss': result['train_loss']}), flush=True)
+"""
+
+
+def test_two_processes_agree(generated_data_dir, tmp_path):
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    env = dict(os.environ, AIT_JAX_COORDINATOR=f'127.0.0.1:{port}', AIT_JAX_NUM_PROCESSES='2',
+               AIT_JAX_PROCESS_ID=str(i),
+               XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    procs.append(subprocess.Popen([sys.executable, '-c', _DRIVER, generated_data_dir,
+                                   str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=240)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
+  results = [json.loads(out.split('RESULT ', 1)[1].splitlines()[0]) for out in outs]
+  assert [r['process'] for r in results] == [0, 1]
+  assert all(r['devices'] == 4 for r in results)
+  assert results[0]['train_loss'] == results[1]['train_loss']
+  assert results[0]['loss'] == results[1]['loss'] and np.isfinite(results[0]['loss'])
+  lines = pathlib.Path(tmp_path, 'metrics.jsonl').read_text().splitlines()
+  steps = [json.loads(l)['step'] for l in lines if json.loads(l)['split'] == 'train']
+  assert steps == [1, 2, 3, 4]  # written once, by process 0
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.batch_size=0', 'batch_size=0 must be a positive integer'),
+    ('--config.model.bottleneck_k=100000', 'model.bottleneck_k=100000'),
+    ('--config.model.patch_size=5', 'model.patch_size=5 must divide'),
+    ('--config.model.preset=huge', "model.preset='huge'"),
+    ('--config.dataset=imagenet', "Unknown dataset 'imagenet'"),
+])
+def test_bad_config_fails_fast(generated_data_dir, override, message):
+  out = subprocess.run([sys.executable, '-m', 'ait_jax.main', '--config=configs/triangle.py:quick',
+                        '--workdir=/nonexistent/never/created', override,
+                        f'--config.data_dir={generated_data_dir}'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1
+  assert message in out.stderr, out.stderr
+  assert 'Traceback' not in out.stderr
+
+
+def test_missing_dataset_names_prepare_command(tmp_path):
+  c = quick_config(str(tmp_path / 'empty'))
+  with pytest.raises(ValueError, match='python -m ait_jax.data.prepare --dataset=triangle'):
+    train.train_and_evaluate(c, str(tmp_path / 'work'))
+
+
+def test_unknown_variant_is_rejected():
+  with pytest.raises(ValueError, match='Unknown config variant'):
+    load_config('cifar100', 'modle=base')
+  with pytest.raises(ValueError, match='Unknown model variant'):
+    load_config('cifar100', 'model=giant')
+  assert load_config('cifar100', 'model=vit_medium').model.vit
+
+
+def test_learning_rate_schedule():
+  c = load_config('cifar100')
+  s = train.setup(c)
+  lr = train.learning_rate_fn(s)
+  spe = s.steps_per_epoch
+  assert spe == 50_000 // 512
+  np.testing.assert_allclose(float(lr(0)), 1e-5, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(spe - 1)), 1e-5, rtol=1e-6)  # stepped per epoch
+  np.testing.assert_allclose(float(lr(spe)), 1e-5 + (1e-4 - 1e-5) / 5, rtol=1e-5)
+  np.testing.assert_allclose(float(lr(5 * spe)), 1e-4, rtol=1e-5)
+  np.testing.assert_allclose(float(lr(s.total_steps)), 1e-6, rtol=1e-4)
