@@ -17,16 +17,20 @@ MIN_SHARDED_SIZE = 2 ** 16
 
 
 def make_mesh(data: int = -1, model: int = 1, devices=None) -> jax.sharding.Mesh:
-  """A ('data', 'model') mesh over all devices; data=-1 takes every device the model axis leaves."""
+  """A ('data', 'model') mesh; data=-1 takes every device the model axis leaves.
+
+  A smaller mesh than the device count uses the first data × model devices (debugging, tests).
+  """
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   if model < 1 or n % model:
     raise ValueError(f'mesh.model={model} must divide the {n} available devices.')
   if data == -1:
     data = n // model
-  if data * model != n:
-    raise ValueError(f'mesh.data={data} × mesh.model={model} must equal the {n} devices; '
+  if data < 1 or data * model > n:
+    raise ValueError(f'mesh.data={data} × mesh.model={model} exceeds the {n} devices; '
                      'set mesh.data=-1 to use them all.')
+  devices = devices[:data * model]
   return jax.make_mesh((data, model), (DATA, MODEL), axis_types=(AxisType.Auto,) * 2,
                        devices=devices)
 

@@ -212,7 +212,7 @@ def eval_step(s: Setup, params, memory, batch):
     kind = batch['qtype'] * 3 + batch['qsubtype']
     sums['type_correct'] = jax.ops.segment_sum(correct, kind, 9)
     sums['type_count'] = jax.ops.segment_sum(mask, kind, 9)
-  return sums, memory
+  return sums, memory, jnp.argmax(logits, -1).astype(jnp.int32)
 
 
 def summarize_eval(s: Setup, sums) -> dict:
@@ -260,7 +260,8 @@ class Trainer:
                              in_shardings=(self.state_sharding.params, self.state_sharding.memory,
                                            self.batch_sharding),
                              out_shardings=(sharding.replicated(self.mesh),
-                                            self.state_sharding.memory))
+                                            self.state_sharding.memory,
+                                            sharding.replicated(self.mesh)))
     self.rng = rng
 
   def abstract_with_shardings(self):
@@ -274,7 +275,9 @@ class Trainer:
         sharding=self.batch_sharding, question_types=tuple(c.question_types) or None,
         start_state=data_state, prefetch=c.prefetch, worker_count=c.worker_count)
 
-  def evaluate(self, params, memory, split: str = 'test') -> dict:
+  def evaluate(self, params, memory, split: str = 'test', predictions: list | None = None) -> dict:
+    """Eval metrics over every example of `split`; appends the predicted classes of the real
+    examples to `predictions` when given (a host transfer per batch, so only when asked)."""
     c = self.s.config
     batches = input_pipeline.make_eval_iterator(
         c.dataset, data_dir=c.data_dir, global_batch_size=c.eval_batch_size,
@@ -283,7 +286,10 @@ class Trainer:
     total = None
     for batch in batches:
       batch = {k: v for k, v in batch.items() if k in _EVAL_KEYS}
-      sums, memory = self.eval_step(params, memory, batch)
+      sums, memory, predicted = self.eval_step(params, memory, batch)
+      if predictions is not None:
+        mask = np.asarray(jax.device_get(batch['mask']))
+        predictions.extend(np.asarray(jax.device_get(predicted))[mask].tolist())
       total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     return summarize_eval(self.s, total)
 

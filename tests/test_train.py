@@ -26,6 +26,7 @@ def quick_config(data_dir, **overrides):
   c = load_config('triangle', 'quick')
   c.dataset = 'triangle/small'
   c.data_dir = data_dir
+  c.mesh.data = 1  # one device unless a test asks for more: 8 virtual devices share 2 cores
   for k, v in overrides.items():
     target = c
     *path, leaf = k.split('.')
@@ -130,6 +131,8 @@ def test_sigterm_saves_and_resumes(uninterrupted, tmp_path):
   assert ckpt.latest_step() == stopped
   ckpt.close()
   # Resume in this process with 8 devices: a different device count than the interrupted run.
+  config = config.copy_and_resolve_references()
+  config.mesh.data = 8
   train.train_and_evaluate(config, str(workdir))
   ref, got = _read_metrics(reference_dir), _read_metrics(workdir)
   for s in range(stopped + 1, config.total_steps + 1):
@@ -164,7 +167,8 @@ def test_sort_of_clevr_reports_question_types(generated_data_dir, tmp_path):
   c = load_config('sort_of_clevr', 'quick')
   c.dataset, c.data_dir = 'sort_of_clevr/small', generated_data_dir
   c.question_types = ('non_relational', 'binary', 'ternary')
-  c.total_steps, c.eval_every_steps, c.batch_size = 4, 4, 16
+  c.total_steps, c.eval_every_steps, c.batch_size, c.eval_batch_size = 4, 4, 16, 500
+  c.mesh.data = 1
   c.model.bottleneck_k = 64
   result = train.train_and_evaluate(c, str(tmp_path))
   assert result['num_examples'] == 50 * 30
@@ -188,7 +192,8 @@ import jax
 from ait_jax import train
 sys.path.insert(0, 'tests')
 from test_train import quick_config
-config = quick_config(sys.argv[1], total_steps=4, log_every_steps=1, eval_every_steps=4)
+config = quick_config(sys.argv[1], total_steps=4, log_every_steps=1, eval_every_steps=4,
+                      **{'mesh.data': -1})
 result = train.train_and_evaluate(config, sys.argv[2])
 print('RESULT', json.dumps({'process': jax.process_index(), 'devices': jax.device_count(),
                             'loss': result['loss'], 'accuracy': result['accuracy'],
@@ -202,7 +207,7 @@ def test_two_processes_agree(generated_data_dir, tmp_path):
   for i in range(2):
     env = dict(os.environ, AIT_JAX_COORDINATOR=f'127.0.0.1:{port}', AIT_JAX_NUM_PROCESSES='2',
                AIT_JAX_PROCESS_ID=str(i),
-               XLA_FLAGS='--xla_force_host_platform_device_count=2')
+               XLA_FLAGS='--xla_force_host_platform_device_count=1')
     procs.append(subprocess.Popen([sys.executable, '-c', _DRIVER, generated_data_dir,
                                    str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
@@ -211,7 +216,7 @@ def test_two_processes_agree(generated_data_dir, tmp_path):
     assert p.returncode == 0, out
   results = [json.loads(out.split('RESULT ', 1)[1].splitlines()[0]) for out in outs]
   assert [r['process'] for r in results] == [0, 1]
-  assert all(r['devices'] == 4 for r in results)
+  assert all(r['devices'] == 2 for r in results)
   assert results[0]['train_loss'] == results[1]['train_loss']
   assert results[0]['loss'] == results[1]['loss'] and np.isfinite(results[0]['loss'])
   lines = pathlib.Path(tmp_path, 'metrics.jsonl').read_text().splitlines()
@@ -238,7 +243,8 @@ def test_bad_config_fails_fast(generated_data_dir, override, message):
 
 def test_missing_dataset_names_prepare_command(tmp_path):
   c = quick_config(str(tmp_path / 'empty'))
-  with pytest.raises(ValueError, match='python -m ait_jax.data.prepare --dataset=triangle'):
+  with pytest.raises(FileNotFoundError,
+                     match='python -m ait_jax.data.prepare --dataset=triangle/small'):
     train.train_and_evaluate(c, str(tmp_path / 'work'))
 
 
