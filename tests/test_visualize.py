@@ -1,0 +1,73 @@
+"""The figure command: four readable PNGs of a known size from a quick run, clear errors."""
+import os
+import subprocess
+import sys
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from ait_jax import train
+from ait_jax import visualize
+from conftest import load_config, ROOT
+
+EXPECTED_SHAPE = (round(visualize.FIGSIZE[1] * visualize.DPI),
+                  round(visualize.FIGSIZE[0] * visualize.DPI))
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(generated_data_dir, tmp_path_factory):
+  config = load_config('triangle', 'quick')
+  config.dataset = 'triangle/small'
+  config.data_dir = generated_data_dir
+  config.total_steps, config.log_every_steps, config.eval_every_steps = 4, 1, 4
+  workdir = str(tmp_path_factory.mktemp('vis_run'))
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def test_writes_four_figures_of_the_stated_size(trained_workdir, tmp_path):
+  out = str(tmp_path / 'figures')
+  result = visualize.visualize(trained_workdir, out, num_images=3, which='latest')
+  assert result['step'] == 4
+  assert [os.path.basename(p) for p in result['paths']] == list(visualize.FIGURES)
+  assert EXPECTED_SHAPE == (960, 1280)
+  for path in result['paths']:
+    image = matplotlib.image.imread(path)
+    assert image.shape[:2] == EXPECTED_SHAPE, path
+    assert image[..., :3].std() > 0.01, path  # not a blank canvas
+
+  layer = result['data']['layers'][0]
+  hm, m, b, n = layer['selections'].shape
+  assert (b, n) == (64, 4)  # the training batch size, 4 patches of 32x32 per 64x64 image
+  k = 64  # configs/triangle.py: every (head, slot) keeps exactly k tokens of the batch
+  np.testing.assert_array_equal(layer['selections'].sum(axis=(2, 3)), np.full((hm, m), k))
+  np.testing.assert_allclose(layer['gates'].sum(axis=(2, 3)), 1.0, rtol=1e-5)
+  # The Hopfield update is the concave-convex step of its energy (SPEC §1.5).
+  assert layer['energy_after'].mean() <= layer['energy_before'].mean()
+  assert np.all(layer['energy_after'] <= layer['energy_before'] + 1e-4)
+
+
+def test_config_json_round_trips(trained_workdir):
+  config = visualize.load_config(trained_workdir)
+  assert config.dataset == 'triangle/small' and config.model.patch_size == 32
+  assert train.setup(config).model.depth == 1
+
+
+def test_missing_checkpoint_is_one_sentence(tmp_path):
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "split": "train", "loss": 1.0}\n')
+  with pytest.raises(FileNotFoundError, match='No checkpoint in'):
+    visualize.visualize(str(tmp_path), str(tmp_path / 'out'),
+                        config=load_config('triangle', 'quick'))
+  out = subprocess.run([sys.executable, '-m', 'ait_jax.visualize',
+                        f'--workdir={tmp_path / "missing"}', f'--out={tmp_path / "out"}'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1
+  assert out.stderr.strip().startswith('error: No workdir'), out.stderr
+  assert 'Traceback' not in out.stderr
+  assert not (tmp_path / 'out').exists()
+
+
+def test_missing_metrics_is_one_sentence(tmp_path):
+  with pytest.raises(FileNotFoundError, match='No metrics.jsonl in'):
+    visualize.visualize(str(tmp_path), str(tmp_path / 'out'))
