@@ -21,6 +21,7 @@ def trained_workdir(generated_data_dir, tmp_path_factory):
   config.dataset = 'triangle/small'
   config.data_dir = generated_data_dir
   config.total_steps, config.log_every_steps, config.eval_every_steps = 4, 1, 4
+  config.mesh.data = 1  # one device compiles fastest; sharded restores are test_train's job
   workdir = str(tmp_path_factory.mktemp('vis_run'))
   train.train_and_evaluate(config, workdir)
   return workdir
