@@ -1,0 +1,324 @@
+r"""Speed benchmark of the jitted train step: ms/step, images/s, FLOPs, MFU, peak memory.
+
+Usage (synthetic uint8 batches of the config's dataset shape; no data on disk needed):
+  python -m ait_jax.bench --model=small --batch=512 --dtype=bfloat16 --compare=vit --json=out.json
+  python -m ait_jax.bench --model=small --depth=1 --batch=64 --compare=vit --devices=1   # CPU-sized
+Any config field can be overridden with --config.<field>=value (e.g. --config.model.scope=example).
+"""
+import json
+import math
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', str(_ROOT / 'configs' / 'cifar10.py'),
+    'A configs/*.py file (default configs/cifar10.py); its dataset fixes the input shape.',
+    lock_config=True)
+_MODEL = flags.DEFINE_string('model', 'small',
+                             'A preset (small|medium|base|large|coordination) or vit_<preset>.')
+_BATCH = flags.DEFINE_integer('batch', 512, 'Global batch size.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Computation dtype.')
+_SCOPE = flags.DEFINE_enum('scope', 'batch', ['batch', 'example'],
+                           'Bottleneck scope (example needs --bottleneck_k <= tokens per image).')
+_DEVICES = flags.DEFINE_integer('devices', 0, 'Use the first N devices (0: all of them).')
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (the issue asks for >= 20).')
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
+_COMPARE = flags.DEFINE_enum('compare', 'none', ['none', 'vit'],
+                             'vit: also time the dense ViT of the same dims and print AiT/ViT.')
+_PEAK = flags.DEFINE_float('peak_tflops', None,
+                           'Peak TFLOP/s per device for MFU; default 989 (H100/H200 bf16 dense) '
+                           'on GPU, none (MFU n/a) elsewhere.')
+_JSON = flags.DEFINE_string('json', None, 'Write the results as JSON to this path.')
+_DUMP_HLO = flags.DEFINE_string('dump_hlo', None,
+                                'Write the optimised HLO of the train step here (ViT: .vit added).')
+_DEPTH = flags.DEFINE_integer('depth', None, 'Override model.depth.')
+_WIDTH = flags.DEFINE_integer('width', None, 'Override model.width.')
+_MLP_DIM = flags.DEFINE_integer('mlp_dim', None, 'Override model.mlp_dim.')
+_NUM_HEADS = flags.DEFINE_integer('num_heads', None, 'Override model.num_heads.')
+_BOTTLENECK_K = flags.DEFINE_integer('bottleneck_k', None, 'Override model.bottleneck_k.')
+
+GPU_PEAK_TFLOPS = 989.0  # H100/H200 SXM, bf16 dense tensor cores
+
+
+def forward_flops(model, batch: int, image_shape, question_dim: int = 0) -> dict:
+  """Matmul FLOPs (2 per multiply-add) of one forward pass of `model` on `batch` images.
+
+  Only matmuls and einsums are counted (no norms, softmax, GELU, top-k, optimizer). With B the
+  batch, N tokens per image (patches [+ question] [+ CLS]), T = B·N, D width, F MLP width, P·P·C the
+  patch length, L depth, M slots, Dm memory width, Hm memory heads, k bottleneck size, G groups
+  (1 for scope 'batch', B for 'example'), S Hopfield steps:
+    patch embed   2·B·(H/P)(W/P)·P²C·D            (+ 2·B·18·D for the Sort-of-CLEVR question)
+    per block     attention 2·T·4D² (qkv, out) + 2·2·B·N²·D (scores, weighted sum);  FFN 2·2·T·D·F
+    per workspace q 2·M·Dm·Hm·Dm; k, v 2·2·T·D·Hm·Dm; bottleneck logits 2·Hm·M·T·Dm;
+                  gather-read 2·G·Hm·M·k·Dm (dense write without bottleneck: 2·Hm·M·T·Dm);
+                  out 2·M·Hm·Dm·Dm; prior projection 2·M·Dm·D; Hopfield S·2·2·T·M·D
+                  (cross-attention ablation instead: 2·2·T·D² + 2·2·B·M·D² + 2·2·T·M·D)
+    head          2·B·N·D·classes (flatten) or 2·B·D·classes (mean, cls)
+  Returns {'backbone', 'workspace', 'total'} in FLOPs; a train step is counted as 3× forward.
+  """
+  from ait_jax import models  # pylint: disable=g-import-not-at-top
+  b, d, f, L = batch, model.width, model.mlp_dim, model.depth
+  h, w = image_shape[:2]
+  p = model.patch_size
+  c = image_shape[2] if len(image_shape) > 2 else 3
+  patches = (h // p) * (w // p)
+  n = models.num_tokens({'patch_size': p, 'head': model.head}, image_shape, question_dim)
+  t = b * n
+  backbone = 2 * b * patches * p * p * c * d + 2 * b * question_dim * d
+  per_block = 2 * 2 * t * d * f
+  if model.self_attention:
+    per_block += 2 * t * 4 * d * d + 2 * 2 * b * n * n * d
+  backbone += L * per_block
+  backbone += 2 * b * (n * d if model.head == 'flatten' else d) * model.num_classes
+  workspace = 0
+  if model.use_workspace:
+    ws = model.workspace
+    m, dm, hm = ws['memory_slots'], ws['memory_dim'], ws['memory_heads']
+    groups = 1 if ws['bottleneck_scope'] == 'batch' else b
+    top_k = ws['bottleneck_k']
+    per_ws = 2 * m * dm * hm * dm + 2 * 2 * t * d * hm * dm + 2 * hm * m * t * dm
+    per_ws += (2 * groups * hm * m * top_k * dm if top_k is not None else 2 * hm * m * t * dm)
+    per_ws += 2 * m * hm * dm * dm + 2 * m * dm * d
+    if ws['retrieval'] == 'hopfield':
+      per_ws += ws['hopfield_steps'] * 2 * 2 * t * m * d
+    else:
+      per_ws += 2 * 2 * t * d * d + 2 * 2 * b * m * d * d + 2 * 2 * t * m * d
+    workspace = L * per_ws
+  return {'backbone': backbone, 'workspace': workspace, 'total': backbone + workspace}
+
+
+def train_step_flops(model, batch: int, image_shape, question_dim: int = 0) -> int:
+  """Analytical FLOPs of one train step: 3 × forward (backward ≈ 2 × forward), the MFU convention."""
+  return 3 * forward_flops(model, batch, image_shape, question_dim)['total']
+
+
+def _xla_flops(compiled, num_devices: int):
+  """FLOPs of the whole step from XLA's cost analysis (per-device program × devices), or None."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  (not every backend implements it)
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or 'flops' not in cost or cost['flops'] <= 0:
+    return None
+  return float(cost['flops']) * num_devices
+
+
+def _xla_memory(compiled):
+  """Bytes XLA plans for one device: arguments + outputs + temporaries − donated aliases."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes + m.generated_code_size_in_bytes)
+
+
+def _peak_memory(devices):
+  """Largest peak_bytes_in_use over the devices (process-wide, never reset), or None on CPU."""
+  peaks = []
+  for d in devices:
+    try:
+      stats = d.memory_stats()
+    except Exception:  # pylint: disable=broad-except
+      stats = None
+    if stats and 'peak_bytes_in_use' in stats:
+      peaks.append(stats['peak_bytes_in_use'])
+  return max(peaks) if peaks else None
+
+
+def benchmark(config, *, devices, steps: int, warmup: int, peak_tflops=None,
+              dump_hlo: str | None = None) -> dict:
+  """Compiles, warms up and times the train step of `config` on synthetic batches; one result row.
+
+  Every timed step is followed by `jax.block_until_ready`, so the per-step times are device times
+  plus one dispatch; images/s uses the median.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ait_jax import train  # pylint: disable=g-import-not-at-top
+
+  trainer = train.Trainer(config, devices=devices)
+  s = trainer.s
+  rng = np.random.default_rng(0)
+  b = config.batch_size
+  batch = {'image': rng.integers(0, 256, (b,) + tuple(s.info.image_shape), dtype=np.uint8),
+           'label': rng.integers(0, s.info.num_classes, (b,), dtype=np.int32)}
+  if s.question_dim:
+    batch['question'] = rng.standard_normal((b, s.question_dim)).astype(np.float32)
+  batch = jax.device_put(batch, trainer.batch_sharding)
+  state = jax.block_until_ready(trainer.init(trainer.rng))
+
+  t0 = time.perf_counter()
+  compiled = trainer.train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  if dump_hlo:
+    with open(dump_hlo, 'w') as f:
+      f.write(compiled.as_text())
+
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready((state, metrics))
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t0)
+  loss = float(metrics['loss'])
+  if not math.isfinite(loss):
+    raise ValueError(f'The benchmarked step gave a non-finite loss ({loss}); try dtype=float32.')
+
+  n_dev = len(devices)
+  median = statistics.median(times)
+  analytic = forward_flops(s.model, b, s.image_shape, s.question_dim)
+  flops = 3 * analytic['total']
+  xla = _xla_flops(compiled, n_dev)
+  tflops = flops / median / 1e12
+  c = config.model
+  row = {
+      'arch': 'vit' if c.vit else 'ait', 'preset': c.preset, 'dtype': c.dtype,
+      'scope': None if c.vit else c.scope, 'batch': b, 'devices': n_dev,
+      'dims': {k: getattr(s.model, k) for k in ('depth', 'width', 'mlp_dim', 'num_heads')},
+      'bottleneck_k': None if c.vit else c.bottleneck_k,
+      'image_shape': list(s.image_shape), 'steps': steps, 'warmup': warmup,
+      'compile_s': compile_s,
+      'ms_per_step_median': 1e3 * median, 'ms_per_step_mean': 1e3 * statistics.fmean(times),
+      'ms_per_step_min': 1e3 * min(times), 'ms_per_step_max': 1e3 * max(times),
+      'images_per_s': b / median,
+      'analytic_flops_per_step': flops,
+      'analytic_forward_flops': analytic,
+      'xla_flops_per_step': xla,
+      'achieved_tflops': tflops,
+      'peak_tflops_per_device': peak_tflops,
+      'mfu': tflops / (peak_tflops * n_dev) if peak_tflops else None,
+      'peak_bytes_in_use': _peak_memory(devices),
+      'xla_bytes_per_device': _xla_memory(compiled),
+      'final_loss': loss,
+  }
+  del state, metrics, batch, compiled, trainer
+  return row
+
+
+def _fmt(x, spec: str, scale: float = 1.0) -> str:
+  return 'n/a' if x is None else format(x / scale, spec)
+
+
+def format_table(rows) -> str:
+  head = ('arch', 'preset', 'dtype', 'batch', 'ms/step', 'images/s', 'GFLOP/step (analytic)',
+          'GFLOP/step (XLA)', 'TFLOP/s', 'MFU', 'peak mem GiB', 'XLA mem GiB')
+  lines = [head]
+  for r in rows:
+    lines.append((r['arch'], r['preset'], r['dtype'], str(r['batch']),
+                  f"{r['ms_per_step_median']:.2f}", f"{r['images_per_s']:,.0f}",
+                  _fmt(r['analytic_flops_per_step'], ',.1f', 1e9),
+                  _fmt(r['xla_flops_per_step'], ',.1f', 1e9), f"{r['achieved_tflops']:.3f}",
+                  _fmt(r['mfu'], '.1%'), _fmt(r['peak_bytes_in_use'], '.2f', 2 ** 30),
+                  _fmt(r['xla_bytes_per_device'], '.2f', 2 ** 30)))
+  widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+  out = ['  '.join(v.rjust(wd) for v, wd in zip(line, widths)) for line in lines]
+  out.insert(1, '  '.join('-' * wd for wd in widths))
+  return '\n'.join(out)
+
+
+def _build_config(vit: bool):
+  c = _CONFIG.value.copy_and_resolve_references()
+  preset = _MODEL.value
+  c.model.vit = vit or preset.startswith('vit_')
+  c.model.preset = preset[len('vit_'):] if preset.startswith('vit_') else preset
+  c.model.dtype = _DTYPE.value
+  c.model.scope = _SCOPE.value
+  for flag, field in ((_DEPTH, 'depth'), (_WIDTH, 'width'), (_MLP_DIM, 'mlp_dim'),
+                      (_NUM_HEADS, 'num_heads'), (_BOTTLENECK_K, 'bottleneck_k')):
+    if flag.value is not None:
+      c.model[field] = flag.value
+  c.batch_size = c.eval_batch_size = _BATCH.value
+  c.mesh.data, c.mesh.model = -1, 1
+  return c
+
+
+def run(argv) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  all_devices = jax.devices()
+  n = _DEVICES.value or len(all_devices)
+  if not 1 <= n <= len(all_devices):
+    raise ValueError(f'--devices={n} must be between 1 and the {len(all_devices)} devices '
+                     'JAX sees.')
+  devices = all_devices[:n]
+  if _STEPS.value < 1 or _WARMUP.value < 0:
+    raise ValueError('--steps must be at least 1 and --warmup at least 0.')
+  if _COMPARE.value == 'vit' and _MODEL.value.startswith('vit_'):
+    raise ValueError('--compare=vit compares an AiT with its ViT; pass --model=<preset> '
+                     'without vit_.')
+  platform_name = devices[0].platform
+  peak = _PEAK.value if _PEAK.value is not None else (
+      GPU_PEAK_TFLOPS if platform_name == 'gpu' else None)
+  # With --compare=vit the ViT runs first: peak_bytes_in_use never resets, and the ViT needs less
+  # memory than the AiT (a subset of its parameters and activations), so both peaks stay right.
+  archs = [True, False] if _COMPARE.value == 'vit' else [_MODEL.value.startswith('vit_')]
+  rows = []
+  for vit in archs:
+    hlo = _DUMP_HLO.value
+    if hlo and vit and len(archs) > 1:
+      hlo = f'{hlo}.vit'
+    row = benchmark(_build_config(vit), devices=devices, steps=_STEPS.value,
+                    warmup=_WARMUP.value, peak_tflops=peak, dump_hlo=hlo)
+    print(f"{row['arch']} {row['preset']} {row['dtype']} batch {row['batch']}: "
+          f"{row['ms_per_step_median']:.2f} ms/step (mean {row['ms_per_step_mean']:.2f}, "
+          f"min {row['ms_per_step_min']:.2f}), {row['images_per_s']:,.0f} images/s, "
+          f"compiled in {row['compile_s']:.1f} s", flush=True)
+    rows.append(row)
+  rows = rows[::-1] if len(rows) > 1 else rows  # AiT first in the table
+  result = {
+      'command': 'python -m ait_jax.bench ' + ' '.join(sys.argv[1:]),
+      'hardware': {'platform': platform_name, 'device_kind': devices[0].device_kind,
+                   'devices': n, 'host_cpus': os.cpu_count(), 'machine': platform.machine(),
+                   'jax': jax.__version__},
+      'peak_tflops_per_device': peak,
+      'rows': rows,
+  }
+  mfu_note = (f'MFU against {peak:g} TFLOP/s per device' if peak else
+              'MFU n/a (no peak for this platform; pass --peak_tflops)')
+  print(f'\n{n} × {devices[0].device_kind} ({platform_name}); {mfu_note}; FLOPs and MFU from the '
+        'analytic count (3 × forward matmuls)')
+  print(format_table(rows))
+  if len(rows) == 2:
+    ait, vit = rows
+    result['ait_over_vit_images_per_s'] = ait['images_per_s'] / vit['images_per_s']
+    result['ait_over_vit_analytic_flops'] = (ait['analytic_flops_per_step']
+                                             / vit['analytic_flops_per_step'])
+    print(f"AiT/ViT throughput ratio: {result['ait_over_vit_images_per_s']:.3f} "
+          f"(analytic FLOP ratio {result['ait_over_vit_analytic_flops']:.3f})")
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+def main(argv) -> None:
+  try:
+    run(argv)
+  except ValueError as e:  # a user's mistake gets one sentence, not a traceback
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  app.run(main)

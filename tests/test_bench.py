@@ -1,0 +1,89 @@
+"""The speed benchmark: its FLOP counter against a hand count, and the CLI end to end on CPU."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+from ait_jax import bench
+from ait_jax import models
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Tiny CIFAR-shaped case: B=16 images of 32×32×3, patch 4 -> N=64 tokens, T=B·N=1024, D=64,
+# F=128, one 64-dim head, depth 1, 10 classes; workspace M=32, Dm=32, Hm=8, k=64.
+TINY = dict(depth=1, width=64, mlp_dim=128, num_heads=1, bottleneck_k=64)
+B, N, T, D, F, PC, CLASSES = 16, 64, 1024, 64, 128, 4 * 4 * 3, 10
+M, DM, HM, K = 32, 32, 8, 64
+
+# Hand count of one forward pass, 2 FLOPs per multiply-add.
+VIT_FORWARD = (2 * T * PC * D  # patch embedding
+               + 2 * T * D * 3 * D  # qkv
+               + 2 * 2 * B * N * N * D  # scores and weighted sum (one head of 64 = D)
+               + 2 * T * D * D  # attention output
+               + 2 * 2 * T * D * F  # FFN
+               + 2 * B * N * D * CLASSES)  # flatten head
+WORKSPACE_FORWARD = (2 * M * DM * HM * DM  # memory queries
+                     + 2 * 2 * T * D * HM * DM  # keys and values of every token
+                     + 2 * HM * M * T * DM  # bottleneck logits
+                     + 2 * HM * M * K * DM  # gather-read of the k kept tokens
+                     + 2 * M * HM * DM * DM  # write output projection
+                     + 2 * M * DM * D  # prior up-projection
+                     + 2 * 2 * T * M * D)  # Hopfield: scores and read
+
+
+def _model(**overrides):
+  return models.create_model({**TINY, **overrides}, num_classes=CLASSES, image_shape=(32, 32, 3),
+                             batch_size=B)
+
+
+def test_flop_counter_matches_hand_count():
+  assert VIT_FORWARD == 91_488_256 and WORKSPACE_FORWARD == 94_502_912
+  vit = bench.forward_flops(_model(vit=True), B, (32, 32, 3))
+  ait = bench.forward_flops(_model(), B, (32, 32, 3))
+  assert vit == {'backbone': VIT_FORWARD, 'workspace': 0, 'total': VIT_FORWARD}
+  assert ait == {'backbone': VIT_FORWARD, 'workspace': WORKSPACE_FORWARD,
+                 'total': VIT_FORWARD + WORKSPACE_FORWARD}
+  assert bench.train_step_flops(_model(), B, (32, 32, 3)) == 3 * (VIT_FORWARD + WORKSPACE_FORWARD)
+  # Scope 'example': B groups each keep k tokens per slot, so the gather-read grows B-fold.
+  example = bench.forward_flops(_model(scope='example'), B, (32, 32, 3))
+  assert example['workspace'] - WORKSPACE_FORWARD == (B - 1) * 2 * HM * M * K * DM
+
+
+def test_workspace_share_of_ait_small_at_cifar_batch_512():
+  # SPEC §5 quotes the GWL at about 7% of a dense block; the matmul count gives 6–7% per step.
+  model = models.create_model('small', num_classes=10, image_shape=(32, 32, 3), batch_size=512)
+  f = bench.forward_flops(model, 512, (32, 32, 3))
+  assert 0.06 < f['workspace'] / f['backbone'] < 0.07
+
+
+def test_cli_compares_ait_and_vit(tmp_path):
+  out, hlo = tmp_path / 'bench.json', tmp_path / 'step.hlo'
+  cmd = [sys.executable, '-m', 'ait_jax.bench', '--depth=1', '--width=64', '--mlp_dim=128',
+         '--num_heads=1', '--bottleneck_k=64', f'--batch={B}', '--steps=3', '--warmup=1',
+         '--devices=1', '--compare=vit', f'--json={out}', f'--dump_hlo={hlo}']
+  proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, 'PYTHONPATH': str(ROOT)})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'AiT/ViT throughput ratio' in proc.stdout
+  result = json.loads(out.read_text())
+  ait, vit = result['rows']
+  assert (ait['arch'], vit['arch']) == ('ait', 'vit')
+  for row in (ait, vit):
+    assert row['images_per_s'] > 0 and row['ms_per_step_median'] > 0 and row['steps'] == 3
+    assert row['devices'] == 1 and row['batch'] == B
+    assert row['mfu'] is None  # no peak is assumed on CPU
+  assert vit['analytic_flops_per_step'] == 3 * VIT_FORWARD
+  assert ait['analytic_flops_per_step'] == 3 * (VIT_FORWARD + WORKSPACE_FORWARD)
+  assert ait['analytic_flops_per_step'] - vit['analytic_flops_per_step'] == 3 * WORKSPACE_FORWARD
+  assert result['ait_over_vit_images_per_s'] == ait['images_per_s'] / vit['images_per_s']
+  assert result['hardware']['platform'] == 'cpu'
+  assert 'HloModule jit_train_step' in hlo.read_text()
+  assert (tmp_path / 'step.hlo.vit').exists()
+
+
+def test_cli_rejects_too_many_devices(tmp_path):
+  proc = subprocess.run([sys.executable, '-m', 'ait_jax.bench', '--devices=64'], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, 'PYTHONPATH': str(ROOT)})
+  assert proc.returncode == 1 and proc.stderr.strip().endswith('devices JAX sees.')
