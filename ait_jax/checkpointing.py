@@ -4,22 +4,29 @@
 holds the one with the best eval accuracy. Restores take abstract targets carrying the current
 shardings, so a run can resume on another device count.
 """
-import os
 import signal
 
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
+
+
+def workdir_path(workdir: str) -> epath.Path:
+  """The workdir as an absolute epath: local folders or gs:// buckets (with the `gcs` extra)."""
+  path = epath.Path(workdir)
+  return path if '://' in str(workdir) else epath.Path(path.absolute())
 
 
 class Checkpointer:
   """Saves and restores {'state': pytree, 'data': JSON} under a workdir."""
 
   def __init__(self, workdir: str, keep: int = 3):
+    root = workdir_path(workdir)
     self.latest = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), 'checkpoints'),
+        root / 'checkpoints',
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
     self.best = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), 'best'),
+        root / 'best',
         options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m['accuracy'],
                                              best_mode='max', create=True))
 

@@ -3,9 +3,9 @@
 Only process 0 writes. `metrics.jsonl` holds one JSON object per log or eval step.
 """
 import json
-import os
 import time
 
+from etils import epath
 import jax
 import numpy as np
 
@@ -42,17 +42,25 @@ class MetricWriter:
 
   def __init__(self, workdir: str):
     self.active = jax.process_index() == 0
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = epath.Path(workdir) / 'metrics.jsonl'
+    # Object stores (gs://) cannot append: there the whole file is rewritten at each write.
+    self.remote = '://' in str(workdir)
+    self.lines = self.path.read_text() if self.remote and self.path.exists() else ''
     self.tb = None
     if self.active:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self.tb = SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
 
   def write(self, step: int, metrics: dict, prefix: str) -> None:
     if not self.active:
       return
-    with open(self.path, 'a') as f:
-      f.write(json.dumps({'step': step, 'split': prefix, **metrics}) + '\n')
+    line = json.dumps({'step': step, 'split': prefix, **metrics}) + '\n'
+    if self.remote:
+      self.lines += line
+      self.path.write_text(self.lines)
+    else:
+      with self.path.open('a') as f:
+        f.write(line)
     for k, v in metrics.items():
       self.tb.add_scalar(f'{prefix}/{k}', v, step)
     self.tb.flush()

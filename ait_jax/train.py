@@ -7,7 +7,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import time
 from typing import Any
 
@@ -300,8 +299,8 @@ _EVAL_KEYS = ('image', 'label', 'question', 'mask', 'qtype', 'qsubtype')
 
 def _save_config(config, workdir: str) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    (checkpointing.workdir_path(workdir) / 'config.json').write_text(
+        config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def _check_finite(metrics: dict, step: int) -> None:
@@ -317,7 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Returns the last eval metrics and the last logged train loss ('train_loss').
   """
-  os.makedirs(workdir, exist_ok=True)
+  checkpointing.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
   trainer = Trainer(config)
   s, c = trainer.s, config
   _save_config(config, workdir)
@@ -378,8 +377,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if close:
       close()
   if last_eval is not None and step == s.total_steps and jax.process_index() == 0:
-    with open(os.path.join(workdir, 'eval_final.json'), 'w') as f:
-      json.dump({'step': step, **last_eval}, f, indent=2)
+    (checkpointing.workdir_path(workdir) / 'eval_final.json').write_text(
+        json.dumps({'step': step, **last_eval}, indent=2))
   return {**(last_eval or {}), 'train_loss': summary.get('loss')}
 
 
@@ -404,6 +403,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, which: str = 'b
             'eval_batch_size': config.eval_batch_size,
             **trainer.evaluate(state.params, state.memory, split)}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f'eval_{which}.json'), 'w') as f:
-      json.dump(result, f, indent=2)
+    (checkpointing.workdir_path(workdir) / f'eval_{which}.json').write_text(
+        json.dumps(result, indent=2))
   return result

@@ -142,6 +142,8 @@ def test_sigterm_saves_and_resumes(uninterrupted, tmp_path):
 
 def test_restore_onto_other_device_count(uninterrupted):
   config, workdir, _ = uninterrupted
+  config = config.copy_and_resolve_references()
+  config.mesh.data = -1  # every device given to the Trainer
   values = []
   for devices in (jax.devices(), jax.devices()[:1], jax.devices()[:2]):
     trainer = train.Trainer(config, devices=devices)

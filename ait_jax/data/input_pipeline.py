@@ -237,7 +237,9 @@ class TrainIterator:
     # (grain's IndexSampler would give the same guarantees at ~4x the per-record cost.)
     self._order = (grain.MapDataset.range(len(source))[self._shard_index::self._shard_count]
                    .seed(seed).shuffle().repeat())
-    self._fingerprint = (f'{source!r} seed={seed} shard={self._shard_index}/{self._shard_count} '
+    # Every process is at the same position, so one process's state restores all of them: the
+    # fingerprint leaves out the shard index (the checkpoint keeps process 0's state).
+    self._fingerprint = (f'{source!r} seed={seed} shards={self._shard_count} '
                          f'batch={local_batch_size}')
     # Decoding threads: zlib and PIL release the GIL, so they help on multi-core hosts.
     self._workers = worker_count
