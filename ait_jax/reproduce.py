@@ -4,9 +4,10 @@ Sort-of-CLEVR), and checks evaluation batch independence (SPEC §1.7).
   python -m ait_jax.reproduce --scale=gpu --data_dir=data --out=results/gpu   # one H200
   python -m ait_jax.reproduce --scale=cpu --data_dir=data --out=results/cpu   # reduced, 2 CPU cores
 
-Builds the datasets if missing, trains and evaluates every run, evaluates one checkpoint at
-several batch sizes with and without memory writes, draws the figures, and writes `summary.json`
-and `RESULTS.md` into --out with the metrics JSONL and eval JSON of each run.
+Builds the datasets if missing, trains and evaluates every run (checkpoints under
+--workdir_root), evaluates one checkpoint at several batch sizes with and without memory writes,
+draws its figures, and writes `summary.json`, `RESULTS.md` and each run's metrics JSONL and eval
+JSON into --out: the small artefacts to commit.
 """
 import json
 import os
@@ -23,6 +24,8 @@ _SCALE = flags.DEFINE_enum('scale', 'cpu', ['cpu', 'gpu'],
 _DATA_DIR = flags.DEFINE_string('data_dir', 'data', 'TFDS data_dir (generated data built here).')
 _OUT = flags.DEFINE_string('out', None, 'Where results go (e.g. results/cpu).')
 _ONLY = flags.DEFINE_list('only', [], 'Run only these run names (default: all).')
+_WORK = flags.DEFINE_string('workdir_root', 'workdir/reproduce',
+                            'Training workdirs (checkpoints) go here; --out keeps the small files.')
 
 # name -> (config file, variant, config overrides). The gpu scale differs from the paper's
 # recipe only in epochs (and Sort-of-CLEVR's model size and batch), so that all runs together fit
@@ -78,8 +81,9 @@ def _command(name, variant, overrides, data_dir, workdir) -> str:
   parts = [f'python -m ait_jax.main --config=configs/{name}.py:{variant}',
            f'--workdir={workdir}', f'--config.data_dir={data_dir}']
   for k, v in overrides.items():
-    parts.append(f"--config.{k}='{json.dumps(list(v)) if isinstance(v, tuple) else v}'"
-                 if isinstance(v, tuple) else f'--config.{k}={v}')
+    if isinstance(v, tuple):  # a tuple literal, as ml_collections parses tuple fields
+      v = "'(" + ','.join(f'"{x}"' for x in v) + ",)'"
+    parts.append(f'--config.{k}={v}')
   return ' '.join(parts)
 
 
@@ -160,7 +164,7 @@ def main(argv) -> None:
   runs = {k: v for k, v in RUNS[_SCALE.value].items() if not _ONLY.value or k in _ONLY.value}
   for run, (name, variant, overrides) in runs.items():
     _ensure_dataset(name, data_dir)
-    workdir = os.path.join(out, 'work', run)
+    workdir = os.path.join(_WORK.value, _SCALE.value, run)
     shutil.rmtree(workdir, ignore_errors=True)
     config = _load_config(name, variant, overrides)
     config.data_dir = data_dir

@@ -319,6 +319,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpointing.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
   trainer = Trainer(config)
   s, c = trainer.s, config
+  for split in (s.info.train_split, s.info.test_split):  # fail before compiling anything
+    input_pipeline.ExampleSource(s.info, split, c.data_dir, tuple(c.question_types) or None)
   _save_config(config, workdir)
   writer = metric_writer.MetricWriter(workdir)
   ckpt = checkpointing.Checkpointer(workdir, keep=c.keep_checkpoints)

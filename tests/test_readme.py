@@ -5,8 +5,11 @@ which is the quickstart a newcomer follows: prepare Triangle, train `quick`, eva
 """
 import json
 import os
+import pathlib
 import re
+import shlex
 import subprocess
+import sys
 
 import numpy as np
 
@@ -35,6 +38,8 @@ def test_runnable_blocks(tmp_path):
   (tmp_path / 'configs').symlink_to(ROOT / 'configs')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # as a user would run it
   env['PYTHONPATH'] = str(ROOT)
+  # `python` is this interpreter, as in the venv the README installs into.
+  env['PATH'] = os.path.dirname(sys.executable) + os.pathsep + env.get('PATH', '')
   for command in commands:
     out = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=600)
@@ -52,3 +57,53 @@ def test_runnable_blocks(tmp_path):
   assert json.loads((workdir / 'config.json').read_text())['dataset'] == 'triangle'
   assert json.loads((workdir / 'eval_best.json').read_text())['num_examples'] == 10_000
   assert len(list((workdir / 'figures').glob('*.png'))) == 4
+
+
+def _shell_lines() -> list[str]:
+  """Every command line of the README's bash blocks, continuation lines joined."""
+  text = '\n'.join(_blocks('bash') + _blocks('bash runnable')).replace('\\\n', ' ')
+  return [l.split('  #')[0].strip() for l in text.splitlines() if l.strip()]
+
+
+def _set_override(config, arg: str) -> None:
+  key, value = arg[len('--config.'):].split('=', 1)
+  *path, leaf = key.split('.')
+  target = config
+  for p in path:
+    target = target[p]
+  current = target[leaf]
+  target[leaf] = (value.lower() == 'true' if isinstance(current, bool) else
+                  type(current)(value) if current is not None else value)
+
+
+def test_training_commands_are_valid_configs():
+  """The README's `ait_jax.main` commands name configs and fields that pass validation."""
+  from ait_jax import train  # pylint: disable=g-import-not-at-top
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  commands = [l for l in _shell_lines() if l.startswith('python -m ait_jax.main')]
+  assert len(commands) >= 5
+  for command in commands:
+    args = shlex.split(command)
+    (config_arg,) = [a for a in args if a.startswith('--config=')]
+    path, _, variant = config_arg[len('--config='):].partition(':')
+    config = load_config(pathlib.Path(path).stem, variant or None)
+    for arg in args:
+      if arg.startswith('--config.'):
+        _set_override(config, arg)
+    train.setup(config)  # raises on any invalid field
+
+
+def test_launch_commands_dry_run():
+  """The README's launch lines run as written, with --dry-run, in the README's environment."""
+  lines = _shell_lines()
+  env = dict(os.environ)
+  for line in lines:
+    if line.startswith('export '):
+      env.update(kv.split('=', 1) for kv in shlex.split(line)[1:])
+  commands = [l for l in lines if l.startswith('launch/')]
+  assert any('tpu_vm.sh train' in c for c in commands) and any('gpu.sh' in c for c in commands)
+  for command in commands:
+    args = shlex.split(command)
+    out = subprocess.run(args[:2] + ['--dry-run'] + args[2:], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f'{command}\n{out.stdout}\n{out.stderr}'
