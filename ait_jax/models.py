@@ -129,6 +129,9 @@ class GlobalWorkspace(nn.Module):
         y = jax.lax.stop_gradient(y)  # SPEC §1.6: Wv, Wo and write_norm get no gradient
       written = workspace.ema_write(mem, y, self.memory_momentum)
       if not self.memory_reset and not self.is_initializing():
+        if not self.is_mutable_collection('memory'):
+          raise ValueError("This call writes the memory (train=True or eval_writes_memory=True): "
+                           "pass mutable=['memory'] to apply and keep the returned memory.")
         memory.value = jax.lax.stop_gradient(written)
       balance = workspace.balance_loss(out.importance, out.load, self.balance_coef)
       if self.is_mutable_collection('intermediates'):

@@ -452,3 +452,13 @@ def test_ablation_builds_runs_and_differentiates(name):
   if name == 'without_self_attention':
     assert 'attn' not in variables['params']['block0']
     assert _param_count(name) < _full_param_count()
+
+
+def test_writing_without_mutable_memory_says_what_to_do():
+  model = models.create_model('coordination', num_classes=2, image_shape=(8, 8, 3), patch_size=4,
+                              depth=1, width=64, mlp_dim=128, num_heads=1, bottleneck_k=4,
+                              eval_writes_memory=True)
+  x = jnp.ones((2, 8, 8, 3))
+  variables = model.init(jax.random.key(0), x, train=False)
+  with pytest.raises(ValueError, match=r"pass mutable=\['memory'\]"):
+    model.apply(variables, x, train=False)

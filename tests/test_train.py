@@ -269,3 +269,20 @@ def test_learning_rate_schedule():
   np.testing.assert_allclose(float(lr(spe)), 1e-5 + (1e-4 - 1e-5) / 5, rtol=1e-5)
   np.testing.assert_allclose(float(lr(5 * spe)), 1e-4, rtol=1e-5)
   np.testing.assert_allclose(float(lr(s.total_steps)), 1e-6, rtol=1e-4)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(generated_data_dir, tmp_path,
+                                                              monkeypatch):
+  config = quick_config(generated_data_dir, total_steps=24, log_every_steps=1,
+                        checkpoint_every_steps=8, eval_every_steps=100)
+  original = checkpointing.PreemptionFlag.should_stop
+  monkeypatch.setattr(checkpointing.PreemptionFlag, 'should_stop',
+                      lambda self, step, manager: step == 8)
+  train.train_and_evaluate(config, str(tmp_path))
+  monkeypatch.setattr(checkpointing.PreemptionFlag, 'should_stop', original)
+  config.lr = 1e30  # the first update after resuming blows the parameters up
+  with pytest.raises(train.NonFiniteLossError, match=r'Non-finite loss.* at step 1[01]'):
+    train.train_and_evaluate(config, str(tmp_path))
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  assert ckpt.latest_step() == 8
+  ckpt.close()
