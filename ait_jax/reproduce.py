@@ -19,13 +19,18 @@ from absl import app
 from absl import flags
 from absl import logging
 
-_SCALE = flags.DEFINE_enum('scale', 'cpu', ['cpu', 'gpu'],
-                           'gpu: the runs sized for one H200; cpu: the same runs reduced.')
-_DATA_DIR = flags.DEFINE_string('data_dir', 'data', 'TFDS data_dir (generated data built here).')
-_OUT = flags.DEFINE_string('out', None, 'Where results go (e.g. results/cpu).')
-_ONLY = flags.DEFINE_list('only', [], 'Run only these run names (default: all).')
-_WORK = flags.DEFINE_string('workdir_root', 'workdir/reproduce',
-                            'Training workdirs (checkpoints) go here; --out keeps the small files.')
+
+def define_flags() -> None:
+  """Defines the command-line flags; called only when this module runs as a command,
+  so that other modules and tests can import it without flag clashes."""
+  global _SCALE, _DATA_DIR, _OUT, _ONLY, _WORK
+  _SCALE = flags.DEFINE_enum('scale', 'cpu', ['cpu', 'gpu'],
+                             'gpu: the runs sized for one H200; cpu: the same runs reduced.')
+  _DATA_DIR = flags.DEFINE_string('data_dir', 'data', 'TFDS data_dir (generated data built here).')
+  _OUT = flags.DEFINE_string('out', None, 'Where results go (e.g. results/cpu).')
+  _ONLY = flags.DEFINE_list('only', [], 'Run only these run names (default: all).')
+  _WORK = flags.DEFINE_string('workdir_root', 'workdir/reproduce',
+                              'Training workdirs (checkpoints) go here; --out keeps the small files.')
 
 # name -> (config file, variant, config overrides). The gpu scale differs from the paper's
 # recipe only in epochs (and Sort-of-CLEVR's model size and batch), so that all runs together fit
@@ -190,4 +195,5 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

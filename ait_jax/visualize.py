@@ -41,14 +41,19 @@ SLOTS_SHOWN = 2  # individual (head, slot) columns per layer in bottleneck_selec
 MAX_LAYERS_WITH_SLOTS = 2  # deeper models show only the all-slot overview per layer
 MAX_ANNOTATED_PATCHES = 16  # write the count on each patch when the grid is this small
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'A configs/*.py file[:variant]; default: <workdir>/config.json.',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (checkpoints, metrics).')
-_OUT = flags.DEFINE_string('out', None, 'Folder for the PNG figures (created if missing).')
-_NUM_IMAGES = flags.DEFINE_integer('num_images', 4, 'Test images in bottleneck_selection.png.')
-_CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
-                                'Which checkpoint to restore.')
+
+def define_flags() -> None:
+  """Defines the command-line flags; called only when this module runs as a command,
+  so that other modules and tests can import it without flag clashes."""
+  global _CONFIG, _WORKDIR, _OUT, _NUM_IMAGES, _CHECKPOINT
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', None, 'A configs/*.py file[:variant]; default: <workdir>/config.json.',
+      lock_config=True)
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (checkpoints, metrics).')
+  _OUT = flags.DEFINE_string('out', None, 'Folder for the PNG figures (created if missing).')
+  _NUM_IMAGES = flags.DEFINE_integer('num_images', 4, 'Test images in bottleneck_selection.png.')
+  _CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
+                                  'Which checkpoint to restore.')
 
 
 def load_config(workdir: str, config: ml_collections.ConfigDict | None = None
@@ -395,5 +400,6 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
+  define_flags()
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   app.run(main)
