@@ -23,8 +23,9 @@ from ait_jax import models
 from ait_jax import sharding
 from ait_jax.data import augment
 from ait_jax.data import input_pipeline
+from ait_jax.data import sort_of_clevr as clevr
 
-QUESTION_TYPES = ('non_relational', 'binary', 'ternary')
+QUESTION_TYPES = clevr.QUESTION_TYPES
 
 
 class NonFiniteLossError(RuntimeError):
