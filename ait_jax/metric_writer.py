@@ -71,8 +71,10 @@ class MetricWriter:
         line += (f' | {metrics["images_per_sec"]:.0f} img/s'
                  f' | ETA {_format_eta(metrics["eta_sec"])}')
     else:
+      # Overall and per question type; per class and per subtype stay in the JSON files.
       line = f'[{prefix}] step {step}: ' + ', '.join(
-          f'{k} {v:.4f}' for k, v in metrics.items() if k.startswith('accuracy') or k == 'loss')
+          f'{k} {v:.4f}' for k, v in metrics.items()
+          if k in ('accuracy', 'loss') or (k.startswith('accuracy_') and not k[-1].isdigit()))
     print(line, flush=True)
 
   def log_text(self, text: str) -> None:

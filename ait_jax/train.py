@@ -333,10 +333,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start, state, data_state = restored
     data_state = data_state or None
     writer.log_text(f'Resumed from step {start} in {workdir}.')
-  writer.log_text(f'{s.model.__class__.__name__} {c.model.preset}'
-                  f'{" (ViT)" if c.model.vit else ""} on {c.dataset}: {s.total_steps} steps, '
+  writer.log_text(f'{"ViT" if c.model.vit else "AiT"}-{c.model.preset} (depth {s.model.depth}, '
+                  f'width {s.model.width}) on {c.dataset}: {s.total_steps} steps, '
                   f'{s.steps_per_epoch} per epoch, batch {c.batch_size}, mesh '
                   f'{dict(trainer.mesh.shape)}, {jax.process_count()} process(es).')
+  if start >= s.total_steps:
+    writer.log_text(f'{workdir} already holds the final step {start}; nothing to train. Use '
+                    '--mode=eval to evaluate it.')
   train_iter = trainer.train_iterator(data_state)
   preemption = checkpointing.PreemptionFlag()
   pending, last_eval, summary = [], None, {}
@@ -352,19 +355,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         progress = metric_writer.Progress(step, s.total_steps, c.batch_size)
       pending.append(metrics)
       is_last = step == s.total_steps
-      if step % c.log_every_steps == 0 or is_last or step % c.checkpoint_every_steps == 0:
+      evaluated = step % s.eval_every == 0 or is_last
+      stop = preemption.should_stop(step, ckpt)
+      save = step % c.checkpoint_every_steps == 0 or is_last or stop or evaluated
+      if step % c.log_every_steps == 0 or save:  # a state is checked finite before it is saved
         summary = metric_writer.mean_of(pending)  # the only host sync of ordinary steps
         pending = []
         _check_finite(summary, step)
         summary['epoch'] = step / s.steps_per_epoch
         summary.update(progress.update(step))
         writer.write(step, summary, prefix='train')
-      evaluated = step % s.eval_every == 0 or is_last
       if evaluated:
         last_eval = trainer.evaluate(state.params, state.memory)
         writer.write(step, _scalars(last_eval), prefix='eval')
-      stop = preemption.should_stop(step, ckpt)
-      if step % c.checkpoint_every_steps == 0 or is_last or stop or evaluated:
+      if save:
         ckpt.save(step, state, train_iter.get_state(),
                   best_metrics=_scalars(last_eval) if evaluated else None)
       if stop:
