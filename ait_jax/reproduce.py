@@ -97,7 +97,7 @@ def _command(name, variant, overrides, data_dir, workdir) -> str:
 def batch_independence(config, workdir: str) -> list[dict]:
   """Evaluates one checkpoint at several batch sizes, without and with memory writes."""
   import jax  # pylint: disable=g-import-not-at-top
-  from ait_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
+  from ait_jax import train  # pylint: disable=g-import-not-at-top
   rows = []
   for writes in (False, True):
     reference = None
@@ -107,9 +107,7 @@ def batch_independence(config, workdir: str) -> list[dict]:
       c.eval_batch_size = batch
       c.mesh.data = 1  # batch 1 must not be split
       trainer = train.Trainer(c, devices=jax.devices()[:1])
-      ckpt = checkpointing.Checkpointer(workdir)
-      step, state, _ = ckpt.restore(trainer.abstract_with_shardings(), which='latest')
-      ckpt.close()
+      step, state = trainer.restore(workdir, which='latest')
       predictions = []
       start = time.time()
       result = trainer.evaluate(state.params, state.memory, predictions=predictions)

@@ -7,7 +7,6 @@ import dataclasses
 import functools
 import json
 import math
-import time
 from typing import Any
 
 import flax
@@ -264,6 +263,22 @@ class Trainer:
                                             sharding.replicated(self.mesh)))
     self.rng = rng
 
+  def restore(self, workdir: str, which: str = 'best'):
+    """(step, state) of the `which` ('best' or 'latest') checkpoint of workdir, with this
+    trainer's shardings; 'best' falls back to the latest when no eval has been saved yet."""
+    root = checkpointing.workdir_path(workdir)
+    if not any((root / d).exists() for d in ('checkpoints', 'best')):  # and create nothing
+      raise FileNotFoundError(f'No checkpoint in {workdir}; train first with the same --workdir.')
+    ckpt = checkpointing.Checkpointer(workdir, keep=self.s.config.keep_checkpoints)
+    restored = ckpt.restore(self.abstract_with_shardings(), which=which)
+    if restored is None and which == 'best':
+      restored = ckpt.restore(self.abstract_with_shardings(), which='latest')
+    ckpt.close()
+    if restored is None:
+      raise FileNotFoundError(f'No checkpoint in {workdir}; train first with the same --workdir.')
+    step, state, _ = restored
+    return int(step), state
+
   def abstract_with_shardings(self):
     return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                         self.abstract_state, self.state_sharding)
@@ -397,15 +412,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, which: str = 'b
              split: str = 'test') -> dict:
   """`--mode=eval`: restores the best (or latest) checkpoint and writes eval_<which>.json."""
   trainer = Trainer(config)
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-  restored = ckpt.restore(trainer.abstract_with_shardings(), which=which)
-  if restored is None and which == 'best':
-    restored = ckpt.restore(trainer.abstract_with_shardings(), which='latest')
-  ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f'No checkpoint in {workdir}; train first with the same --workdir.')
-  step, state, _ = restored
-  result = {'step': int(step), 'checkpoint': which, 'split': split,
+  step, state = trainer.restore(workdir, which)
+  result = {'step': step, 'checkpoint': which, 'split': split,
             'eval_writes_memory': bool(config.model.eval_writes_memory),
             'eval_batch_size': config.eval_batch_size,
             **trainer.evaluate(state.params, state.memory, split)}

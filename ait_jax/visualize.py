@@ -25,7 +25,6 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from ait_jax import checkpointing  # pylint: disable=wrong-import-position
 from ait_jax import train  # pylint: disable=wrong-import-position
 from ait_jax import workspace  # pylint: disable=wrong-import-position
 from ait_jax.data import augment  # pylint: disable=wrong-import-position
@@ -91,22 +90,13 @@ def restore(config: ml_collections.ConfigDict, workdir: str, which: str = 'best'
   The bottleneck selection only exists when the memory is written, so the model is rebuilt with
   eval_writes_memory=True (the reference protocol, SPEC §1.7); the parameters are unchanged.
   """
-  if not any(os.path.isdir(os.path.join(workdir, d)) for d in ('checkpoints', 'best')):
-    raise FileNotFoundError(f'No checkpoint in {workdir}; train first with the same --workdir.')
   config = config.copy_and_resolve_references()
   if config.model.vit:
     raise ValueError('model.vit=True has no memory to visualise; pick an AiT run.')
   config.model.eval_writes_memory = True
   trainer = train.Trainer(config)
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-  restored = ckpt.restore(trainer.abstract_with_shardings(), which=which)
-  if restored is None and which == 'best':
-    restored = ckpt.restore(trainer.abstract_with_shardings(), which='latest')
-  ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f'No checkpoint in {workdir}; train first with the same --workdir.')
-  step, state, _ = restored
-  return trainer, int(step), state
+  step, state = trainer.restore(workdir, which)
+  return trainer, step, state
 
 
 def collect(trainer, state) -> dict:
