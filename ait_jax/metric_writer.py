@@ -23,6 +23,10 @@ class Progress:
     self.total, self.batch = total_steps, batch_size
     self.last_step, self.last_time = start_step, time.perf_counter()
 
+  def restart(self, step: int) -> None:
+    """Leaves out what happened since the last update (compilation, evaluation, saving)."""
+    self.last_step, self.last_time = step, time.perf_counter()
+
   def update(self, step: int) -> dict:
     now = time.perf_counter()
     dt = max(now - self.last_time, 1e-9)

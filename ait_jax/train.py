@@ -367,7 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       step += 1
       if step == start + 1:  # keep compilation out of the images/s and ETA figures
         jax.block_until_ready(metrics)
-        progress = metric_writer.Progress(step, s.total_steps, c.batch_size)
+        progress.restart(step)
       pending.append(metrics)
       is_last = step == s.total_steps
       evaluated = step % s.eval_every == 0 or is_last
@@ -386,6 +386,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if save:
         ckpt.save(step, state, train_iter.get_state(),
                   best_metrics=_scalars(last_eval) if evaluated else None)
+      if evaluated:
+        progress.restart(step)  # images/s counts training steps only
       if stop:
         writer.log_text(f'SIGTERM: saved step {step} and stopped; rerun the same command to '
                         'resume.')
