@@ -28,7 +28,7 @@ QUESTION_TYPES = clevr.QUESTION_TYPES
 
 
 class NonFiniteLossError(RuntimeError):
-  pass
+  """The loss or gradient norm of a logged step is NaN or infinite; the run stops."""
 
 
 @flax.struct.dataclass
