@@ -29,7 +29,7 @@ SCOPES = ('batch', 'example')
 RETRIEVALS = ('hopfield', 'cross_attention')
 POSEMBS = ('none', 'learned')
 HEADS = ('flatten', 'mean', 'cls')
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = ('float32', 'bfloat16')  # modules take dtype names, as configs do
 BACKBONE_LN_EPS = 1e-5  # torch.nn.LayerNorm default, as in the reference code
 WRITE_LN_EPS = 1e-6  # SPEC §1.3
 
@@ -73,15 +73,17 @@ class FeedForward(nn.Module):
 class GlobalWorkspace(nn.Module):
   """The Global Workspace Layer: bottleneck write into the shared memory, Hopfield read-back.
 
-  SPEC §1.2–1.7. `s` [B, N, D] are the normalised FFN outputs; returns (r, balance_loss) with r the
-  retrieved priors per token. The memory is written when training, or at evaluation only with
-  `eval_writes_memory` (the reference protocol, which makes predictions batch dependent, §1.7).
+  docs/model.md#2-one-ait-block. `s` [B, N, D] are the normalised FFN outputs; returns
+  (r, balance_loss) with r the retrieved priors per token. The memory is written when training, or at
+  evaluation only with `eval_writes_memory` (the reference protocol, which makes predictions batch
+  dependent). Every field here is also a field of a config's `model`, under the same name.
   """
-  memory_slots: int = 32
-  memory_dim: int = 32
-  memory_heads: int = 8
-  bottleneck_k: int | None = 512
-  bottleneck_scope: str = 'batch'  # config field `scope` ('scope' is taken by Flax)
+  memory_slots: int = 32  # M
+  memory_dim: int = 32  # Dm
+  memory_heads: int = 8  # Hm
+  bottleneck: bool = True  # False: dense cross-attention write (ablation 'without bottleneck')
+  bottleneck_k: int = 512  # tokens each (head, slot) keeps
+  bottleneck_scope: str = 'batch'  # 'batch': all tokens of the batch compete; 'example': per image
   gradient_mode: str = 'reference'
   eval_writes_memory: bool = False
   memory_momentum: float = 0.9
@@ -91,8 +93,8 @@ class GlobalWorkspace(nn.Module):
   hopfield_beta: float = 1.0
   hopfield_steps: int = 1
   balance_coef: float = 0.01
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  dtype: Dtype = 'float32'
+  param_dtype: Dtype = 'float32'
 
   @nn.compact
   def __call__(self, s, *, train: bool):
@@ -113,7 +115,7 @@ class GlobalWorkspace(nn.Module):
       v = nn.Dense(hm * dm, name='value', **kw)(s)
       groups, per_group = (1, b * n) if self.bottleneck_scope == 'batch' else (b, n)
       split = lambda t: t.reshape(groups, per_group, hm, dm).transpose(0, 2, 1, 3)
-      top_k = self.bottleneck_k
+      top_k = self.bottleneck_k if self.bottleneck else None
       if top_k is not None and top_k > per_group and (not train or self.is_initializing()):
         # Evaluation (or init) on a batch smaller than the training one: keep every token rather
         # than fail; training batches are checked by the config (`bottleneck_k`).
@@ -180,24 +182,26 @@ class Block(nn.Module):
 
 
 class AiT(nn.Module):
-  """AiT classifier (or, with use_workspace=False, the dense ViT of the same backbone).
+  """AiT classifier (or, with vit=True, the dense ViT of the same backbone).
 
   __call__(images [B, H, W, C] float, question [B, Q] or None, train) -> (logits, aux) with
-  aux['balance_loss'] the sum over layers of the bottleneck balance loss (SPEC §1.4).
+  aux['balance_loss'] the sum over layers of the bottleneck balance loss
+  (docs/model.md#4-balance-loss). `workspace` holds the GlobalWorkspace fields. A config's `model`
+  has the fields of both modules, flat and under the same names (`create_model` splits them).
   """
   num_classes: int
-  patch_size: int
+  patch_size: int = 4
   depth: int = 2
   width: int = 768
   mlp_dim: int = 3072
   num_heads: int = 12
-  use_workspace: bool = True
-  self_attention: bool = True
-  posemb: str = 'none'
-  head: str = 'flatten'
-  workspace: dict = dataclasses.field(default_factory=dict)
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  vit: bool = False  # True: the dense ViT baseline (ablation 'without memory')
+  self_attention: bool = True  # False: ablation 'without self-attention'
+  posemb: str = 'none'  # none (faithful) | learned
+  head: str = 'flatten'  # flatten (faithful) | mean | cls
+  workspace: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  dtype: Dtype = 'float32'
+  param_dtype: Dtype = 'float32'
 
   @nn.compact
   def __call__(self, images, question=None, *, train: bool = False):
@@ -224,8 +228,8 @@ class AiT(nn.Module):
 
     balance = jnp.zeros((), jnp.float32)
     for i in range(self.depth):
-      x, layer_balance = Block(self.num_heads, self.mlp_dim, self.use_workspace,
-                               self.self_attention, self.workspace, name=f'block{i}',
+      x, layer_balance = Block(self.num_heads, self.mlp_dim, not self.vit,
+                               self.self_attention, dict(self.workspace), name=f'block{i}',
                                **kw)(x, train=train)
       balance = balance + layer_balance
 
@@ -242,20 +246,21 @@ class AiT(nn.Module):
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The model fields of a training config, with the faithful values as defaults (SPEC §1)."""
+  """The `model` fields of a training config: every field of `AiT` and `GlobalWorkspace` (same
+  names, faithful defaults) plus `preset`. None for a size field means "from the preset"."""
   return ml_collections.ConfigDict(dict(
-      preset='small',  # small | medium | base | large | coordination (SPEC §1.8)
-      vit=False,  # True: the dense ViT baseline ('without memory' ablation)
+      preset='small',  # a row of PRESETS (docs/model.md#8-sizes)
       depth=None, width=None, mlp_dim=None, num_heads=None,  # None: from the preset
       patch_size=4,
+      vit=False,  # True: the dense ViT baseline ('without memory' ablation)
+      self_attention=True,  # False: 'without self-attention' ablation
       posemb='none',  # none (faithful) | learned
       head='flatten',  # flatten (faithful) | mean | cls
-      self_attention=True,  # False: 'without self-attention' ablation
       memory_slots=32, memory_dim=32, memory_heads=8,
       bottleneck=True,  # False: dense cross-attention write ('without bottleneck')
       bottleneck_k=512,
-      scope='batch',  # batch (faithful: all tokens of the batch compete) | example (k <= N)
-      gradient_mode='reference',  # reference (SPEC §1.6) | learned_write (project addition)
+      bottleneck_scope='batch',  # batch (faithful: the batch's tokens compete) | example (k <= N)
+      gradient_mode='reference',  # reference (faithful) | learned_write (project addition)
       eval_writes_memory=False,  # True reproduces the reference's batch-dependent evaluation
       retrieval='hopfield',  # hopfield | cross_attention ('without Hopfield')
       hopfield_beta=1.0, hopfield_steps=1,
@@ -267,9 +272,73 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
 
-def _choice(field: str, value, allowed) -> None:
-  if value not in allowed:
-    raise ValueError(f'model.{field}={value!r} is not one of {", ".join(map(repr, allowed))}.')
+# Fields with a fixed set of values; integer fields with their minimum; fractions in [0, 1).
+CHOICES = {
+    'preset': tuple(PRESETS), 'bottleneck_scope': SCOPES, 'gradient_mode': GRADIENT_MODES,
+    'retrieval': RETRIEVALS, 'posemb': POSEMBS, 'head': HEADS, 'dtype': DTYPES,
+    'param_dtype': DTYPES,
+}
+AT_LEAST_ONE = ('depth', 'width', 'mlp_dim', 'num_heads', 'patch_size', 'memory_slots',
+                'memory_dim', 'memory_heads', 'hopfield_steps')
+HALF_OPEN_UNIT = ('write_dropout', 'memory_momentum')
+POSITIVE = ('hopfield_beta',)
+NON_NEGATIVE = ('balance_coef',)
+
+
+def _workspace_fields() -> tuple[str, ...]:
+  return tuple(f.name for f in dataclasses.fields(GlobalWorkspace)
+               if f.name not in ('parent', 'name', 'dtype', 'param_dtype'))
+
+
+def resolve(cfg: Mapping | str = 'small', **overrides) -> dict:
+  """The model fields with the preset applied: a plain dict of every `default_config()` field."""
+  fields = default_config().to_dict()
+  if isinstance(cfg, str):
+    cfg = {'preset': cfg}
+  cfg = dict(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg)
+  unknown = sorted((set(cfg) | set(overrides)) - set(fields))
+  if unknown:
+    raise ValueError(f'Unknown model field(s) {unknown}; valid fields: {sorted(fields)}.')
+  fields.update(cfg)
+  fields.update(overrides)
+  if fields['preset'] in PRESETS:
+    for name, value in PRESETS[fields['preset']].items():
+      if fields[name] is None:
+        fields[name] = value
+  return fields
+
+
+def validate(c: Mapping, *, image_shape, question_dim: int = 0,
+             batch_size: int | None = None) -> None:
+  """Checks resolved model fields; each bad value raises one ValueError that names its field."""
+  for name, allowed in CHOICES.items():
+    if c[name] not in allowed:
+      raise ValueError(f'model.{name}={c[name]!r} is not one of '
+                       f'{", ".join(map(repr, allowed))}.')
+  for name in AT_LEAST_ONE:
+    if not isinstance(c[name], int) or isinstance(c[name], bool) or c[name] < 1:
+      raise ValueError(f'model.{name}={c[name]!r} must be a whole number of at least 1.')
+  for name, ok, domain in [(n, lambda v: 0.0 <= v < 1.0, 'in [0, 1)') for n in HALF_OPEN_UNIT] + [
+      (n, lambda v: v > 0, 'positive') for n in POSITIVE] + [
+      (n, lambda v: v >= 0, 'non-negative') for n in NON_NEGATIVE]:
+    if not isinstance(c[name], (int, float)) or isinstance(c[name], bool) or not ok(c[name]):
+      raise ValueError(f'model.{name}={c[name]!r} must be a number {domain}.')
+  if c['width'] % c['num_heads']:
+    raise ValueError(f"model.width={c['width']} must be divisible by "
+                     f"model.num_heads={c['num_heads']}.")
+  h, w = image_shape[:2]
+  p = c['patch_size']
+  if h % p or w % p:
+    raise ValueError(f'model.patch_size={p} must divide the image size {h}x{w}.')
+  if not c['vit'] and c['bottleneck']:
+    top_k, scope = c['bottleneck_k'], c['bottleneck_scope']
+    n = num_tokens(c, image_shape, question_dim)
+    in_scope = n if scope == 'example' else (n * batch_size if batch_size else None)
+    if top_k is None or top_k < 1 or (in_scope is not None and top_k > in_scope):
+      where = ('the tokens of one image' if scope == 'example' else
+               f'the {in_scope} tokens of a batch of {batch_size}')
+      raise ValueError(f'model.bottleneck_k={top_k} must be between 1 and {in_scope}, {where} '
+                       f'(bottleneck_scope {scope!r}).')
 
 
 def num_tokens(cfg: Mapping, image_shape, question_dim: int = 0) -> int:
@@ -283,58 +352,13 @@ def create_model(cfg: Mapping | str = 'small', *, num_classes: int, image_shape,
                  question_dim: int = 0, batch_size: int | None = None, **overrides) -> AiT:
   """Builds AiT (or its ViT baseline) from model config fields, after validating them.
 
-  cfg: a preset name or a mapping with the fields of `default_config()` (missing ones default).
+  cfg: a preset name or a mapping with fields of `default_config()` (missing ones default).
   image_shape: (H, W[, C]) of the images the model sees. batch_size: the training batch, which
   bounds `bottleneck_k` in scope 'batch'. Every invalid value raises one ValueError naming its field.
   """
-  fields = default_config().to_dict()
-  if isinstance(cfg, str):
-    cfg = {'preset': cfg}
-  cfg = dict(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg)
-  unknown = set(cfg) | set(overrides)
-  unknown -= set(fields)
-  if unknown:
-    raise ValueError(f'Unknown model field(s) {sorted(unknown)}; valid fields: {sorted(fields)}.')
-  fields.update(cfg)
-  fields.update(overrides)
-  c = fields
-  _choice('preset', c['preset'], tuple(PRESETS))
-  for name, allowed in (('scope', SCOPES), ('gradient_mode', GRADIENT_MODES),
-                        ('retrieval', RETRIEVALS), ('posemb', POSEMBS), ('head', HEADS),
-                        ('dtype', tuple(DTYPES)), ('param_dtype', tuple(DTYPES))):
-    _choice(name, c[name], allowed)
-  dims = dict(PRESETS[c['preset']])
-  for name in dims:
-    if c[name] is not None:
-      dims[name] = c[name]
-  if dims['width'] % dims['num_heads']:
-    raise ValueError(f"model.width={dims['width']} must be divisible by "
-                     f"model.num_heads={dims['num_heads']}.")
-  h, w = image_shape[:2]
-  p = c['patch_size']
-  if p < 1 or h % p or w % p:
-    raise ValueError(f'model.patch_size={p} must divide the image size {h}x{w}.')
-  if c['hopfield_steps'] < 1:
-    raise ValueError(f"model.hopfield_steps={c['hopfield_steps']} must be at least 1.")
-  if not 0.0 <= c['memory_momentum'] < 1.0:
-    raise ValueError(f"model.memory_momentum={c['memory_momentum']} must be in [0, 1).")
-  top_k = c['bottleneck_k'] if c['bottleneck'] else None
-  if not c['vit'] and top_k is not None:
-    n = num_tokens(c, image_shape, question_dim)
-    in_scope = n if c['scope'] == 'example' else (n * batch_size if batch_size else None)
-    if top_k < 1 or (in_scope is not None and top_k > in_scope):
-      where = ('the tokens of one image' if c['scope'] == 'example' else
-               f'the {in_scope} tokens of a batch of {batch_size}')
-      raise ValueError(f'model.bottleneck_k={top_k} must be between 1 and {in_scope}, {where} '
-                       '(scope ' + repr(c['scope']) + ').')
-  ws = dict(memory_slots=c['memory_slots'], memory_dim=c['memory_dim'],
-            memory_heads=c['memory_heads'], bottleneck_k=top_k, bottleneck_scope=c['scope'],
-            gradient_mode=c['gradient_mode'], eval_writes_memory=c['eval_writes_memory'],
-            memory_momentum=c['memory_momentum'], write_dropout=c['write_dropout'],
-            memory_reset=c['memory_reset'], retrieval=c['retrieval'],
-            hopfield_beta=c['hopfield_beta'], hopfield_steps=c['hopfield_steps'],
-            balance_coef=c['balance_coef'])
-  return AiT(num_classes=num_classes, patch_size=p, use_workspace=not c['vit'],
-             self_attention=c['self_attention'], posemb=c['posemb'], head=c['head'],
-             workspace=ws, dtype=DTYPES[c['dtype']], param_dtype=DTYPES[c['param_dtype']],
-             **dims)
+  c = resolve(cfg, **overrides)
+  validate(c, image_shape=image_shape, question_dim=question_dim, batch_size=batch_size)
+  ws_names = _workspace_fields()
+  c.pop('preset')
+  workspace = {k: c.pop(k) for k in ws_names}
+  return AiT(num_classes=num_classes, workspace=workspace, **c)

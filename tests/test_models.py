@@ -3,6 +3,7 @@ tracing, bfloat16, a short training run, config validation and the ablation swit
 
 Tiny models throughout (one block, width 64) so the file runs in well under a minute on 2 CPU cores.
 """
+import dataclasses
 import functools
 
 import chex
@@ -92,7 +93,7 @@ def _write_and_grads(gradient_mode, scope):
   """One jitted run of a tiny model: init, one memory write, then the gradients of CE and of the
   balance loss (separately, d[CE, balance]) w.r.t. the parameters and the memory passed in."""
   k = 16 if scope == 'batch' else 2  # 8 images × 4 tokens: 32 tokens in scope 'batch', 4 per image
-  model = tiny_model(bottleneck_k=k, scope=scope, gradient_mode=gradient_mode)
+  model = tiny_model(bottleneck_k=k, bottleneck_scope=scope, gradient_mode=gradient_mode)
   labels = np.arange(8) % NUM_CLASSES
 
   @jax.jit
@@ -170,7 +171,7 @@ def test_learned_write_mode_trains_the_write_from_the_classification_loss():
 @pytest.mark.parametrize('eval_writes_memory', [False, True])
 def test_batch_dependence_of_evaluation(scope, k, eval_writes_memory):
   image = 8  # 4 tokens per image
-  model = tiny_model(image=image, bottleneck_k=k, scope=scope,
+  model = tiny_model(image=image, bottleneck_k=k, bottleneck_scope=scope,
                      eval_writes_memory=eval_writes_memory)
   mutable = ['memory'] if eval_writes_memory else False
 
@@ -327,13 +328,13 @@ def test_training_lowers_the_loss():
 # ---------------------------------------------------------------- config validation
 
 @pytest.mark.parametrize('overrides,kwargs,field', [
-    (dict(bottleneck_k=5, scope='example'), {}, 'model.bottleneck_k'),  # 4 tokens per image
-    (dict(bottleneck_k=9, scope='batch'), dict(batch_size=2), 'model.bottleneck_k'),  # 8 in scope
+    (dict(bottleneck_k=5, bottleneck_scope='example'), {}, 'model.bottleneck_k'),  # 4 tokens per image
+    (dict(bottleneck_k=9, bottleneck_scope='batch'), dict(batch_size=2), 'model.bottleneck_k'),  # 8 in scope
     (dict(bottleneck_k=0), {}, 'model.bottleneck_k'),
     (dict(patch_size=3), {}, 'model.patch_size'),
     (dict(patch_size=0), {}, 'model.patch_size'),
     (dict(preset='huge'), {}, 'model.preset'),
-    (dict(scope='global'), {}, 'model.scope'),
+    (dict(bottleneck_scope='global'), {}, 'model.bottleneck_scope'),
     (dict(gradient_mode='sound'), {}, 'model.gradient_mode'),
     (dict(retrieval='attention'), {}, 'model.retrieval'),
     (dict(dtype='float16'), {}, 'model.dtype'),
@@ -358,16 +359,16 @@ def test_training_batch_too_small_for_bottleneck_k_raises():
 
 def test_valid_bottleneck_k_bounds_are_accepted():
   for scope, k, batch in (('example', 4, None), ('batch', 8, 2), ('batch', 512, None)):
-    models.create_model(dict(TINY, bottleneck_k=k, scope=scope), num_classes=2,
+    models.create_model(dict(TINY, bottleneck_k=k, bottleneck_scope=scope), num_classes=2,
                         image_shape=(8, 8, 3), batch_size=batch)
   # bottleneck=False makes bottleneck_k irrelevant.
-  models.create_model(dict(TINY, bottleneck=False, bottleneck_k=10_000, scope='example'),
+  models.create_model(dict(TINY, bottleneck=False, bottleneck_k=10_000, bottleneck_scope='example'),
                       num_classes=2, image_shape=(8, 8, 3))
 
 
 def test_default_config_is_the_faithful_setting():
   cfg = models.default_config()
-  assert cfg.preset == 'small' and cfg.scope == 'batch' and cfg.gradient_mode == 'reference'
+  assert cfg.preset == 'small' and cfg.bottleneck_scope == 'batch' and cfg.gradient_mode == 'reference'
   assert cfg.bottleneck_k == 512 and cfg.memory_slots == 32 and cfg.memory_dim == 32
   assert cfg.memory_heads == 8 and cfg.balance_coef == 0.01 and not cfg.eval_writes_memory
   # A ConfigDict is accepted as is.
@@ -462,3 +463,27 @@ def test_writing_without_mutable_memory_says_what_to_do():
   variables = model.init(jax.random.key(0), x, train=False)
   with pytest.raises(ValueError, match=r"pass mutable=\['memory'\]"):
     model.apply(variables, x, train=False)
+
+
+def test_config_fields_are_the_module_fields():
+  """One vocabulary: a config's `model` fields are AiT's and GlobalWorkspace's fields, by name, so
+  adding an option is one module field plus one default_config line (and this test fails if either
+  is missing)."""
+  structural = {'parent', 'name', 'num_classes', 'workspace'}
+  ait = {f.name for f in dataclasses.fields(models.AiT)} - structural
+  ws = {f.name for f in dataclasses.fields(models.GlobalWorkspace)} - structural
+  config = set(models.default_config()) - {'preset'}
+  assert config == ait | ws
+  model = tiny_model(bottleneck_k=7, hopfield_steps=3, bottleneck_scope='example', image=16)
+  assert model.workspace['bottleneck_k'] == 7 and model.workspace['hopfield_steps'] == 3
+  assert model.workspace['bottleneck_scope'] == 'example' and model.depth == 1
+
+
+@pytest.mark.parametrize('field,value', [
+    ('depth', 0), ('width', 0), ('num_heads', 0), ('mlp_dim', 0), ('memory_slots', 0),
+    ('memory_dim', 0), ('memory_heads', 0), ('write_dropout', 1.5), ('write_dropout', 1.0),
+    ('write_dropout', -0.1), ('hopfield_beta', 0.0), ('balance_coef', -1.0), ('depth', 1.5),
+])
+def test_fields_outside_their_domain_are_rejected(field, value):
+  with pytest.raises(ValueError, match=rf'model\.{field}='):
+    tiny_model(**{field: value})
