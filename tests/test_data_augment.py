@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ait_jax.data import augment
+from ait_jax.data import datasets
 
 
 def _images(b=8, h=32, w=32, c=3, seed=0):
@@ -39,7 +40,7 @@ def test_identity_when_disabled(train, augment_on):
   images = _images(4)
   out = augment.preprocess(images, jax.random.key(0), dataset='cifar10', train=train,
                            augment=augment_on)
-  mean, std = np.array(augment.CIFAR_MEAN), np.array(augment.CIFAR_STD)
+  mean, std = np.array(datasets.CIFAR_MEAN), np.array(datasets.CIFAR_STD)
   np.testing.assert_allclose(out, (images / 255.0 - mean) / std, rtol=1e-5, atol=1e-5)
 
 
@@ -53,20 +54,31 @@ def test_generated_datasets_are_only_scaled():
   np.testing.assert_allclose(out, clevr / 255.0, rtol=1e-6)
 
 
-def test_pet_flips_and_normalises():
-  images = _images(4, 224, 224, 3)
-  out = augment.preprocess(images, jax.random.key(0), dataset='oxford_iiit_pet', train=True)
-  assert out.shape == images.shape and out.dtype == jnp.float32
+def test_pet_flips_and_normalises_without_cropping():
+  images = _images(16, 224, 224, 3)
+  out = np.asarray(augment.preprocess(images, jax.random.key(0), dataset='oxford_iiit_pet',
+                                      train=True))
+  assert out.shape == images.shape and out.dtype == np.float32
+  mean, std = np.array(datasets.CIFAR_MEAN), np.array(datasets.CIFAR_STD)
+  plain = (images / 255.0 - mean) / std
+  same = [np.allclose(o, p, atol=1e-5) for o, p in zip(out, plain)]
+  flipped = [np.allclose(o, p[:, ::-1], atol=1e-5) for o, p in zip(out, plain)]
+  # Every output is the normalised image, or its mirror: no crop, no other change.
+  assert all(s or f for s, f in zip(same, flipped))
+  assert 0 < sum(flipped) < 16  # both happen over 16 images (a 2 * 2^-16 chance to fail)
   with pytest.raises(ValueError, match='cifar10'):
     augment.preprocess(images, None, dataset='imagenet', train=False)
 
 
 @pytest.mark.parametrize('axis_type', [jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto])
-def test_works_on_sharded_inputs_without_host_sync(axis_type):
+def test_works_on_sharded_inputs_without_host_transfers(axis_type):
   n = jax.device_count()
   sharding = NamedSharding(jax.make_mesh((n,), ('data',), (axis_type,)), P('data'))
   images = jax.device_put(_images(2 * n), sharding)
   fn = jax.jit(lambda x, r: augment.preprocess(x, r, dataset='cifar10', train=True),
                out_shardings=sharding)
-  out = fn(images, jax.random.key(0))
+  key = jax.device_put(jax.random.key(0), NamedSharding(sharding.mesh, P()))
+  fn(images, key)  # compile outside the guard
+  with jax.transfer_guard('disallow'):  # any implicit host<->device transfer raises
+    out = fn(images, key)
   assert out.sharding == sharding and out.shape == (2 * n, 32, 32, 3)

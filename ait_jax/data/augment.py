@@ -6,14 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
-# Pet uses the same constants: the reference recipe normalises every natural-image dataset alike.
-_NORMALISED = ('cifar10', 'cifar100', 'oxford_iiit_pet')
-_CROPPED = ('cifar10', 'cifar100')
-_FLIPPED = ('cifar10', 'cifar100', 'oxford_iiit_pet')
-_SCALED_ONLY = ('triangle', 'sort_of_clevr')
-CROP_PADDING = 4
+from ait_jax.data import datasets
 
 
 def _like_batch(x: jax.Array, images: jax.Array) -> jax.Array:
@@ -25,7 +18,7 @@ def _like_batch(x: jax.Array, images: jax.Array) -> jax.Array:
   return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, P(spec[0])))
 
 
-def random_crop(images: jax.Array, rng: jax.Array, padding: int = CROP_PADDING) -> jax.Array:
+def random_crop(images: jax.Array, rng: jax.Array, padding: int) -> jax.Array:
   """Zero-pads each image by `padding` and crops back to its size at a per-example offset."""
   b, h, w, _ = images.shape
   padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
@@ -43,32 +36,33 @@ def random_flip(images: jax.Array, rng: jax.Array) -> jax.Array:
   return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
 
 
-def normalize(images: jax.Array) -> jax.Array:
-  """float images in [0, 1] → standardised with the CIFAR constants of SPEC §2."""
-  return (images - jnp.asarray(CIFAR_MEAN)) / jnp.asarray(CIFAR_STD)
+def normalize(images: jax.Array, mean_std=(datasets.CIFAR_MEAN, datasets.CIFAR_STD)) -> jax.Array:
+  """float images in [0, 1] → standardised per channel (the CIFAR statistics by default)."""
+  mean, std = mean_std
+  return (images - jnp.asarray(mean)) / jnp.asarray(std)
 
 
 def preprocess(images: jax.Array, rng: jax.Array | None, *, dataset: str, train: bool,
                augment: bool = True) -> jax.Array:
   """uint8 [B, H, W, C] as stored → float32 [B, H, W, 3] model inputs.
 
-  dataset may carry a builder config ('triangle/small'). rng is only used when training with
-  augment; one-channel images (Triangle) are repeated to 3 channels here.
+  What happens is the dataset's `DatasetInfo` (crop, flip, normalisation); dataset may carry a
+  builder config ('triangle/small'). rng is only used when training with augment; one-channel
+  images (Triangle) are repeated to 3 channels.
   """
-  base = dataset.partition('/')[0]
-  if base not in _NORMALISED + _SCALED_ONLY:
-    raise ValueError(f'Unknown dataset {dataset!r}; use one of {sorted(_NORMALISED + _SCALED_ONLY)}.')
+  info = datasets.get_info(dataset)
   x = images
-  if train and augment and base in _FLIPPED:
+  if train and augment and (info.flip or info.crop_padding):
     if rng is None:
       raise ValueError('preprocess needs an rng when training with augment=True.')
     crop_rng, flip_rng = jax.random.split(rng)
-    if base in _CROPPED:
-      x = random_crop(x, crop_rng)  # pads with zeros before scaling, as torchvision does
-    x = random_flip(x, flip_rng)
+    if info.crop_padding:
+      x = random_crop(x, crop_rng, info.crop_padding)  # zero padding before scaling, as torchvision
+    if info.flip:
+      x = random_flip(x, flip_rng)
   x = x.astype(jnp.float32) / 255.0
   if x.shape[-1] == 1:
     x = jnp.repeat(x, 3, axis=-1)
-  if base in _NORMALISED:
-    x = normalize(x)
+  if info.mean_std is not None:
+    x = normalize(x, info.mean_std)
   return x
