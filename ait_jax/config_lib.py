@@ -62,8 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.mesh = ml_collections.ConfigDict({'data': -1, 'model': 1})
-  c.prefetch = 2
-  c.worker_count = 0  # grain worker processes (0: read in the main process)
+  c.prefetch = 2  # global batches grain keeps ready
+  c.read_threads = 1  # grain threads reading and decoding batches (zlib and PIL free the GIL)
   c.model = models.default_config()
   return c
 

@@ -9,6 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from ait_jax.data import builders
+from ait_jax.data import datasets
 from ait_jax.data import input_pipeline as ip
 
 BATCH = 32  # a multiple of 8, so the tests also run with 8 forced CPU devices
@@ -21,11 +22,8 @@ def sharding():
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp('tfds'))
-  builders.prepare_generated('triangle', d, 'small')
-  builders.prepare_generated('sort_of_clevr', d, 'small')
-  return d
+def data_dir(generated_data_dir):
+  return generated_data_dir
 
 
 def _take(it, n):
@@ -43,7 +41,6 @@ def test_same_seed_same_order_over_two_epochs(data_dir, sharding):
     it = ip.make_train_iterator('triangle/small', data_dir=data_dir, global_batch_size=BATCH,
                                 seed=1, sharding=sharding)
     runs.append(_take(it, 2 * epoch))
-    it.close()
   assert _fingerprints(runs[0]) == _fingerprints(runs[1])
   first, second = _fingerprints(runs[0][:epoch]), _fingerprints(runs[0][epoch:])
   assert sorted(first) == sorted(second)  # each epoch sees every example once
@@ -56,7 +53,6 @@ def test_different_seeds_differ(data_dir, sharding):
     it = ip.make_train_iterator('triangle/small', data_dir=data_dir, global_batch_size=BATCH,
                                 seed=seed, sharding=sharding)
     orders.append(_fingerprints(_take(it, 2)))
-    it.close()
   assert orders[0] != orders[1]
 
 
@@ -68,10 +64,8 @@ def test_restored_state_gives_the_next_batch(data_dir, sharding, prefetch):
   _take(it, 5)
   state = json.loads(json.dumps(it.get_state()))  # as a checkpoint would store it
   expected = _take(it, 2)
-  it.close()
   restored = ip.make_train_iterator('sort_of_clevr/small', start_state=state, **kwargs)
   got = _take(restored, 2)
-  restored.close()
   for e, g in zip(expected, got):
     assert e.keys() == g.keys()
     for k in e:
@@ -96,8 +90,8 @@ def test_process_shards_are_disjoint_and_cover_the_split():
   sharding = NamedSharding(jax.make_mesh((1,), ('data',), devices=jax.devices()[:1]), P('data'))
   seen = []
   for index in range(3):
-    it = ip.TrainIterator(_IndexSource(), local_batch_size=1, seed=0, sharding=sharding,
-                          prefetch=0, shard_index=index, shard_count=3)
+    it = ip.TrainBatches(_IndexSource(), local_batch_size=1, seed=0, sharding=sharding,
+                         prefetch=0, shard_index=index, shard_count=3)
     size = 103 // 3 + (index < 103 % 3)
     seen.append({int(np.asarray(next(it)['label'])[0]) for _ in range(size)})
   assert not (seen[0] & seen[1]) and not (seen[1] & seen[2]) and not (seen[0] & seen[2])
@@ -122,7 +116,7 @@ def test_eval_indices_cover_every_example_once(n, batch, processes):
 
 
 def test_eval_iterator_pads_and_masks_the_last_batch(data_dir, sharding):
-  source = ip.ExampleSource(ip.get_info('triangle/small'), 'test', data_dir)
+  source = ip.ExampleSource(datasets.get_info('triangle/small'), 'test', data_dir)
   batches = [jax.tree.map(np.asarray, b) for b in ip.make_eval_iterator(
       'triangle/small', data_dir=data_dir, global_batch_size=BATCH, sharding=sharding)]
   assert len(batches) == -(-200 // BATCH)
@@ -138,7 +132,7 @@ def test_eval_iterator_pads_and_masks_the_last_batch(data_dir, sharding):
 
 
 def test_sort_of_clevr_question_type_filter(data_dir, sharding):
-  info = ip.get_info('sort_of_clevr/small', ('binary',))
+  info = datasets.get_info('sort_of_clevr/small', ('binary',))
   assert info.num_test == 50 * 10 and info.num_train == 200 * 10
   source = ip.ExampleSource(info, 'test', data_dir, ('binary',))
   assert len(source) == info.num_test
@@ -150,10 +144,10 @@ def test_sort_of_clevr_question_type_filter(data_dir, sharding):
   assert np.all(b['qtype'] == 1) and np.all(b['question'][:, 13] == 1)
   np.testing.assert_array_equal(b['qsubtype'], b['question'][:, 15:18].argmax(-1))
   assert b['image'].shape == (BATCH, 75, 75, 3) and b['label'].dtype == np.int32
-  assert ip.get_info('sort_of_clevr').num_train == 294_000
-  assert ip.get_info('sort_of_clevr', ('binary',)).num_train == 98_000
+  assert datasets.get_info('sort_of_clevr').num_train == 294_000
+  assert datasets.get_info('sort_of_clevr', ('binary',)).num_train == 98_000
   with pytest.raises(ValueError, match='question_types'):
-    ip.get_info('sort_of_clevr', ('relational',))
+    datasets.get_info('sort_of_clevr', ('relational',))
 
 
 def test_missing_dataset_names_the_prepare_command(tmp_path, sharding):
@@ -167,7 +161,7 @@ def test_missing_dataset_names_the_prepare_command(tmp_path, sharding):
 
 def test_unknown_dataset():
   with pytest.raises(ValueError, match='cifar10'):
-    ip.get_info('cifar11')
+    datasets.get_info('cifar11')
 
 
 @pytest.mark.parametrize('name,shape', [('cifar10', (32, 32, 3)), ('cifar100', (32, 32, 3)),
@@ -178,7 +172,7 @@ def test_catalog_datasets_through_tfds_data_source(name, shape, sharding, tmp_pa
                                 sharding=sharding, prefetch=0)
     b = jax.tree.map(np.asarray, next(it))
     assert b['image'].shape == (8, *shape) and b['image'].dtype == np.uint8
-    assert b['label'].dtype == np.int32 and b['label'].max() < ip.get_info(name).num_classes
+    assert b['label'].dtype == np.int32 and b['label'].max() < datasets.get_info(name).num_classes
     batches = list(ip.make_eval_iterator(name, data_dir=str(tmp_path), global_batch_size=8,
                                          sharding=sharding))
     assert len(batches) == 3 and int(sum(np.asarray(b['mask']).sum() for b in batches)) == 20
@@ -202,9 +196,9 @@ def test_catalog_records_decode_from_their_stored_bytes(name, fmt, size, tmp_pat
   buffer = io.BytesIO()
   PIL.Image.fromarray(image).save(buffer, format=fmt)
   with tfds.testing.mock_data(num_examples=2, policy=tfds.testing.MockPolicy.USE_CODE):
-    source = ip.ExampleSource(ip.get_info(name), 'train', str(tmp_path))
+    source = ip.ExampleSource(datasets.get_info(name), 'train', str(tmp_path))
   example = source._example(_example_bytes(buffer.getvalue(), 7))  # pylint: disable=protected-access
-  assert example['label'] == 7 and example['image'].shape == ip.get_info(name).image_shape
+  assert example['label'] == 7 and example['image'].shape == datasets.get_info(name).image_shape
   if fmt == 'PNG':
     np.testing.assert_array_equal(example['image'], image)
 
