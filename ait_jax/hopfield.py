@@ -1,4 +1,4 @@
-"""Modern Hopfield retrieval and its energy (Ramsauer et al. 2020; SPEC §1.5), as pure functions.
+"""Modern Hopfield retrieval and its energy (Ramsauer et al. 2020; docs/model.md#hopfield), as pure functions.
 
 The retrieval step is the concave–convex update of the energy, so the energy never increases.
 """
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 def hopfield_retrieve(state: jax.Array, patterns: jax.Array, beta: float = 1.0,
                       steps: int = 1) -> jax.Array:
-  """Applies ξ ← softmax(β ξ Pᵀ) P `steps` times (SPEC §1.5); no projections, no normalisation.
+  """Applies ξ ← softmax(β ξ Pᵀ) P `steps` times (docs/model.md#hopfield); no projections, no normalisation.
 
   Args:
     state: [..., D] query states ξ (AiT: the normalised FFN output of every token).
@@ -27,7 +27,7 @@ def hopfield_retrieve(state: jax.Array, patterns: jax.Array, beta: float = 1.0,
 
 
 def hopfield_energy(state: jax.Array, patterns: jax.Array, beta: float = 1.0) -> jax.Array:
-  """Energy E(ξ) = −lse(β, Pξ) + ½ξᵀξ + β⁻¹ ln M + ½ maxᵢ‖Pᵢ‖² of each state (SPEC §1.5).
+  """Energy E(ξ) = −lse(β, Pξ) + ½ξᵀξ + β⁻¹ ln M + ½ maxᵢ‖Pᵢ‖² of each state (docs/model.md#hopfield).
 
   Returns [...] (one energy per state vector), computed in float32.
   """

@@ -1,4 +1,4 @@
-"""The AiT classifier and its dense ViT baseline as Flax Linen modules (SPEC §1).
+"""The AiT classifier and its dense ViT baseline as Flax Linen modules (docs/model.md).
 
 The explicit memory of every block is the variable collection 'memory' (state, never a parameter):
 `model.apply(variables, x, train=True, mutable=['memory'])` returns the written memory.
@@ -16,7 +16,7 @@ from ait_jax import workspace
 
 Dtype = Any
 
-# SPEC §1.8. Every preset uses 64-dim attention heads.
+# docs/model.md#sizes. Every preset uses 64-dim attention heads.
 PRESETS = {
     'small': dict(depth=2, width=768, mlp_dim=3072, num_heads=12),
     'medium': dict(depth=6, width=768, mlp_dim=3072, num_heads=12),
@@ -31,7 +31,7 @@ POSEMBS = ('none', 'learned')
 HEADS = ('flatten', 'mean', 'cls')
 DTYPES = ('float32', 'bfloat16')  # modules take dtype names, as configs do
 BACKBONE_LN_EPS = 1e-5  # torch.nn.LayerNorm default, as in the reference code
-WRITE_LN_EPS = 1e-6  # SPEC §1.3
+WRITE_LN_EPS = 1e-6  # docs/model.md#memory-write
 
 _dense_init = nn.initializers.xavier_uniform()
 
@@ -41,7 +41,7 @@ def _layer_norm(name: str | None = None, eps: float = BACKBONE_LN_EPS, **kw) -> 
 
 
 class SelfAttention(nn.Module):
-  """Multi-head self-attention with 64-dim heads, qkv without bias, output with bias (SPEC §1.1)."""
+  """Multi-head self-attention with 64-dim heads, qkv without bias, output with bias (docs/model.md#backbone)."""
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -73,7 +73,7 @@ class FeedForward(nn.Module):
 class GlobalWorkspace(nn.Module):
   """The Global Workspace Layer: bottleneck write into the shared memory, Hopfield read-back.
 
-  docs/model.md#2-one-ait-block. `s` [B, N, D] are the normalised FFN outputs; returns
+  docs/model.md#block. `s` [B, N, D] are the normalised FFN outputs; returns
   (r, balance_loss) with r the retrieved priors per token. The memory is written when training, or at
   evaluation only with `eval_writes_memory` (the reference protocol, which makes predictions batch
   dependent). Every field here is also a field of a config's `model`, under the same name.
@@ -103,7 +103,7 @@ class GlobalWorkspace(nn.Module):
     memory = self.variable(
         'memory', 'slots',
         lambda: jax.random.normal(self.make_rng('params'), (m, dm), jnp.float32))
-    # The memory is state: the optimizer never sees it and no gradient reaches it (SPEC §1.6).
+    # The memory is state: the optimizer never sees it and no gradient reaches it (docs/model.md#gradient-flow).
     mem = jax.lax.stop_gradient(memory.value)
     kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
               kernel_init=_dense_init)
@@ -128,7 +128,7 @@ class GlobalWorkspace(nn.Module):
       y = nn.LayerNorm(epsilon=WRITE_LN_EPS, param_dtype=self.param_dtype,
                        name='write_norm')(y.astype(jnp.float32) + mem)
       if self.gradient_mode == 'reference':
-        y = jax.lax.stop_gradient(y)  # SPEC §1.6: Wv, Wo and write_norm get no gradient
+        y = jax.lax.stop_gradient(y)  # docs/model.md#gradient-flow: Wv, Wo and write_norm get no gradient
       written = workspace.ema_write(mem, y, self.memory_momentum)
       if not self.memory_reset and not self.is_initializing():
         if not self.is_mutable_collection('memory'):
@@ -140,13 +140,13 @@ class GlobalWorkspace(nn.Module):
         self.sow('intermediates', 'bottleneck_indices', out.indices)
         self.sow('intermediates', 'bottleneck_weights', out.weights)
     else:
-      written = mem  # read-only evaluation: predictions independent of the batch (SPEC §1.7)
+      written = mem  # read-only evaluation: predictions independent of the batch (docs/model.md#batch-dependence)
 
     priors = nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init,
                       name='prior_proj')(written.astype(self.dtype))  # [M, D]
     if self.retrieval == 'hopfield':
       r = hopfield.hopfield_retrieve(s, priors, self.hopfield_beta, self.hopfield_steps)
-    else:  # SPEC §1.9 ablation: a learned cross-attention from tokens to priors
+    else:  # docs/model.md#ablations ablation: a learned cross-attention from tokens to priors
       r = nn.MultiHeadDotProductAttention(
           num_heads=max(1, d // 64), dtype=self.dtype, param_dtype=self.param_dtype,
           name='cross_attention')(s, jnp.broadcast_to(priors, (b, m, d)))
@@ -159,7 +159,7 @@ class GlobalWorkspace(nn.Module):
 
 
 class Block(nn.Module):
-  """One pre-norm block: self-attention, FFN and, for AiT, the global workspace (SPEC §1.2)."""
+  """One pre-norm block: self-attention, FFN and, for AiT, the global workspace (docs/model.md#block)."""
   num_heads: int
   mlp_dim: int
   use_workspace: bool = True
@@ -186,7 +186,7 @@ class AiT(nn.Module):
 
   __call__(images [B, H, W, C] float, question [B, Q] or None, train) -> (logits, aux) with
   aux['balance_loss'] the sum over layers of the bottleneck balance loss
-  (docs/model.md#4-balance-loss). `workspace` holds the GlobalWorkspace fields. A config's `model`
+  (docs/model.md#balance-loss). `workspace` holds the GlobalWorkspace fields. A config's `model`
   has the fields of both modules, flat and under the same names (`create_model` splits them).
   """
   num_classes: int
@@ -208,7 +208,7 @@ class AiT(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, hh, ww, c = images.shape
     p = self.patch_size
-    # (row, col, channel) order inside a patch, channel fastest (SPEC §1.1).
+    # (row, col, channel) order inside a patch, channel fastest (docs/model.md#backbone).
     x = images.reshape(b, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(b, (hh // p) * (ww // p), p * p * c).astype(self.dtype)
     x = _layer_norm('patch_norm_in', **kw)(x)
@@ -217,7 +217,7 @@ class AiT(nn.Module):
     if self.posemb == 'learned':
       x = x + self.param('posemb', nn.initializers.normal(0.02), (1,) + x.shape[1:],
                          self.param_dtype).astype(self.dtype)
-    if question is not None:  # SPEC §1.10: one extra token before the patches
+    if question is not None:  # docs/model.md#question-token: one extra token before the patches
       qt = _layer_norm('question_norm_in', **kw)(question.astype(self.dtype))
       qt = nn.Dense(self.width, kernel_init=_dense_init, name='question_embed', **kw)(qt)
       qt = _layer_norm('question_norm_out', **kw)(qt)
@@ -233,7 +233,7 @@ class AiT(nn.Module):
                                **kw)(x, train=train)
       balance = balance + layer_balance
 
-    if self.head == 'flatten':  # SPEC §1.1: LayerNorm over the whole token grid
+    if self.head == 'flatten':  # docs/model.md#backbone: LayerNorm over the whole token grid
       x = x.reshape(b, -1)
     elif self.head == 'mean':
       x = x.mean(axis=1)
@@ -249,7 +249,7 @@ def default_config() -> ml_collections.ConfigDict:
   """The `model` fields of a training config: every field of `AiT` and `GlobalWorkspace` (same
   names, faithful defaults) plus `preset`. None for a size field means "from the preset"."""
   return ml_collections.ConfigDict(dict(
-      preset='small',  # a row of PRESETS (docs/model.md#8-sizes)
+      preset='small',  # a row of PRESETS (docs/model.md#sizes)
       depth=None, width=None, mlp_dim=None, num_heads=None,  # None: from the preset
       patch_size=4,
       vit=False,  # True: the dense ViT baseline ('without memory' ablation)

@@ -1,4 +1,4 @@
-r"""AiT on CIFAR-10 with the reference recipe (SPEC §2): AdamW 1e-4, batch 512, 100 epochs.
+r"""AiT on CIFAR-10 with the reference recipe (docs/training.md#recipe): AdamW 1e-4, batch 512, 100 epochs.
 
 Command:
   python -m ait_jax.data.prepare --dataset=cifar10 --data_dir=$TFDS_DATA_DIR   # once
@@ -7,7 +7,7 @@ Command:
 Variants (after the colon, comma separated): model=small|medium|base|large|vit_base|...,
 ablation=no_bottleneck|no_self_attention|no_hopfield|no_balance_loss|memory_reset|no_memory,
 quick (a CPU smoke run). Sized for one H200 or a TPU v4-8; wall time not yet measured here.
-Paper top-1 (SPEC §4): AiT-Base 85.44, AiT-Medium 84.59, ViT-Base 83.82, ViT-Medium 82.41.
+Paper top-1 (docs/training.md#paper-results): AiT-Base 85.44, AiT-Medium 84.59, ViT-Base 83.82, ViT-Medium 82.41.
 """
 from ait_jax import config_lib
 

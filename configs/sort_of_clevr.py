@@ -1,13 +1,13 @@
-r"""AiT on the generated Sort-of-CLEVR benchmark (SPEC §3.2), binary relational questions.
+r"""AiT on the generated Sort-of-CLEVR benchmark (docs/data.md#sort-of-clevr), binary relational questions.
 
 Command:
   python -m ait_jax.data.prepare --dataset=sort_of_clevr --data_dir=$TFDS_DATA_DIR   # once
   python -m ait_jax.main --config=configs/sort_of_clevr.py:model=base --workdir=workdir/soc
 Train on every question type with --config.question_types='("non_relational","binary","ternary")'.
 
-75×75 images, patch 15 (25 tokens) plus the question token (SPEC §1.10), batch 64 as the paper,
+75×75 images, patch 15 (25 tokens) plus the question token (docs/model.md#question-token), batch 64 as the paper,
 trained on binary questions like the reference code. Wall time not yet measured.
-Paper (SPEC §4): AiT-Base binary relational 80.03; Relation Networks ≈ 89 relational, ≈ 99
+Paper (docs/training.md#paper-results): AiT-Base binary relational 80.03; Relation Networks ≈ 89 relational, ≈ 99
 non-relational.
 """
 from ait_jax import config_lib

@@ -1,4 +1,4 @@
-r"""AiT on the generated Triangle benchmark (SPEC §3.1): is the triangle equilateral?
+r"""AiT on the generated Triangle benchmark (docs/data.md#triangle): is the triangle equilateral?
 
 Command:
   python -m ait_jax.data.prepare --dataset=triangle --data_dir=$TFDS_DATA_DIR   # once, no download
@@ -9,7 +9,7 @@ CPU smoke run: --config=configs/triangle.py:quick (a narrow 1-layer model, 60 st
 64×64 images, patch 32 (4 tokens), k = 64 over the batch's tokens, AiT-Small. The paper gives
 no batch size for Triangle; we use 256 and the reference optimizer. GPU wall time not yet
 measured.
-Paper top-1 (SPEC §4): AiT-Base 99.64, AiT-Medium 99.57, ViT-Base 99.63, ViT-Medium 99.62.
+Paper top-1 (docs/training.md#paper-results): AiT-Base 99.64, AiT-Medium 99.57, ViT-Base 99.63, ViT-Medium 99.62.
 """
 from ait_jax import config_lib
 

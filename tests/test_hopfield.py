@@ -1,4 +1,4 @@
-"""Checks Hopfield retrieval and energy (SPEC §1.5) against NumPy float64 and the CCCP property."""
+"""Checks Hopfield retrieval and energy (docs/model.md#hopfield) against NumPy float64 and the CCCP property."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,7 @@ def np_softmax(x):
 
 
 def np_retrieve(state, patterns, beta, steps):
-  """SPEC §1.5: ξ ← softmax(β ξ Pᵀ, over M) P, `steps` times."""
+  """docs/model.md#hopfield: ξ ← softmax(β ξ Pᵀ, over M) P, `steps` times."""
   xi = np.asarray(state, np.float64)
   p = np.asarray(patterns, np.float64)
   for _ in range(steps):

@@ -1,4 +1,4 @@
-"""Checks the AiT modules (SPEC §1.2–1.9): memory state, gradient flow, batch (in)dependence, sizes,
+"""Checks the AiT modules (docs/model.md#block): memory state, gradient flow, batch (in)dependence, sizes,
 tracing, bfloat16, a short training run, config validation and the ablation switches.
 
 Tiny models throughout (one block, width 64) so the file runs in well under a minute on 2 CPU cores.
@@ -140,7 +140,7 @@ def test_no_gradient_reaches_the_memory(gradient_mode, scope):
 
 @pytest.mark.parametrize('scope', ['batch', 'example'])
 def test_reference_mode_gradient_flow(scope):
-  """SPEC §1.6: Wv, Wo and the write LayerNorm get no gradient at all; Wq, Wk only the balance loss.
+  """docs/model.md#gradient-flow: Wv, Wo and the write LayerNorm get no gradient at all; Wq, Wk only the balance loss.
 
   (balance_coef=0 is checked in test_ablation_builds_runs_and_differentiates.)
   """
@@ -165,7 +165,7 @@ def test_learned_write_mode_trains_the_write_from_the_classification_loss():
     assert all_nonzero(ws[name]), name
 
 
-# ---------------------------------------------------------------- batch (in)dependence (SPEC §1.7)
+# ---------------------------------------------------------------- batch (in)dependence (docs/model.md#batch-dependence)
 
 @pytest.mark.parametrize('scope,k', [('batch', 8), ('example', 2)])
 @pytest.mark.parametrize('eval_writes_memory', [False, True])
@@ -198,7 +198,7 @@ def test_batch_dependence_of_evaluation(scope, k, eval_writes_memory):
     chex.assert_trees_all_close(after_others[-1], among[0], rtol=1e-5, atol=1e-5)
 
 
-# ---------------------------------------------------------------- sizes (SPEC §1.8)
+# ---------------------------------------------------------------- sizes (docs/model.md#sizes)
 
 @pytest.mark.parametrize('preset,expected', [
     ('small', 15_673_322), ('medium', 45_761_770), ('base', 90_894_442)])
@@ -273,7 +273,7 @@ def test_training_lowers_the_loss():
   """Tiny task: is the bright 2×2 spot of an 8×8 image in its left half?
 
   (A plain brightness offset per half would be invisible: the patch embedding starts with a
-  LayerNorm over each 4×4 patch, SPEC §1.1, which removes a patch's mean and scale.)
+  LayerNorm over each 4×4 patch, docs/model.md#backbone, which removes a patch's mean and scale.)
   """
   model = tiny_model(bottleneck_k=16)  # 5 outputs, labels in {0, 1}
   variables = base_variables()
@@ -378,7 +378,7 @@ def test_default_config_is_the_faithful_setting():
   assert model.depth == 1 and model.width == 64
 
 
-# ---------------------------------------------------------------- ablation switches (SPEC §1.9)
+# ---------------------------------------------------------------- ablation switches (docs/model.md#ablations)
 
 ABLATIONS = {  # the full model is exercised by the gradient-flow tests above
     'without_bottleneck': dict(bottleneck=False),

@@ -11,7 +11,7 @@ from ait_jax.data import sort_of_clevr as clevr
 from ait_jax.data import triangle as tri
 
 # The reference recipe normalises every natural-image dataset with the CIFAR statistics
-# (docs/training.md#1-recipe).
+# (docs/training.md#recipe).
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 # Pet images come in many sizes; they are resized on the host to this fixed size (bilinear, PIL)
