@@ -88,7 +88,7 @@ def test_closest_quirk_changes_only_the_answers_the_original_gets_wrong(data):
     far = np.delete(d2, a).min() > 999  # the original puts 999 where A's own distance is
     own_shape = clevr.RECTANGLE if data['shapes'][i][a] == 0 else clevr.CIRCLE
     assert faithful['answers'][i, k] == (own_shape if far else data['answers'][i, k])
-  # A few percent of "closest" answers differ (docs/data.md gives the full-split figure).
+  # A few percent of "closest" answers differ: 3.47% (1,132 of 32,631) on the full train split.
   assert 0.01 < changed.sum() / closest.sum() < 0.08, changed.sum() / closest.sum()
 
 
