@@ -1,4 +1,4 @@
-r"""Imports a checkpoint of the published PyTorch AiT as an ait_jax checkpoint (docs/reference_port.md).
+r"""Imports a checkpoint of the published PyTorch AiT as an ait_jax one (docs/reference_port.md).
 
 `convert` maps the reference's `state_dict` (numpy arrays under the reference's names) onto this
 project's `params` and `memory` trees; the command writes them as an ordinary ait_jax checkpoint:

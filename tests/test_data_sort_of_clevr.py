@@ -11,7 +11,8 @@ from ait_jax.data import sort_of_clevr as clevr
 
 
 def _independent_answer(centers, shapes, question):
-  """SPEC §3.2 answer, written apart from the generator (exact arithmetic, other formulations)."""
+  """The answer by the rules of docs/data.md, written apart from the generator (exact arithmetic,
+  other formulations)."""
   color_a = question[0:6].tolist().index(1)
   qtype = question[12:15].tolist().index(1)
   subtype = question[15:18].tolist().index(1)

@@ -15,7 +15,6 @@ import pathlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -201,8 +200,8 @@ def test_logits_after_one_adamw_step_match(name):
 
 @pytest.mark.parametrize('name', FIXTURES)
 def test_published_query_gradient_differs_from_the_true_one(name):
-  # The published code differentiates Wq against the in-place-updated memory (docs/reference_port.md);
-  # we compute the true gradient, which the fixture's train/grad holds and we match above.
+  # The published code differentiates Wq against the in-place-updated memory
+  # (docs/reference_port.md); we compute the true gradient, which the fixture's train/grad holds.
   p = port(name)
   _, grads = train_step(p, ported(p))
   for i in range(p.model.depth):

@@ -22,7 +22,8 @@ _CHUNK = 1000
 
 @dataclasses.dataclass(eq=True, frozen=False)
 class GeneratedConfig(tfds.core.BuilderConfig):
-  """Split sizes and seed; 'full' is the SPEC dataset, 'small' is for tests and smoke runs."""
+  """Split sizes and seed; 'full' is the dataset of docs/data.md, 'small' is for tests and smoke
+  runs."""
   num_train: int = 0
   num_test: int = 0
   seed: int = 0
@@ -58,7 +59,7 @@ class _GeneratedBuilder(tfds.core.GeneratorBasedBuilder):
 
 
 class Triangle(_GeneratedBuilder):
-  """Equilateral (label 0) vs random (label 1) triangles on a 64×64 canvas (SPEC §3.1)."""
+  """Equilateral (label 0) vs random (label 1) triangles on a 64×64 canvas (docs/data.md)."""
 
   VERSION = tfds.core.Version('1.1.0')
   RELEASE_NOTES = {
@@ -88,7 +89,7 @@ class Triangle(_GeneratedBuilder):
 
 
 class SortOfClevr(_GeneratedBuilder):
-  """Sort-of-CLEVR, ternary variant (SPEC §3.2): one record per image with its 30 questions.
+  """Sort-of-CLEVR, ternary variant (docs/data.md): one record per image with its 30 questions.
 
   The input pipeline expands each record into one example per (image, question).
   """

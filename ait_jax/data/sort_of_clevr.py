@@ -1,4 +1,5 @@
-"""Sort-of-CLEVR generator (SPEC §3.2, the ternary variant): images, 18-dim questions and answers.
+"""Sort-of-CLEVR generator (docs/data.md; the ternary variant): images, 18-dim questions and
+answers.
 
 Pure NumPy and deterministic for a given seed; the TFDS builder in `builders.py` writes its output.
 """
@@ -38,7 +39,7 @@ _QUIRK_SELF_DISTANCE = 999
 
 
 def encode_question(qtype: int, subtype: int, color_a: int, color_b: int | None = None) -> np.ndarray:
-  """Returns the float32 [18] question vector (SPEC §3.2)."""
+  """Returns the float32 [18] question vector (docs/data.md)."""
   q = np.zeros(QUESTION_DIM, np.float32)
   q[color_a] = 1
   if color_b is not None:
@@ -101,7 +102,7 @@ def draw(centers: np.ndarray, shapes: np.ndarray) -> np.ndarray:
 
 def answer(centers: np.ndarray, shapes: np.ndarray, qtype: int, subtype: int, a: int,
            b: int | None = None, closest_quirk: bool = False) -> int:
-  """The answer index (0..9) to one question about the objects, by the rules of SPEC §3.2.
+  """The answer index (0..9) to one question about the objects, by the rules in docs/data.md.
 
   closest_quirk: answer "closest" as the original generator does, with A's own squared distance
   set to 999 instead of excluded (A's own shape when every other object is > 31.6 px away).

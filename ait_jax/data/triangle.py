@@ -1,4 +1,5 @@
-"""Triangle benchmark generator (SPEC §3.1): equilateral vs random triangles drawn as point clusters.
+"""Triangle benchmark generator (docs/data.md): equilateral vs random triangles drawn as point
+clusters.
 
 Pure NumPy and deterministic for a given seed; the TFDS builder in `builders.py` writes its output.
 """
