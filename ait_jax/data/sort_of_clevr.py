@@ -1,4 +1,5 @@
-"""Sort-of-CLEVR generator (SPEC §3.2, the ternary variant): images, 18-dim questions and answers.
+"""Sort-of-CLEVR generator (docs/data.md; the ternary variant): images, 18-dim questions and
+answers.
 
 Pure NumPy and deterministic for a given seed; the TFDS builder in `builders.py` writes its output.
 """
@@ -32,10 +33,13 @@ YES, NO, RECTANGLE, CIRCLE, COUNT0 = 0, 1, 2, 3, 4
 _TYPE_OFFSET = 12
 _SUBTYPE_OFFSET = 15
 _LINE_TOLERANCE = 12
+# The original generator's stand-in for A's own squared distance to itself when it looks for the
+# closest object: any object further than sqrt(999) ≈ 31.6 px loses to A itself.
+_QUIRK_SELF_DISTANCE = 999
 
 
 def encode_question(qtype: int, subtype: int, color_a: int, color_b: int | None = None) -> np.ndarray:
-  """Returns the float32 [18] question vector (SPEC §3.2)."""
+  """Returns the float32 [18] question vector (docs/data.md)."""
   q = np.zeros(QUESTION_DIM, np.float32)
   q[color_a] = 1
   if color_b is not None:
@@ -97,8 +101,12 @@ def draw(centers: np.ndarray, shapes: np.ndarray) -> np.ndarray:
 
 
 def answer(centers: np.ndarray, shapes: np.ndarray, qtype: int, subtype: int, a: int,
-           b: int | None = None) -> int:
-  """The answer index (0..9) to one question about the objects, by the rules of SPEC §3.2."""
+           b: int | None = None, closest_quirk: bool = False) -> int:
+  """The answer index (0..9) to one question about the objects, by the rules in docs/data.md.
+
+  closest_quirk: answer "closest" as the original generator does, with A's own squared distance
+  set to 999 instead of excluded (A's own shape when every other object is > 31.6 px away).
+  """
   centers = centers.astype(np.float64)
   pa = centers[a]
   if qtype == 0:
@@ -111,7 +119,7 @@ def answer(centers: np.ndarray, shapes: np.ndarray, qtype: int, subtype: int, a:
     if subtype == 2:
       return COUNT0 + int((shapes == shapes[a]).sum()) - 1
     if subtype == 0:
-      d2[a] = np.inf
+      d2[a] = _QUIRK_SELF_DISTANCE if closest_quirk else np.inf
       j = int(np.argmin(d2))
     else:
       j = int(np.argmax(d2))
@@ -148,8 +156,8 @@ def answer(centers: np.ndarray, shapes: np.ndarray, qtype: int, subtype: int, a:
   return COUNT0 + count
 
 
-def sample_questions(rng: np.random.Generator, centers: np.ndarray,
-                     shapes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def sample_questions(rng: np.random.Generator, centers: np.ndarray, shapes: np.ndarray,
+                     closest_quirk: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """Returns questions float32 [30, 18] (10 per type, in type order) and answers int32 [30]."""
   questions = np.zeros((QUESTIONS_PER_IMAGE, QUESTION_DIM), np.float32)
   answers = np.zeros(QUESTIONS_PER_IMAGE, np.int32)
@@ -163,12 +171,16 @@ def sample_questions(rng: np.random.Generator, centers: np.ndarray,
       subtype = int(rng.integers(0, 3))
       i = qtype * QUESTIONS_PER_TYPE + k
       questions[i] = encode_question(qtype, subtype, a, b)
-      answers[i] = answer(centers, shapes, qtype, subtype, a, b)
+      answers[i] = answer(centers, shapes, qtype, subtype, a, b, closest_quirk)
   return questions, answers
 
 
-def generate(num_images: int, seed: int | Sequence[int]) -> dict[str, np.ndarray]:
+def generate(num_images: int, seed: int | Sequence[int],
+             closest_quirk: bool = False) -> dict[str, np.ndarray]:
   """Generates `num_images` scenes from `seed`, with all 30 questions of each.
+
+  closest_quirk reproduces the original generator's "closest" answers (see `answer`); the scenes
+  and questions are the same either way, only some of those answers change.
 
   Returns 'image' uint8 [n, 75, 75, 3], 'questions' float32 [n, 30, 18], 'answers' int32 [n, 30],
   'centers' int32 [n, 6, 2] as (x=column, y=row), 'shapes' int32 [n, 6]; object i has colour i.
@@ -184,7 +196,8 @@ def generate(num_images: int, seed: int | Sequence[int]) -> dict[str, np.ndarray
   for i in range(num_images):
     centers, shapes = sample_objects(rng)
     out['image'][i] = draw(centers, shapes)
-    out['questions'][i], out['answers'][i] = sample_questions(rng, centers, shapes)
+    out['questions'][i], out['answers'][i] = sample_questions(rng, centers, shapes,
+                                                              closest_quirk)
     out['centers'][i], out['shapes'][i] = centers, shapes
   return out
 

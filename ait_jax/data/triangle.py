@@ -1,4 +1,5 @@
-"""Triangle benchmark generator (SPEC §3.1): equilateral vs random triangles drawn as point clusters.
+"""Triangle benchmark generator (docs/data.md): equilateral vs random triangles drawn as point
+clusters.
 
 Pure NumPy and deterministic for a given seed; the TFDS builder in `builders.py` writes its output.
 """
@@ -39,7 +40,8 @@ def sample_vertices(rng: np.random.Generator, label: int) -> np.ndarray:
     # int() truncates towards zero, as in the reference generator.
     p3 = np.array([int(p1[0] + _COS60 * dx + _SIN60 * dy),
                    int(p1[1] - _SIN60 * dx + _COS60 * dy)])
-    if np.all(p3 - 1 >= 0) and np.all(p3 + 1 <= IMAGE_SIZE - 1):
+    # The reference rejects p3 - 1 < 0 or p3 + 1 > 64, so p3 lies in [1, 63]² like p1 and p2.
+    if np.all(p3 - 1 >= 0) and np.all(p3 + 1 <= IMAGE_SIZE):
       return np.stack([p1, p2, p3])
 
 
