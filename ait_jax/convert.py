@@ -100,7 +100,7 @@ def rules(depth: int, memory_heads: int, question: bool) -> list[Rule]:
 
 def model_rules(model, target: Mapping) -> list[Rule]:
   """`rules` for an `ait_jax.models.AiT` whose abstract variables are `target`."""
-  if not model.use_workspace:
+  if model.vit:
     raise ValueError('The reference checkpoint is an AiT; convert it with an AiT config, not the '
                      'ViT baseline (model.vit=False).')
   return rules(model.depth, model.workspace.get('memory_heads', 8),
