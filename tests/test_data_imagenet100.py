@@ -75,6 +75,15 @@ def test_subset_keeps_only_the_100_classes_relabelled_in_list_order(mock_imagene
   assert len(ip.ExampleSource(INFO, 'train', str(tmp_path))) == len(kept)
 
 
+def test_index_is_built_in_record_order_across_chunks(tmp_path):
+  labels = np.array([3, 0, 1, 3, 2, 3, 0, 3, 1, 3])
+  keep = np.array([False, True, False, True])  # keep labels 1 and 3
+  index = inet.load_or_build_index(tmp_path / 'i.npy', 10, lambda keys: labels[keys], keep,
+                                   chunk=3, threads=3)
+  np.testing.assert_array_equal(index, [0, 2, 3, 5, 7, 8, 9])
+  np.testing.assert_array_equal(np.load(tmp_path / 'i.npy'), index)
+
+
 def test_a_stale_index_is_refused_with_what_to_do(tmp_path):
   path = tmp_path / 'index.npy'
   np.save(path, np.array([0, 7]))
