@@ -279,10 +279,13 @@ class Trainer:
         sharding=self.batch_sharding, question_types=tuple(c.question_types) or None,
         start_state=data_state, prefetch=c.prefetch, threads=c.read_threads)
 
-  def evaluate(self, params, memory, split: str = 'test', predictions: list | None = None) -> dict:
-    """Eval metrics over every example of `split`; appends the predicted classes of the real
-    examples to `predictions` when given (a host transfer per batch, so only when asked)."""
+  def evaluate(self, params, memory, split: str | None = None,
+               predictions: list | None = None) -> dict:
+    """Eval metrics over every example of `split` (default: the dataset's test split, e.g.
+    ImageNet's 'validation'); appends the predicted classes of the real examples to `predictions`
+    when given (a host transfer per batch, so only when asked)."""
     c = self.s.config
+    split = split or self.s.info.test_split
     batches = input_pipeline.make_eval_iterator(
         c.dataset, data_dir=c.data_dir, global_batch_size=c.eval_batch_size,
         sharding=self.batch_sharding, split=split,
@@ -400,9 +403,10 @@ def _scalars(d: dict) -> dict:
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *, which: str = 'best',
-             split: str = 'test') -> dict:
+             split: str | None = None) -> dict:
   """`--mode=eval`: restores the best (or latest) checkpoint and writes eval_<which>.json."""
   trainer = Trainer(config)
+  split = split or trainer.s.info.test_split
   step, state = trainer.restore(workdir, which)
   result = {'step': step, 'checkpoint': which, 'split': split,
             'eval_writes_memory': bool(config.model.eval_writes_memory),

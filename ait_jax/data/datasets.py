@@ -7,6 +7,7 @@ The input pipeline, the on-device preprocessing, the trainer and the figures all
 from collections.abc import Sequence
 import dataclasses
 
+from ait_jax.data import imagenet100 as inet
 from ait_jax.data import sort_of_clevr as clevr
 from ait_jax.data import triangle as tri
 
@@ -17,6 +18,9 @@ CIFAR_STD = (0.2023, 0.1994, 0.2010)
 # Pet images come in many sizes; they are resized on the host to this fixed size (bilinear, PIL)
 # because the TFDS catalog stores the original JPEGs and JPEG decoding happens on the host anyway.
 PET_IMAGE_SIZE = 224
+# ImageNet-100 JPEGs are decoded and resized on the host the same way, to the usual ViT input
+# size (configs/imagenet100.py says why).
+IMAGENET100_IMAGE_SIZE = 224
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +44,11 @@ class DatasetInfo:
   crop_padding: int = 0  # > 0: random crop after zero padding by this much (training)
   flip: bool = False  # random left-right flip (training)
   mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # after scaling to [0, 1]
+  # Keep only these classes of the TFDS label space, relabelled 0..n-1 in this order; the other
+  # records are skipped (through an index cached next to the TFDS data, see imagenet100.py).
+  tfds_classes: tuple[str, ...] | None = None
+  # Files the user must fetch by hand into <data_dir>/downloads/manual/ (TFDS manual download).
+  manual_download: tuple[str, ...] = ()
 
   @property
   def has_question(self) -> bool:
@@ -65,6 +74,14 @@ DATASETS = {
     'oxford_iiit_pet': DatasetInfo('oxford_iiit_pet', 'oxford_iiit_pet',
                                    (PET_IMAGE_SIZE, PET_IMAGE_SIZE, 3), 37, 3_680, 3_669,
                                    **_NATURAL),
+    # num_train is the count usually reported for this class list (ILSVRC2012 has 732 to 1,300
+    # training images per class); num_test is 100 classes x 50 validation images, checked against
+    # the validation labels TFDS ships (tests/test_data_imagenet100.py).
+    'imagenet100': DatasetInfo('imagenet100', inet.TFDS_NAME,
+                               (IMAGENET100_IMAGE_SIZE, IMAGENET100_IMAGE_SIZE, 3), 100, 126_689,
+                               5_000, test_split='validation', label_names=inet.WNIDS,
+                               tfds_classes=inet.WNIDS, manual_download=inet.MANUAL_FILES,
+                               **_NATURAL),
     'triangle': DatasetInfo('triangle', 'triangle/full', (tri.IMAGE_SIZE, tri.IMAGE_SIZE, 1), 2,
                             tri.NUM_TRAIN, tri.NUM_TEST, label_names=tri.LABEL_NAMES,
                             generated=True),

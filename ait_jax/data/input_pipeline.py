@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
 from ait_jax.data import datasets
+from ait_jax.data import imagenet100 as inet
 from ait_jax.data import sort_of_clevr as clevr
 from ait_jax.data.datasets import DatasetInfo
 
@@ -31,10 +32,13 @@ def _open_tfds(info: DatasetInfo, split: str, data_dir: str | None):
   try:
     return tfds.data_source(info.tfds_name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # TFDS raises several types here, all meaning "not prepared".
+    data_dir = data_dir or tfds.core.constants.DATA_DIR
+    manual = (f' (it needs {" and ".join(info.manual_download)}, downloaded by hand into '
+              f'{data_dir}/downloads/manual/)' if info.manual_download else '')
     raise FileNotFoundError(
         f'Dataset {info.name!r} (split {split!r}) is not prepared as ArrayRecord in '
-        f'data_dir={data_dir or tfds.core.constants.DATA_DIR!r}; run '
-        f'`{prepare_command(info.name, data_dir or tfds.core.constants.DATA_DIR)}` first.') from e
+        f'data_dir={data_dir!r}; run `{prepare_command(info.name, data_dir)}` first{manual}.'
+    ) from e
 
 
 class ExampleSource:
@@ -43,6 +47,8 @@ class ExampleSource:
   `read(indices)` returns a stacked batch. It reads the raw ArrayRecord bytes of the TFDS source
   in one call and parses only the features the pipeline needs, which is about 4x faster than
   TFDS's generic per-example decoding (the host's whole job is reading and stacking).
+  A dataset with `tfds_classes` (ImageNet-100) sees only the records of those classes, relabelled
+  0..n-1; their record indices are cached next to the TFDS data (`imagenet100.py`).
   """
 
   def __init__(self, info: DatasetInfo, split: str, data_dir: str | None,
@@ -51,6 +57,15 @@ class ExampleSource:
     self.split = split
     self._source = _open_tfds(info, split, data_dir)
     self._index = None
+    self._subset, self._label_map = None, None
+    if info.tfds_classes:
+      self._label_map = inet.label_map(self._source.dataset_info.features['label'].names,
+                                       info.tfds_classes)
+      path = inet.index_path(data_dir or tfds.core.constants.DATA_DIR, info.tfds_name,
+                             str(self._source.dataset_info.version), split, len(self._source),
+                             len(info.tfds_classes))
+      self._subset = inet.load_or_build_index(path, len(self._source), self._raw_labels,
+                                              self._label_map >= 0)
     if info.has_question:
       # Questions are stored in type order, 10 per type, so filtering is pure index arithmetic.
       types = clevr.question_type_indices(question_types)
@@ -62,6 +77,8 @@ class ExampleSource:
     self._repr = f'ExampleSource({info.name!r}, {split!r}, question_types={question_types!r})'
 
   def __len__(self) -> int:
+    if self._subset is not None:
+      return len(self._subset)
     return len(self._source) if self._index is None else len(self._index)
 
   def __repr__(self) -> str:
@@ -73,6 +90,8 @@ class ExampleSource:
   def read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
     """The examples at `indices`, stacked: a local batch."""
     indices = np.asarray(indices, np.int64)
+    if self._subset is not None:  # positions in the class subset -> record indices
+      indices = self._subset[indices]
     if self._index is None:
       examples = [self._example(r) for r in self._records(indices)]
     else:
@@ -87,6 +106,17 @@ class ExampleSource:
       return raw.__getitems__(keys)  # one batched ArrayRecord read
     except TypeError:  # tfds.testing.mock_data's __getitems__ is unbound; read one by one
       return [raw[k] for k in keys]
+
+  def _raw_labels(self, keys: np.ndarray) -> list[int]:
+    """The stored labels of records `keys`, without decoding their images (for the subset index)."""
+    return [self._stored_label(r) for r in self._records(np.asarray(keys, np.int64))]
+
+  @staticmethod
+  def _stored_label(record) -> int:
+    if isinstance(record, bytes):
+      feature = tf_example_pb2.Example.FromString(record).features.feature
+      return feature['label'].int64_list.value[0]
+    return int(record['label'])  # tfds.testing.mock_data hands out examples already decoded
 
   def _example(self, record, q: int | None = None) -> dict[str, np.ndarray]:
     """Parses the features the pipeline needs from one record (question q for Sort-of-CLEVR)."""
@@ -106,6 +136,8 @@ class ExampleSource:
         label = record['label']
       else:
         question, label = record['questions'][q], record['answers'][q]
+    if self._label_map is not None:
+      label = self._label_map[label]
     example = {'image': self._image(image), 'label': np.int32(label)}
     if q is not None:
       question = np.asarray(question, np.float32)

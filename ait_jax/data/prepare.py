@@ -2,9 +2,12 @@
 
 Usage: python -m ait_jax.data.prepare --dataset=cifar100 --data_dir=DIR
 Catalog datasets need TensorFlow (`pip install -e .[prepare]`); generated ones (triangle,
-sort_of_clevr, optionally with a config such as triangle/small) do not.
+sort_of_clevr, optionally with a config such as triangle/small) do not. ImageNet-100 is built from
+ImageNet archives the user downloads by hand (the command says which and where); it also writes the
+class-subset index.
 """
 import importlib.util
+import os
 import time
 
 from absl import app
@@ -12,26 +15,36 @@ from absl import flags
 import tensorflow_datasets as tfds
 
 from ait_jax.data import builders
+from ait_jax.data import datasets
 from ait_jax.data import input_pipeline
 
-_DATASET = flags.DEFINE_string('dataset', None, f'One of {sorted(input_pipeline.DATASETS)}.',
+_DATASET = flags.DEFINE_string('dataset', None, f'One of {sorted(datasets.DATASETS)}.',
                                required=True)
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Where TFDS writes the dataset.', required=True)
 
 
 def prepare(name: str, data_dir: str) -> str:
   """Downloads (catalog) or generates (triangle, sort_of_clevr) `name`; returns its directory."""
-  info = input_pipeline.get_info(name)
+  info = datasets.get_info(name)
   base, _, config = name.partition('/')
   if base in builders.GENERATED:
     return builders.prepare_generated(base, data_dir, config or 'full')
+  builder = tfds.builder(info.tfds_name, data_dir=data_dir, file_format='array_record')
+  manual_dir = os.path.join(data_dir, 'downloads', 'manual')
+  missing = [f for f in info.manual_download if not os.path.exists(os.path.join(manual_dir, f))]
+  if missing and not os.path.exists(os.path.join(builder.data_dir, 'dataset_info.json')):
+    raise RuntimeError(f'{name!r} cannot be downloaded automatically: put {" and ".join(missing)} '
+                       f'(ImageNet: from image-net.org, after registering) in {manual_dir} and run '
+                       'this command again.')
   # The TFDS catalog builders serialise through TensorFlow and probe importlib_resources.
   missing = [m for m in ('tensorflow', 'importlib_resources') if importlib.util.find_spec(m) is None]
   if missing:
     raise RuntimeError(f'Preparing {name!r} needs {" and ".join(missing)}; install them with '
                        f'`pip install -e .[prepare] importlib_resources` and run again.')
-  builder = tfds.builder(info.tfds_name, data_dir=data_dir, file_format='array_record')
   builder.download_and_prepare()
+  if info.tfds_classes:  # index the class subset now, so that training starts at once
+    for split in (info.train_split, info.test_split):
+      input_pipeline.ExampleSource(info, split, data_dir)
   return str(builder.data_dir)
 
 
