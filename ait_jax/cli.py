@@ -96,6 +96,14 @@ def is_user_error(error: BaseException) -> bool:
   return False
 
 
+def user_message(error: BaseException) -> str:
+  """The sentence for a user's error: our own messages as they are, bare OS errors completed."""
+  if isinstance(error, OSError) and error.strerror and error.filename is not None:
+    return (f'{error.strerror}: {error.filename}; check that path (a folder you can write to, '
+            'or an existing file to read).')
+  return str(error)
+
+
 def fail(message: str) -> None:
   """Prints `error: <message>` as one line on stderr and exits with EXIT_USER_ERROR."""
   sys.stdout.flush()
@@ -157,7 +165,7 @@ def run(define_flags: Callable[[flags.FlagValues], None],
   except BaseException as e:  # pylint: disable=broad-except
     if not is_user_error(e):
       raise
-    fail(str(e))
+    fail(user_message(e))
   sys.stdout.flush()
   raise SystemExit(0)
 

@@ -4,19 +4,25 @@ Usage: python -m ait_jax.data.benchmark --dataset=triangle --data_dir=DIR [--bat
 """
 import time
 
-from absl import app
 from absl import flags
 import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ait_jax import cli
 from ait_jax.data import input_pipeline
 
-_DATASET = flags.DEFINE_string('dataset', None, 'Dataset name.', required=True)
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Where the dataset was prepared.', required=True)
-_BATCH = flags.DEFINE_integer('batch', 256, 'Global batch size.')
-_STEPS = flags.DEFINE_integer('steps', 100, 'Batches to time, after 5 warm-up batches.')
-_WORKERS = flags.DEFINE_integer('workers', 0, 'Decoding threads (0 decodes in the prefetch thread).')
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command's flags (ait_jax/cli.py: defined only when this module runs as a command)."""
+  flags.DEFINE_string('dataset', None, 'Dataset name.', flag_values=fv)
+  flags.DEFINE_string('data_dir', None, 'Where the dataset was prepared.', flag_values=fv)
+  flags.DEFINE_integer('batch', 256, 'Global batch size.', lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer('steps', 100, 'Batches to time, after 5 warm-up batches.', lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer('workers', 0, 'Decoding threads (0 decodes in the prefetch thread).',
+                       lower_bound=0, flag_values=fv)
 
 
 def throughput(name: str, data_dir: str, batch: int, steps: int, workers: int) -> float:
@@ -34,12 +40,13 @@ def throughput(name: str, data_dir: str, batch: int, steps: int, workers: int) -
   return rate
 
 
-def main(argv):
-  del argv
-  rate = throughput(_DATASET.value, _DATA_DIR.value, _BATCH.value, _STEPS.value, _WORKERS.value)
-  print(f'{_DATASET.value}: {rate:,.0f} examples/s (batch {_BATCH.value}, '
-        f'workers {_WORKERS.value}, {jax.device_count()} {jax.default_backend()} device(s))')
+def main(fv: flags.FlagValues) -> None:
+  cli.require(fv, 'dataset', hint=f'NAME (one of {", ".join(sorted(input_pipeline.DATASETS))})')
+  cli.require(fv, 'data_dir', hint='DIR (where the dataset was prepared)')
+  rate = throughput(fv.dataset, fv.data_dir, fv.batch, fv.steps, fv.workers)
+  print(f'{fv.dataset}: {rate:,.0f} examples/s (batch {fv.batch}, '
+        f'workers {fv.workers}, {jax.device_count()} {jax.default_backend()} device(s))')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(define_flags, main)
