@@ -118,11 +118,17 @@ def test_non_finite_state_is_never_saved(generated_data_dir, tmp_path):
       (state.params, state.opt_state, state.memory))))
 
 
-def test_non_finite_before_any_save_says_so(generated_data_dir, tmp_path):
+def test_non_finite_state_with_finite_loss_is_not_saved(generated_data_dir, tmp_path):
+  # lr=1e39 is infinite in float32: step 1's loss and gradients are finite, its updated
+  # parameters are not. That state must not be saved, although step 1 is a checkpoint step.
   config = quick_config(generated_data_dir, total_steps=6, log_every_steps=3,
-                        checkpoint_every_steps=6, eval_every_steps=100, lr=1e30)
-  with pytest.raises(train.NonFiniteLossError, match='There is no checkpoint yet'):
+                        checkpoint_every_steps=1, eval_every_steps=100, lr=1e39)
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'Non-finite parameters or optimizer state at step 1;.*There is no '
+                           'checkpoint yet'):
     train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / 'checkpoints').exists() or not any(
+      (tmp_path / 'checkpoints').iterdir())
 
 
 _HOLD_LOCK = """
