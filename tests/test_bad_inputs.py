@@ -185,6 +185,10 @@ def test_distributed_start_up_errors(generated_data_dir, tmp_path, capsys, monke
   monkeypatch.setenv('AIT_JAX_COORDINATOR', '127.0.0.1:1')
   _assert_one_error_line(*_run_in_process(main_cmd, argv, capsys),
                          'also set AIT_JAX_NUM_PROCESSES and AIT_JAX_PROCESS_ID')
+  monkeypatch.setenv('AIT_JAX_NUM_PROCESSES', 'two')
+  monkeypatch.setenv('AIT_JAX_PROCESS_ID', '0')
+  _assert_one_error_line(*_run_in_process(main_cmd, argv, capsys),
+                         "AIT_JAX_NUM_PROCESSES='two' must be an integer")
   assert not workdir.exists()
 
 
