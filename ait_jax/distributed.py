@@ -5,7 +5,10 @@ environment variables for hosts that JAX cannot detect (and for tests on 127.0.0
 """
 import os
 
+from absl import flags
 import jax
+
+from ait_jax import cli
 
 # Set these to start a multi-process run by hand (JAX's auto-detection needs none of them).
 ENV_COORDINATOR = 'AIT_JAX_COORDINATOR'  # host:port of process 0
@@ -41,18 +44,34 @@ def maybe_initialize(mode: str | None = None) -> None:
     missing = [v for v in (ENV_NUM_PROCESSES, ENV_PROCESS_ID) if v not in os.environ]
     if missing:
       raise ValueError(f'{ENV_COORDINATOR} is set, so also set {" and ".join(missing)}.')
-    jax.distributed.initialize(
-        coordinator_address=coordinator,
-        num_processes=int(os.environ[ENV_NUM_PROCESSES]),
-        process_id=int(os.environ[ENV_PROCESS_ID]))
-    _initialized = True
+    numbers = {}
+    for name in (ENV_NUM_PROCESSES, ENV_PROCESS_ID):
+      try:
+        numbers[name] = int(os.environ[name])
+      except ValueError:
+        raise ValueError(f'{name}={os.environ[name]!r} must be an integer.') from None
+    _start(f'the coordinator {coordinator}', coordinator_address=coordinator,
+           num_processes=numbers[ENV_NUM_PROCESSES], process_id=numbers[ENV_PROCESS_ID])
     return
   detected = ('TPU_WORKER_HOSTNAMES' in os.environ and
               len(os.environ['TPU_WORKER_HOSTNAMES'].split(',')) > 1) or (
                   int(os.environ.get('SLURM_NTASKS', '1')) > 1)
   if mode == 'on' or detected:
-    jax.distributed.initialize()
-    _initialized = True
+    _start('the auto-detected cluster')
+
+
+def _start(where: str, **kwargs) -> None:
+  """jax.distributed.initialize, its failures (unreachable coordinator, no cluster found) as one
+  sentence that says what to check."""
+  global _initialized
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (RuntimeError, ValueError) as e:
+    raise cli.UserError(
+        f'Multi-host start-up with {where} failed ({cli.one_line(e)[:200]}); check that every '
+        f'process runs with the same {ENV_COORDINATOR} and {ENV_NUM_PROCESSES} (or pass '
+        '--distributed=off for one host).') from None
+  _initialized = True
 
 
 def describe() -> str:
@@ -62,11 +81,16 @@ def describe() -> str:
           f'({jax.devices()[0].platform}: {jax.devices()[0].device_kind})')
 
 
-def main() -> None:
+def define_flags(fv: flags.FlagValues) -> None:
+  del fv  # configured by the environment variables above
+
+
+def main(fv: flags.FlagValues) -> None:
   """`python -m ait_jax.distributed`: the preflight that launch scripts run before training."""
+  del fv
   maybe_initialize()
   print(describe(), flush=True)
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(define_flags, main)

@@ -12,27 +12,27 @@ JSON into --out: the small artefacts to commit.
 import json
 import os
 import platform
+import shlex
 import shutil
 import time
 
-from absl import app
 from absl import flags
-from absl import logging
 
+from ait_jax import cli
 from ait_jax.data import sort_of_clevr as clevr
 
 
-def define_flags() -> None:
-  """Defines the command-line flags; called only when this module runs as a command,
-  so that other modules and tests can import it without flag clashes."""
-  global _SCALE, _DATA_DIR, _OUT, _ONLY, _WORK
-  _SCALE = flags.DEFINE_enum('scale', 'cpu', ['cpu', 'gpu'],
-                             'gpu: the runs sized for one H200; cpu: the same runs reduced.')
-  _DATA_DIR = flags.DEFINE_string('data_dir', 'data', 'TFDS data_dir (generated data built here).')
-  _OUT = flags.DEFINE_string('out', None, 'Where results go (e.g. results/cpu).')
-  _ONLY = flags.DEFINE_list('only', [], 'Run only these run names (default: all).')
-  _WORK = flags.DEFINE_string('workdir_root', 'workdir/reproduce',
-                              'Training workdirs (checkpoints) go here; --out keeps the small files.')
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command's flags (ait_jax/cli.py: defined only when this module runs as a command)."""
+  flags.DEFINE_enum('scale', 'cpu', ['cpu', 'gpu'],
+                    'gpu: the runs sized for one H200; cpu: the same runs reduced.', flag_values=fv)
+  flags.DEFINE_string('data_dir', 'data', 'TFDS data_dir (generated data built here).',
+                      flag_values=fv)
+  flags.DEFINE_string('out', None, 'Where results go (e.g. results/cpu).', flag_values=fv)
+  flags.DEFINE_list('only', [], 'Run only these run names (default: all).', flag_values=fv)
+  flags.DEFINE_string('workdir_root', 'workdir/reproduce',
+                      'Training workdirs (checkpoints) go here; --out keeps the small files.',
+                      flag_values=fv)
 
 # name -> (config file, variant, config overrides). The gpu scale differs from the paper's
 # recipe only in epochs (and Sort-of-CLEVR's model size and batch), so that all runs together fit
@@ -63,18 +63,10 @@ EVAL_BATCH_SIZES = (1, 64, 512)
 
 
 def _load_config(name: str, variant: str, overrides: dict):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'config_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(variant)
-  for key, value in overrides.items():
-    target, *path_, leaf = [config] + key.split('.')
-    for p in path_:
-      target = target[p]
-    target[leaf] = value
-  return config
+  """The config `_command` prints, loaded the way the command line loads it."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                      f'{name}.py')
+  return cli.load_config(f'{path}:{variant}', overrides)
 
 
 def _ensure_dataset(name: str, data_dir: str) -> None:
@@ -87,11 +79,7 @@ def _ensure_dataset(name: str, data_dir: str) -> None:
 def _command(name, variant, overrides, data_dir, workdir) -> str:
   parts = [f'python -m ait_jax.main --config=configs/{name}.py:{variant}',
            f'--workdir={workdir}', f'--config.data_dir={data_dir}']
-  for k, v in overrides.items():
-    if isinstance(v, tuple):  # a tuple literal, as ml_collections parses tuple fields
-      v = "'(" + ','.join(f'"{x}"' for x in v) + ",)'"
-    parts.append(f'--config.{k}={v}')
-  return ' '.join(parts)
+  return ' '.join(parts + [shlex.quote(a) for a in cli.override_args(overrides)])
 
 
 def batch_independence(config, workdir: str) -> list[dict]:
@@ -150,26 +138,41 @@ def _markdown(summary: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def main(argv) -> None:
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  if not _OUT.value:
-    raise app.UsageError('Pass --out=DIR (e.g. results/cpu).')
+def selected_runs(scale: str, only: list[str]) -> dict:
+  """The runs of `scale`, or those named by --only; a name that is not a run is refused before
+  anything is built, trained or overwritten."""
+  runs = RUNS[scale]
+  unknown = [n for n in only if n not in runs]
+  if unknown:
+    raise ValueError(f'--only={",".join(unknown)} names no run of --scale={scale}; use some of '
+                     f'{", ".join(runs)}.')
+  return {k: v for k, v in runs.items() if not only or k in only}
+
+
+def _check_writable_folder(flag: str, path: str) -> None:
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f'--{flag}={path} is a file; pass a folder.')
+
+
+def main(fv: flags.FlagValues) -> None:
+  cli.require(fv, 'out', hint='DIR (e.g. results/cpu)')
+  runs = selected_runs(fv.scale, fv.only)
+  for flag in ('out', 'data_dir', 'workdir_root'):
+    _check_writable_folder(flag, fv[flag].value)
+  scale, out, data_dir, workdir_root = fv.scale, fv.out, fv.data_dir, fv.workdir_root
   import jax  # pylint: disable=g-import-not-at-top
   from ait_jax import train, visualize  # pylint: disable=g-import-not-at-top
-  out, data_dir = _OUT.value, _DATA_DIR.value
   os.makedirs(out, exist_ok=True)
   start_all = time.time()
-  summary = {'scale': _SCALE.value,
+  summary = {'scale': scale,
              'hardware': f'{jax.devices()[0].device_kind} ({jax.device_count()} device(s)), '
                          f'{os.cpu_count()} CPU cores, {platform.machine()}',
-             'command': f'python -m ait_jax.reproduce --scale={_SCALE.value} '
+             'command': f'python -m ait_jax.reproduce --scale={scale} '
                         f'--data_dir={data_dir} --out={out}',
              'runs': {}}
-  runs = {k: v for k, v in RUNS[_SCALE.value].items() if not _ONLY.value or k in _ONLY.value}
   for run, (name, variant, overrides) in runs.items():
     _ensure_dataset(name, data_dir)
-    workdir = os.path.join(_WORK.value, _SCALE.value, run)
+    workdir = os.path.join(workdir_root, scale, run)
     shutil.rmtree(workdir, ignore_errors=True)
     config = _load_config(name, variant, overrides)
     config.data_dir = data_dir
@@ -195,5 +198,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(define_flags, main)

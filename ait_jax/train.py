@@ -7,6 +7,9 @@ import dataclasses
 import functools
 import json
 import math
+import os
+import sys
+import tempfile
 from typing import Any
 
 import flax
@@ -17,6 +20,7 @@ import numpy as np
 import optax
 
 from ait_jax import checkpointing
+from ait_jax import cli
 from ait_jax import metric_writer
 from ait_jax import models
 from ait_jax import sharding
@@ -28,8 +32,13 @@ from ait_jax.data import sort_of_clevr as clevr
 QUESTION_TYPES = clevr.QUESTION_TYPES
 
 
-class NonFiniteLossError(RuntimeError):
-  """The loss or gradient norm of a logged step is NaN or infinite; the run stops."""
+class NonFiniteLossError(cli.UserError, RuntimeError):
+  """The loss, gradient norm or updated state of a logged step is NaN or infinite; the run stops
+  without saving that state, and the message names the last good checkpoint."""
+
+
+class DamagedDataError(cli.UserError):
+  """A dataset file cannot be read (e.g. a truncated ArrayRecord)."""
 
 
 @flax.struct.dataclass
@@ -65,6 +74,11 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
                 'warmup_epochs'):
     if not config[field] >= 0:
       raise ValueError(f'{field}={config[field]} must be non-negative.')
+  for field in ('b1', 'b2'):  # AdamW's moment decays; 1 would never forget, >1 diverges
+    if not 0 <= config[field] < 1:
+      raise ValueError(f'{field}={config[field]} must be in [0, 1) (e.g. 0.9 and 0.999).')
+  if not config.adam_eps > 0:
+    raise ValueError(f'adam_eps={config.adam_eps} must be positive (e.g. 1e-8).')
   if config.schedule_unit not in ('epoch', 'step'):
     raise ValueError(f"schedule_unit={config.schedule_unit!r} must be 'epoch' or 'step'.")
   info = datasets.get_info(config.dataset, tuple(config.question_types) or None)
@@ -172,9 +186,17 @@ def train_step(s: Setup, tx, state: TrainState, batch):
       'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
       'grad_norm': optax.tree.norm(grads),
       'learning_rate': learning_rate_fn(s)(state.step),
+      # One reduction on device; the host reads it only at log and save steps (_non_finite).
+      'state_finite': _all_finite((params, opt_state, memory)),
   }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, memory=memory,
                        rng=state.rng), metrics
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)).astype(jnp.float32) if leaves else jnp.float32(1)
 
 
 def eval_step(s: Setup, params, memory, batch):
@@ -259,10 +281,12 @@ class Trainer:
     if not any((root / d).exists() for d in ('checkpoints', 'best')):  # and create nothing
       raise FileNotFoundError(f'No checkpoint in {workdir}; train first with the same --workdir.')
     ckpt = checkpointing.Checkpointer(workdir, keep=self.s.config.keep_checkpoints)
-    restored = ckpt.restore(self.abstract_with_shardings(), which=which)
-    if restored is None and which == 'best':
-      restored = ckpt.restore(self.abstract_with_shardings(), which='latest')
-    ckpt.close()
+    try:  # closed on failure too: an open manager's threads print noise at exit
+      restored = ckpt.restore(self.abstract_with_shardings(), which=which)
+      if restored is None and which == 'best':
+        restored = ckpt.restore(self.abstract_with_shardings(), which='latest')
+    finally:
+      ckpt.close()
     if restored is None:
       raise FileNotFoundError(f'No checkpoint in {workdir}; train first with the same --workdir.')
     step, state, _ = restored
@@ -311,28 +335,109 @@ def _save_config(config, workdir: str) -> None:
         config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def _check_finite(metrics: dict, step: int) -> None:
-  bad = [k for k in ('loss', 'grad_norm') if k in metrics and not math.isfinite(metrics[k])]
-  if bad:
-    raise NonFiniteLossError(
-        f'Non-finite {" and ".join(bad)} at step {step}; stopping. The last good checkpoint is '
-        'kept in the workdir: lower lr, set grad_clip_norm, or try dtype=float32.')
+def _non_finite(summary: dict) -> list[str]:
+  """What of a logged window is not finite: the loss, the gradients, or the updated state."""
+  bad = [k for k in ('loss', 'grad_norm') if k in summary and not math.isfinite(summary[k])]
+  if summary.get('state_finite', 1.0) < 1.0:
+    bad.append('parameters or optimizer state')
+  return bad
+
+
+def _last_good_sentence(ckpt: checkpointing.Checkpointer, workdir: str) -> str:
+  step = ckpt.latest_step()
+  if step is None:
+    return 'There is no checkpoint yet, so a rerun starts afresh'
+  return f'The last good checkpoint is step {step} in {workdir}; a rerun resumes from it'
+
+
+def check_dataset_files(s: Setup) -> None:
+  """Opens the train and test splits and reads their first and last example, so a missing or
+  truncated file fails now, in one sentence, not inside a reader thread after compiling."""
+  c = s.config
+  for split in (s.info.train_split, s.info.test_split):
+    source = input_pipeline.ExampleSource(s.info, split, c.data_dir,
+                                          tuple(c.question_types) or None)
+    try:
+      source[0]
+      source[len(source) - 1]
+    except Exception as e:  # pylint: disable=broad-except  (Riegeli, decode errors, ...)
+      raise DamagedDataError(
+          f'The {split} split of {c.dataset} in {c.data_dir} cannot be read ({type(e).__name__}: '
+          f'{str(e).splitlines()[0][:120]}); its files are truncated or damaged: delete that '
+          f'dataset folder and run python -m ait_jax.data.prepare --dataset={c.dataset} '
+          f'--data_dir={c.data_dir}.') from None
+
+
+def _take_lock(workdir: str) -> checkpointing.WorkdirLock:
+  """Process 0 takes the workdir lock; every process learns whether it got it."""
+  lock = checkpointing.WorkdirLock(workdir)
+  error = None
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except checkpointing.WorkdirBusyError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    refused = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if refused and error is None:
+      error = checkpointing.WorkdirBusyError(
+          f'{workdir} is in use by another run (process 0 refused it); pass another --workdir.')
+  if error is not None:
+    raise error
+  return lock
+
+
+def _write_result(workdir: str, name: str, result: dict) -> None:
+  """Writes a result JSON into the workdir; if that fails, the result goes to a temp file and
+  stdout, with one line on stderr: a finished evaluation is never lost."""
+  text = json.dumps(result, indent=2)
+  try:
+    (checkpointing.workdir_path(workdir) / name).write_text(text)
+    return
+  except OSError as e:
+    fallback = os.path.join(tempfile.gettempdir(), f'ait_jax_{os.getpid()}_{name}')
+    with open(fallback, 'w') as f:
+      f.write(text)
+    print(text, flush=True)
+    print(f'warning: could not write {name} into {workdir} ({e.strerror or e}); the result is '
+          f'printed above and saved as {fallback}.', file=sys.stderr, flush=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from the workdir if it holds a checkpoint).
 
-  Returns the last eval metrics and the last logged train loss ('train_loss').
+  Everything that can be checked is checked before the workdir is touched: the config, the
+  workdir itself, the dataset files and the workdir lock; config.json is written only once the
+  checkpoint (if any) restored. Returns the last eval metrics, the last logged train loss
+  ('train_loss') and the step the run stopped at ('step').
   """
-  checkpointing.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
+  checkpointing.check_workdir(workdir)
   trainer = Trainer(config)
   s, c = trainer.s, config
-  for split in (s.info.train_split, s.info.test_split):  # fail before compiling anything
-    input_pipeline.ExampleSource(s.info, split, c.data_dir, tuple(c.question_types) or None)
-  _save_config(config, workdir)
-  writer = metric_writer.MetricWriter(workdir)
+  check_dataset_files(s)
+  checkpointing.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
+  lock = _take_lock(workdir)
+  try:
+    return _train(trainer, workdir)
+  finally:
+    lock.release()
+
+
+def _train(trainer: 'Trainer', workdir: str) -> dict:
+  s, c = trainer.s, trainer.s.config
   ckpt = checkpointing.Checkpointer(workdir, keep=c.keep_checkpoints)
-  restored = ckpt.restore(trainer.abstract_with_shardings())
+  try:
+    restored = ckpt.restore(trainer.abstract_with_shardings())
+    moved = ckpt.set_aside_skipped() if ckpt.skipped else []
+  except BaseException:
+    ckpt.close()
+    raise
+  _save_config(c, workdir)
+  writer = metric_writer.MetricWriter(workdir)
+  for (_, step, reason), path in zip(ckpt.skipped, moved or [None] * len(ckpt.skipped)):
+    writer.log_text(f'Skipped the damaged checkpoint of step {step} ({reason}); kept it as '
+                    f'{path}.')
   if restored is None:
     state, data_state = trainer.init(trainer.rng), None
     start = 0
@@ -348,8 +453,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.log_text(f'{workdir} already holds the final step {start}; nothing to train. Use '
                     '--mode=eval to evaluate it.')
   train_iter = trainer.train_iterator(data_state)
-  preemption = checkpointing.PreemptionFlag()
-  pending, last_eval, summary = [], None, {}
+  # Processes agree on a signal at log steps, which already wait for the device.
+  preemption = checkpointing.PreemptionFlag(agree_every=c.log_every_steps)
+  pending, last_eval, summary, failure = [], None, {}, None
   progress = metric_writer.Progress(start, s.total_steps, c.batch_size)
   step = start
   try:
@@ -368,7 +474,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step % c.log_every_steps == 0 or save:  # a state is checked finite before it is saved
         summary = metric_writer.mean_of(pending)  # the only host sync of ordinary steps
         pending = []
-        _check_finite(summary, step)
+        bad = _non_finite(summary)
+        if bad:
+          failure = f'Non-finite {" and ".join(bad)} at step {step}; that state is not saved.'
+          break
+        del summary['state_finite']
         summary['epoch'] = step / s.steps_per_epoch
         summary.update(progress.update(step))
         writer.write(step, summary, prefix='train')
@@ -381,21 +491,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if evaluated:
         progress.restart(step)  # images/s counts training steps only
       if stop:
-        writer.log_text(f'SIGTERM: saved step {step} and stopped; rerun the same command to '
-                        'resume.')
+        writer.log_text(f'{preemption.raised or "A signal to another process"}: saved step '
+                        f'{step} and stopped; rerun the same command to resume.')
         break
   finally:
     preemption.restore_handler()
     ckpt.wait()
+    last_good = _last_good_sentence(ckpt, workdir) if failure else ''
     ckpt.close()
     writer.close()
     close = getattr(train_iter, 'close', None)
     if close:
       close()
+  if failure:
+    raise NonFiniteLossError(f'{failure} {last_good}: lower lr, set grad_clip_norm, or try '
+                             'dtype=float32.')
   if last_eval is not None and step == s.total_steps and jax.process_index() == 0:
-    (checkpointing.workdir_path(workdir) / 'eval_final.json').write_text(
-        json.dumps({'step': step, **last_eval}, indent=2))
-  return {**(last_eval or {}), 'train_loss': summary.get('loss')}
+    _write_result(workdir, 'eval_final.json', {'step': step, **last_eval})
+  return {**(last_eval or {}), 'train_loss': summary.get('loss'), 'step': step}
 
 
 def _scalars(d: dict) -> dict:
@@ -404,7 +517,11 @@ def _scalars(d: dict) -> dict:
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *, which: str = 'best',
              split: str | None = None) -> dict:
-  """`--mode=eval`: restores the best (or latest) checkpoint and writes eval_<which>.json."""
+  """`--mode=eval`: restores the best (or latest) checkpoint and writes eval_<which>.json
+  (`split` defaults to the dataset's test split).
+
+  A read-only workdir is fine: the result then goes to a temp file and stdout."""
+  checkpointing.check_workdir(workdir, writable=False)
   trainer = Trainer(config)
   split = split or trainer.s.info.test_split
   step, state = trainer.restore(workdir, which)
@@ -413,6 +530,5 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, which: str = 'b
             'eval_batch_size': config.eval_batch_size,
             **trainer.evaluate(state.params, state.memory, split)}
   if jax.process_index() == 0:
-    (checkpointing.workdir_path(workdir) / f'eval_{which}.json').write_text(
-        json.dumps(result, indent=2))
+    _write_result(workdir, f'eval_{which}.json', result)
   return result

@@ -10,11 +10,8 @@ import functools
 import json
 import math
 import os
-import sys
 
-from absl import app
 from absl import flags
-from absl import logging
 import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -25,6 +22,7 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+from ait_jax import cli  # pylint: disable=wrong-import-position
 from ait_jax import train  # pylint: disable=wrong-import-position
 from ait_jax import workspace  # pylint: disable=wrong-import-position
 from ait_jax.data import augment  # pylint: disable=wrong-import-position
@@ -41,18 +39,19 @@ MAX_LAYERS_WITH_SLOTS = 2  # deeper models show only the all-slot overview per l
 MAX_ANNOTATED_PATCHES = 16  # write the count on each patch when the grid is this small
 
 
-def define_flags() -> None:
-  """Defines the command-line flags; called only when this module runs as a command,
-  so that other modules and tests can import it without flag clashes."""
-  global _CONFIG, _WORKDIR, _OUT, _NUM_IMAGES, _CHECKPOINT
-  _CONFIG = config_flags.DEFINE_config_file(
-      'config', None, 'A configs/*.py file[:variant]; default: <workdir>/config.json.',
-      lock_config=True)
-  _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (checkpoints, metrics).')
-  _OUT = flags.DEFINE_string('out', None, 'Folder for the PNG figures (created if missing).')
-  _NUM_IMAGES = flags.DEFINE_integer('num_images', 4, 'Test images in bottleneck_selection.png.')
-  _CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
-                                  'Which checkpoint to restore.')
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command's flags (ait_jax/cli.py: defined only when this module runs as a command)."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'A configs/*.py file[:variant], with the --config.x overrides the run was '
+      'trained with; default: <workdir>/config.json.', lock_config=True, flag_values=fv)
+  flags.DEFINE_string('workdir', None, 'A training workdir (checkpoints, metrics).',
+                      flag_values=fv)
+  flags.DEFINE_string('out', None, 'Folder for the PNG figures (created if missing).',
+                      flag_values=fv)
+  flags.DEFINE_integer('num_images', 4, 'Test images in bottleneck_selection.png.',
+                       flag_values=fv)
+  flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'], 'Which checkpoint to restore.',
+                    flag_values=fv)
 
 
 def load_config(workdir: str, config: ml_collections.ConfigDict | None = None
@@ -64,8 +63,12 @@ def load_config(workdir: str, config: ml_collections.ConfigDict | None = None
   if not os.path.exists(path):
     raise FileNotFoundError(f'No config.json in {workdir}; pass --config=configs/<dataset>.py '
                             '(with the overrides the run was trained with).')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except ValueError as e:  # a damaged file raises deep inside json
+    raise ValueError(f'{path} is not valid JSON ({e}); pass --config=configs/<dataset>.py '
+                     'instead.') from None
 
 
 def read_metrics(workdir: str) -> dict[str, dict[int, dict]]:
@@ -256,7 +259,7 @@ def plot_bottleneck_selection(config, data: dict, path: str, num_images: int,
                        'weight', fontsize=9)
   fig.suptitle(f'Bottleneck selection: top-k = {config.model.bottleneck_k} per slot over '
                f'the tokens of a test batch of {data["images"].shape[0]} '
-               f'(scope {config.model.scope!r}), step {step}; the first {num_images} images')
+               f'(bottleneck_scope {config.model.bottleneck_scope!r}), step {step}; the first {num_images} images')
   return _save(fig, path)
 
 
@@ -352,6 +355,8 @@ def visualize(workdir: str, out: str, *, config: ml_collections.ConfigDict | Non
   """Writes the four figures into `out`; returns {'paths': [...], 'step': int, 'data': ...}."""
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'No workdir {workdir}; pass the --workdir of a training run.')
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f'--out={out} is a file; pass a folder for the figures.')
   metrics = read_metrics(workdir)
   config = load_config(workdir, config)
   if num_images < 1 or num_images > config.batch_size:
@@ -372,24 +377,15 @@ def visualize(workdir: str, out: str, *, config: ml_collections.ConfigDict | Non
   return {'paths': paths, 'step': step, 'data': data}
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _WORKDIR.value is None or _OUT.value is None:
-    raise app.UsageError('Pass --workdir=DIR (a training run) and --out=DIR (for the figures).')
-  logging.set_verbosity(logging.WARNING)
-  try:
-    result = visualize(_WORKDIR.value, _OUT.value, config=_CONFIG.value,
-                       num_images=_NUM_IMAGES.value, which=_CHECKPOINT.value)
-  except (ValueError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(1)
+def main(fv: flags.FlagValues) -> None:
+  cli.require(fv, 'workdir', hint='DIR (a training run)')
+  cli.require(fv, 'out', hint='DIR (for the figures)')
+  result = visualize(fv.workdir, fv.out, config=fv.config, num_images=fv.num_images,
+                     which=fv.checkpoint)
   print(f'Figures of step {result["step"]}:')
   for path in result['paths']:
     print(path, flush=True)
 
 
 if __name__ == '__main__':
-  define_flags()
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-  app.run(main)
+  cli.run(define_flags, main)

@@ -46,7 +46,7 @@ def synthetic_batch(trainer, n, seed=0):
 @pytest.mark.parametrize('scope,k', [('batch', 64), ('example', 2)])
 def test_sharded_step_equals_single_device(generated_data_dir, scope, k):
   assert jax.device_count() == 8
-  config = quick_config(generated_data_dir, **{'model.scope': scope, 'model.bottleneck_k': k})
+  config = quick_config(generated_data_dir, **{'model.bottleneck_scope': scope, 'model.bottleneck_k': k})
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     trainer = train.Trainer(config, devices=devices)
@@ -237,7 +237,7 @@ def test_bad_config_fails_fast(generated_data_dir, override, message):
                         '--workdir=/nonexistent/never/created', override,
                         f'--config.data_dir={generated_data_dir}'],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert out.returncode == 1
+  assert out.returncode == 2  # a user's mistake (ait_jax/cli.py)
   assert message in out.stderr, out.stderr
   assert 'Traceback' not in out.stderr
 
@@ -280,7 +280,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(generated_data_dir
   train.train_and_evaluate(config, str(tmp_path))
   monkeypatch.setattr(checkpointing.PreemptionFlag, 'should_stop', original)
   config.lr = 1e30  # the first update after resuming blows the parameters up
-  with pytest.raises(train.NonFiniteLossError, match=r'Non-finite loss.* at step 1[01]'):
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'Non-finite loss.* at step 1[01].*last good checkpoint is step 8'):
     train.train_and_evaluate(config, str(tmp_path))
   ckpt = checkpointing.Checkpointer(str(tmp_path))
   assert ckpt.latest_step() == 8

@@ -63,7 +63,7 @@ def test_missing_checkpoint_is_one_sentence(tmp_path):
   out = subprocess.run([sys.executable, '-m', 'ait_jax.visualize',
                         f'--workdir={tmp_path / "missing"}', f'--out={tmp_path / "out"}'],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert out.returncode == 1
+  assert out.returncode == 2  # a user's mistake (ait_jax/cli.py)
   assert out.stderr.strip().startswith('error: No workdir'), out.stderr
   assert 'Traceback' not in out.stderr
   assert not (tmp_path / 'out').exists()

@@ -28,7 +28,7 @@ def prepare_command(name: str, data_dir: str | None) -> str:
   return f'python -m ait_jax.data.prepare --dataset={name} --data_dir={data_dir}'
 
 
-def _open_tfds(info: DatasetInfo, split: str, data_dir: str | None):
+def open_tfds(info: DatasetInfo, split: str, data_dir: str | None):
   try:
     return tfds.data_source(info.tfds_name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # TFDS raises several types here, all meaning "not prepared".
@@ -55,7 +55,7 @@ class ExampleSource:
                question_types: Sequence[str] | None = None):
     self.info = info
     self.split = split
-    self._source = _open_tfds(info, split, data_dir)
+    self._source = open_tfds(info, split, data_dir)
     self._index = None
     self._subset, self._label_map = None, None
     if info.tfds_classes:

@@ -10,22 +10,37 @@ import importlib.util
 import os
 import time
 
-from absl import app
 from absl import flags
 import tensorflow_datasets as tfds
 
+from ait_jax import cli
 from ait_jax.data import builders
 from ait_jax.data import datasets
 from ait_jax.data import input_pipeline
 
-_DATASET = flags.DEFINE_string('dataset', None, f'One of {sorted(datasets.DATASETS)}.',
-                               required=True)
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Where TFDS writes the dataset.', required=True)
+
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command's flags (ait_jax/cli.py: defined only when this module runs as a command)."""
+  flags.DEFINE_string('dataset', None, f'One of {sorted(datasets.DATASETS)}.',
+                      flag_values=fv)
+  flags.DEFINE_string('data_dir', None, 'Where TFDS writes the dataset.', flag_values=fv)
+
+
+def check_data_dir(data_dir: str) -> None:
+  """A data_dir that is, or lies inside, a file is refused before anything is generated."""
+  existing = os.path.abspath(data_dir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    where = 'a file' if existing == os.path.abspath(data_dir) else f'inside the file {existing}'
+    raise ValueError(f'--data_dir={data_dir} is {where}; pass a folder (it is created if '
+                     'missing).')
 
 
 def prepare(name: str, data_dir: str) -> str:
   """Downloads (catalog) or generates (triangle, sort_of_clevr) `name`; returns its directory."""
   info = datasets.get_info(name)
+  check_data_dir(data_dir)
   base, _, config = name.partition('/')
   if base in builders.GENERATED:
     return builders.prepare_generated(base, data_dir, config or 'full')
@@ -33,13 +48,13 @@ def prepare(name: str, data_dir: str) -> str:
   manual_dir = os.path.join(data_dir, 'downloads', 'manual')
   missing = [f for f in info.manual_download if not os.path.exists(os.path.join(manual_dir, f))]
   if missing and not os.path.exists(os.path.join(builder.data_dir, 'dataset_info.json')):
-    raise RuntimeError(f'{name!r} cannot be downloaded automatically: put {" and ".join(missing)} '
+    raise cli.UserError(f'{name!r} cannot be downloaded automatically: put {" and ".join(missing)} '
                        f'(ImageNet: from image-net.org, after registering) in {manual_dir} and run '
                        'this command again.')
   # The TFDS catalog builders serialise through TensorFlow and probe importlib_resources.
   missing = [m for m in ('tensorflow', 'importlib_resources') if importlib.util.find_spec(m) is None]
   if missing:
-    raise RuntimeError(f'Preparing {name!r} needs {" and ".join(missing)}; install them with '
+    raise cli.UserError(f'Preparing {name!r} needs {" and ".join(missing)}; install them with '
                        f'`pip install -e .[prepare] importlib_resources` and run again.')
   builder.download_and_prepare()
   if info.tfds_classes:  # index the class subset now, so that training starts at once
@@ -48,15 +63,13 @@ def prepare(name: str, data_dir: str) -> str:
   return str(builder.data_dir)
 
 
-def main(argv):
-  del argv
+def main(fv: flags.FlagValues) -> None:
+  cli.require(fv, 'dataset', hint=f'NAME (one of {", ".join(sorted(datasets.DATASETS))})')
+  cli.require(fv, 'data_dir', hint='DIR (where the dataset is written)')
   start = time.time()
-  try:
-    path = prepare(_DATASET.value, _DATA_DIR.value)
-  except (ValueError, RuntimeError) as e:
-    raise SystemExit(f'error: {e}') from None
-  print(f'Prepared {_DATASET.value} in {path} in {time.time() - start:.1f} s.')
+  path = prepare(fv.dataset, fv.data_dir)
+  print(f'Prepared {fv.dataset} in {path} in {time.time() - start:.1f} s.')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(define_flags, main)

@@ -3,24 +3,29 @@
 Usage: python -m ait_jax.data.show --dataset=sort_of_clevr --out=FILE.png [--data_dir=DIR]
 Without --data_dir, triangle and sort_of_clevr are generated on the fly from --seed.
 """
-from absl import app
 from absl import flags
 import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
 
+from ait_jax import cli  # pylint: disable=wrong-import-position
+from ait_jax.data import datasets
 from ait_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ait_jax.data import sort_of_clevr as clevr  # pylint: disable=wrong-import-position
 from ait_jax.data import triangle as tri  # pylint: disable=wrong-import-position
 
-_DATASET = flags.DEFINE_string('dataset', None, f'One of {sorted(input_pipeline.DATASETS)}.',
-                               required=True)
-_OUT = flags.DEFINE_string('out', None, 'PNG file to write.', required=True)
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Read a prepared dataset from here.')
-_SPLIT = flags.DEFINE_string('split', 'train', 'Split to read with --data_dir.')
-_NUM = flags.DEFINE_integer('num', 16, 'Number of examples.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed when generating without --data_dir.')
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command's flags (ait_jax/cli.py: defined only when this module runs as a command)."""
+  flags.DEFINE_string('dataset', None, f'One of {sorted(datasets.DATASETS)}.',
+                      flag_values=fv)
+  flags.DEFINE_string('out', None, 'PNG file to write.', flag_values=fv)
+  flags.DEFINE_string('data_dir', None, 'Read a prepared dataset from here.', flag_values=fv)
+  flags.DEFINE_string('split', 'train', 'Split to read with --data_dir.', flag_values=fv)
+  flags.DEFINE_integer('num', 16, 'Number of examples.', lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer('seed', 0, 'Seed when generating without --data_dir.', flag_values=fv)
 
 
 def examples(name: str, num: int, data_dir: str | None, split: str = 'train',
@@ -42,7 +47,7 @@ def examples(name: str, num: int, data_dir: str | None, split: str = 'train',
                                                        d['answers'][i // 3, q])))
       return out
     raise ValueError(f'{name!r} is read from a prepared dataset; pass --data_dir.')
-  info = input_pipeline.get_info(name)
+  info = datasets.get_info(name)
   source = input_pipeline.ExampleSource(info, split, data_dir)
   step = max(1, len(source) // num)
   out = []
@@ -75,15 +80,13 @@ def save_grid(items: list[tuple[np.ndarray, str]], path: str) -> None:
   plt.close(fig)
 
 
-def main(argv):
-  del argv
-  try:
-    items = examples(_DATASET.value, _NUM.value, _DATA_DIR.value, _SPLIT.value, _SEED.value)
-  except (ValueError, FileNotFoundError) as e:
-    raise SystemExit(f'error: {e}') from None
-  save_grid(items, _OUT.value)
-  print(f'Wrote {_OUT.value}.')
+def main(fv: flags.FlagValues) -> None:
+  cli.require(fv, 'dataset', hint=f'NAME (one of {", ".join(sorted(datasets.DATASETS))})')
+  cli.require(fv, 'out', hint='FILE.png')
+  items = examples(fv.dataset, fv.num, fv.data_dir, fv.split, fv.seed)
+  save_grid(items, fv.out)
+  print(f'Wrote {fv.out}.')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(define_flags, main)

@@ -1,0 +1,210 @@
+"""How every `python -m ait_jax.<command>` runs: one flag parser, one config loader, one rule for
+errors (a user's mistake is one line `error: ...` on stderr and exit code 2; a bug keeps its
+traceback).
+
+An entry module defines `define_flags(fv)` (its flags, on the FlagValues it is given) and
+`main(fv)`, and ends with `cli.run(define_flags, main)`. Tests call `cli.run(..., argv=[...])` in
+process: each run gets fresh flags, so it can be called any number of times.
+"""
+import contextlib
+import errno
+import os
+import sys
+from typing import Callable, Iterable, Mapping
+
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+EXIT_USER_ERROR = 2
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_CONFIGS_DIR = os.path.join(os.path.dirname(_PACKAGE_DIR), 'configs')
+# OS errors about the user's paths (missing, not a folder, not writable, full disk).
+_USER_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
+                errno.EROFS, errno.EEXIST, errno.ENOSPC, errno.EDQUOT}
+_HELP = ('--help', '-h', '--helpshort', '--helpfull', '-?')
+
+
+class UserError(Exception):
+  """Something the user can fix (busy workdir, damaged data, non-finite training); one line."""
+
+
+def one_line(text: str) -> str:
+  return ' '.join(str(text).split())
+
+
+def _innermost(error: BaseException) -> BaseException:
+  """The original exception under absl's and ml_collections' re-raises."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  return error
+
+
+def _config_arg(argv: Iterable[str]) -> str | None:
+  for arg in argv:
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+  return None
+
+
+def parse_error_message(error: BaseException, argv: list[str]) -> str:
+  """The sentence for an error raised while flags (and the config file they name) are parsed."""
+  inner = _innermost(error)
+  spec = _config_arg(argv)
+  if isinstance(inner, (AttributeError, KeyError)):
+    field = str(inner).strip('"\'')
+    paths = [a.split('=')[0].split('config.', 1)[1] for a in argv
+             if a.startswith(('--config.', '--noconfig.')) and
+             a.split('=')[0].split('.')[-1] == field] or [field]
+    return (f'The config has no field {paths[0]!r}; check the spelling of --config.{paths[0]} '
+            f'against the fields of {(spec or "the config file").split(":")[0]}.')
+  if isinstance(inner, OSError) and 'config file' in str(inner):
+    reason = [l for l in str(inner).splitlines() if l.strip()][-1].strip()
+    return (f'Cannot load the config file of --config={spec} ({reason}); pass an existing '
+            'file such as --config=configs/triangle.py:quick.')
+  if isinstance(inner, (ValueError, TypeError)) and 'Error whilst parsing config file' in str(inner):
+    # ml_collections folds the config's own error into a traceback; its last line is the sentence.
+    last = [l for l in str(inner).splitlines() if l.strip()][-1].strip()
+    return last.split(': ', 1)[1] if ': ' in last and last.split(':')[0].isidentifier() else last
+  message = str(error)
+  if 'Error whilst parsing config file' in message:
+    last = [l for l in message.splitlines() if l.strip()][-1].strip()
+    return last.split(': ', 1)[1] if ': ' in last else last
+  return f'{message} (see --helpfull for the flags).'
+
+
+def is_user_error(error: BaseException) -> bool:
+  """True for mistakes in the user's input; anything else is a bug and keeps its traceback.
+
+  ValueErrors count only when raised by this package or a config file (our validation), so a
+  ValueError from deep inside JAX still shows where it came from.
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+  if isinstance(error, (UserError, app.UsageError, flags.Error)):
+    return True
+  if isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                        PermissionError, FileExistsError)):
+    return True
+  if isinstance(error, OSError) and error.errno in _USER_ERRNOS:
+    return True
+  if isinstance(error, ValueError):
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+      tb = tb.tb_next
+    origin = os.path.abspath(tb.tb_frame.f_code.co_filename) if tb else ''
+    return origin.startswith((_PACKAGE_DIR, _CONFIGS_DIR))
+  return False
+
+
+def user_message(error: BaseException) -> str:
+  """The sentence for a user's error: our own messages as they are, bare OS errors completed."""
+  if isinstance(error, OSError) and error.strerror and error.filename is not None:
+    return (f'{error.strerror}: {error.filename}; check that path (a folder you can write to, '
+            'or an existing file to read).')
+  return str(error)
+
+
+def fail(message: str) -> None:
+  """Prints `error: <message>` as one line on stderr and exits with EXIT_USER_ERROR."""
+  sys.stdout.flush()
+  print(f'error: {one_line(message)}', file=sys.stderr, flush=True)
+  raise SystemExit(EXIT_USER_ERROR)
+
+
+@contextlib.contextmanager
+def _sys_argv(argv: list[str]):
+  """config_flags reads the --config.x overrides from sys.argv; show it this run's argv."""
+  saved = sys.argv
+  sys.argv = list(argv)
+  try:
+    yield
+  finally:
+    sys.argv = saved
+
+
+def parse_flags(define_flags: Callable[[flags.FlagValues], None],
+                argv: list[str]) -> flags.FlagValues:
+  """Fresh FlagValues with absl's own flags (logging) and the command's; exits 2 on a bad one."""
+  fv = flags.FlagValues()
+  fv.append_flag_values(flags.FLAGS)  # shared Flag objects: --verbosity etc. still take effect
+  define_flags(fv)
+  if any(a.split('=')[0] in _HELP for a in argv[1:]):
+    print(fv.get_help(include_special_flags=False))
+    raise SystemExit(0)
+  try:
+    with _sys_argv(argv):
+      rest = fv(argv)
+      for name in ('config',):  # a missing config file only raises when the config is read
+        if name in fv and fv[name].value is not None:
+          fv[name].value.keys()
+  except SystemExit:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    if not isinstance(e, (flags.Error, ValueError, TypeError, OSError, AttributeError, KeyError)):
+      raise
+    fail(parse_error_message(e, argv))
+  if len(rest) > 1:
+    fail(f'Unexpected arguments {rest[1:]}; every option is a --flag=value.')
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # absl logging checks this before it formats records
+  return fv
+
+
+def run(define_flags: Callable[[flags.FlagValues], None],
+        main: Callable[[flags.FlagValues], None], argv: list[str] | None = None) -> None:
+  """Parses `argv` (default sys.argv), runs `main(flags)`, exits 0, or 2 on a user's error."""
+  argv = list(sys.argv if argv is None else argv)
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  fv = parse_flags(define_flags, argv)
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
+  try:
+    main(fv)
+  except SystemExit:
+    raise
+  except BaseException as e:  # pylint: disable=broad-except
+    if not is_user_error(e):
+      raise
+    fail(user_message(e))
+  sys.stdout.flush()
+  raise SystemExit(0)
+
+
+def require(fv: flags.FlagValues, *names: str, hint: str = '') -> None:
+  """Refuses to start when a flag is unset or empty (e.g. --workdir=$WORKDIR with it unset)."""
+  for name in names:
+    if fv[name].value in (None, ''):
+      fail(f'--{name} is {"empty" if fv[name].value == "" else "missing"}'
+           f'{" (is the shell variable in it set?)" if fv[name].value == "" else ""}; '
+           f'pass --{name}={hint or "..."}.')
+
+
+def override_args(overrides: Mapping[str, object] | Iterable[str]) -> list[str]:
+  """{'model.depth': 2, 'question_types': ('a', 'b')} -> ['--config.model.depth=2', ...]."""
+  if not isinstance(overrides, Mapping):
+    return list(overrides)
+  out = []
+  for key, value in overrides.items():
+    if isinstance(value, tuple):  # a tuple literal, as ml_collections parses tuple fields
+      value = '(' + ','.join(f'"{x}"' for x in value) + ',)'
+    out.append(f'--config.{key}={value}')
+  return out
+
+
+def load_config(spec: str, overrides: Mapping[str, object] | Iterable[str] = ()):
+  """`configs/x.py:variant` plus overrides, parsed exactly as `--config=... --config.k=v` are.
+
+  Raises ValueError with the same sentence the command line would print.
+  """
+  argv = ['load_config', f'--config={spec}', *override_args(overrides)]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  try:
+    fv(argv)
+    fv.config.keys()
+  except Exception as e:  # pylint: disable=broad-except
+    if not isinstance(e, (flags.Error, ValueError, TypeError, OSError, AttributeError, KeyError)):
+      raise
+    raise ValueError(parse_error_message(e, argv)) from None
+  return fv.config

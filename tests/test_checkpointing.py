@@ -1,0 +1,233 @@
+"""Checkpoint safety: damaged checkpoints are skipped (and kept), only finite states are saved,
+one run per workdir, and all processes stop at the same step when one is preempted."""
+import json
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from ait_jax import checkpointing
+from ait_jax import train
+from conftest import ROOT
+from test_train import quick_config
+
+
+@pytest.fixture(scope='module')
+def three_saves(generated_data_dir, tmp_path_factory):
+  """A workdir with checkpoints at steps 2, 4 and 6, and a trainer to restore them."""
+  workdir = tmp_path_factory.mktemp('three_saves')
+  config = quick_config(generated_data_dir, total_steps=6, log_every_steps=2,
+                        checkpoint_every_steps=2, eval_every_steps=6)
+  train.train_and_evaluate(config, str(workdir))
+  return config, workdir, train.Trainer(config)
+
+
+def _largest_file(folder: pathlib.Path) -> pathlib.Path:
+  return max((p for p in folder.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _truncate_array_file(step_dir):
+  path = _largest_file(step_dir / 'state')
+  with open(path, 'r+b') as f:
+    f.truncate(path.stat().st_size // 2)
+
+
+def _remove_metadata(step_dir):
+  (step_dir / 'state' / '_METADATA').unlink()
+
+
+def _empty_folder(step_dir):
+  shutil.rmtree(step_dir)
+  step_dir.mkdir()
+
+
+DAMAGES = {'truncated array file': _truncate_array_file, 'missing metadata': _remove_metadata,
+           'empty step folder': _empty_folder}
+
+
+@pytest.mark.parametrize('damage', sorted(DAMAGES))
+def test_damaged_latest_is_skipped_and_kept(three_saves, tmp_path, damage, caplog):
+  _, source, trainer = three_saves
+  workdir = tmp_path / 'run'
+  shutil.copytree(source, workdir)
+  DAMAGES[damage](workdir / 'checkpoints' / '6')
+  ckpt = checkpointing.Checkpointer(str(workdir))
+  with caplog.at_level(logging.WARNING):
+    step, state, data_state = ckpt.restore(trainer.abstract_with_shardings())
+  ckpt.close()
+  assert step == 4 and data_state
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+  assert [s for _, s, _ in ckpt.skipped] == [6]
+  assert 'Skipping the damaged checkpoint of step 6' in caplog.text
+  assert (workdir / 'checkpoints' / '6').is_dir()  # never deleted
+
+
+def test_resumed_run_sets_the_damaged_one_aside(three_saves, tmp_path):
+  config, source, _ = three_saves
+  workdir = tmp_path / 'run'
+  shutil.copytree(source, workdir)
+  _truncate_array_file(workdir / 'checkpoints' / '6')
+  damaged = sorted((workdir / 'checkpoints' / '6').rglob('*'))
+  result = train.train_and_evaluate(config, str(workdir))
+  assert result['step'] == 6
+  kept, = (workdir / checkpointing.DAMAGED_DIR).iterdir()
+  assert kept.name.startswith('checkpoints_6_')
+  assert len(sorted(kept.rglob('*'))) == len(damaged)
+  ckpt = checkpointing.Checkpointer(str(workdir))
+  assert ckpt.latest_step() == 6  # saved again by the resumed run
+  ckpt.close()
+
+
+def test_every_checkpoint_damaged_is_one_sentence(three_saves, tmp_path):
+  _, source, trainer = three_saves
+  workdir = tmp_path / 'run'
+  shutil.copytree(source, workdir)
+  for step in (2, 4, 6):
+    _empty_folder(workdir / 'checkpoints' / str(step))
+  ckpt = checkpointing.Checkpointer(str(workdir))
+  with pytest.raises(checkpointing.cli.UserError, match='Every checkpoint in .* is damaged'):
+    ckpt.restore(trainer.abstract_with_shardings())
+  ckpt.close()
+
+
+def test_non_finite_state_is_never_saved(generated_data_dir, tmp_path):
+  # lr=1e30: step 1's update is huge but finite; step 2 overflows. A checkpoint every step.
+  config = quick_config(generated_data_dir, total_steps=6, log_every_steps=3,
+                        checkpoint_every_steps=1, eval_every_steps=100, lr=1e30)
+  with pytest.raises(train.NonFiniteLossError) as failure:
+    train.train_and_evaluate(config, str(tmp_path))
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  last = ckpt.latest_step()
+  ckpt.close()
+  assert last is not None and last < 6
+  assert f'The last good checkpoint is step {last} in' in str(failure.value)
+  assert not (tmp_path / 'eval_final.json').exists()
+  trainer = train.Trainer(config)
+  step, state = trainer.restore(str(tmp_path), 'latest')
+  assert step == last
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(
+      (state.params, state.opt_state, state.memory))))
+
+
+def test_non_finite_state_with_finite_loss_is_not_saved(generated_data_dir, tmp_path):
+  # lr=1e39 is infinite in float32: step 1's loss and gradients are finite, its updated
+  # parameters are not. That state must not be saved, although step 1 is a checkpoint step.
+  config = quick_config(generated_data_dir, total_steps=6, log_every_steps=3,
+                        checkpoint_every_steps=1, eval_every_steps=100, lr=1e39)
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'Non-finite parameters or optimizer state at step 1;.*There is no '
+                           'checkpoint yet'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / 'checkpoints').exists() or not any(
+      (tmp_path / 'checkpoints').iterdir())
+
+
+_HOLD_LOCK = """
+import sys, time
+from ait_jax import checkpointing
+checkpointing.WorkdirLock(sys.argv[1]).acquire()
+print('locked', flush=True)
+time.sleep(120)
+"""
+
+
+def test_one_run_per_workdir(tmp_path):
+  holder = subprocess.Popen([sys.executable, '-c', _HOLD_LOCK, str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    with pytest.raises(checkpointing.WorkdirBusyError, match=f'in use by pid {holder.pid}'):
+      checkpointing.WorkdirLock(str(tmp_path)).acquire()
+  finally:
+    holder.kill()
+    holder.wait()
+  lock = checkpointing.WorkdirLock(str(tmp_path))
+  lock.acquire()  # the owner is dead: taken over
+  owner = json.loads((tmp_path / checkpointing.LOCK_FILE).read_text())
+  assert owner['pid'] == os.getpid() and owner['host'] == socket.gethostname()
+  lock.release()
+  assert not (tmp_path / checkpointing.LOCK_FILE).exists()
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+_DRIVER = """
+import json, sys
+from ait_jax import distributed
+distributed.maybe_initialize('on')
+import jax
+from ait_jax import train
+sys.path.insert(0, 'tests')
+from test_train import quick_config
+config = quick_config(sys.argv[1], total_steps=400, log_every_steps=2, eval_every_steps=1000,
+                      checkpoint_every_steps=1000, **{'mesh.data': -1})
+result = train.train_and_evaluate(config, sys.argv[2])
+print('RESULT', json.dumps({'process': jax.process_index(), 'step': result['step']}), flush=True)
+"""
+
+
+def test_one_process_preempted_both_stop_at_the_same_step(generated_data_dir, tmp_path):
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    env = dict(os.environ, AIT_JAX_COORDINATOR=f'127.0.0.1:{port}', AIT_JAX_NUM_PROCESSES='2',
+               AIT_JAX_PROCESS_ID=str(i), XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    procs.append(subprocess.Popen([sys.executable, '-c', _DRIVER, generated_data_dir,
+                                   str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  metrics = tmp_path / 'metrics.jsonl'
+  deadline = time.time() + 180
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+      procs[1].send_signal(signal.SIGTERM)  # only process 1 is preempted
+      break
+    time.sleep(0.05)
+  outs = [p.communicate(timeout=240)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
+  results = [json.loads(out.split('RESULT ', 1)[1].splitlines()[0]) for out in outs]
+  assert results[0]['step'] == results[1]['step'] < 400
+  assert 'saved step' in outs[0]
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  assert ckpt.latest_step() == results[0]['step']
+  ckpt.close()
+
+
+def test_ctrl_c_saves_like_sigterm(generated_data_dir, tmp_path):
+  config = quick_config(generated_data_dir, total_steps=400, log_every_steps=1,
+                        checkpoint_every_steps=1000, eval_every_steps=1000)
+  cmd = [sys.executable, '-c', (
+      'import sys; sys.path.insert(0, "tests"); from test_train import quick_config; '
+      'from ait_jax import train; '
+      f'train.train_and_evaluate(quick_config({generated_data_dir!r}, total_steps=400, '
+      'log_every_steps=1, checkpoint_every_steps=1000, eval_every_steps=1000), '
+      f'{str(tmp_path)!r})')]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  metrics = tmp_path / 'metrics.jsonl'
+  deadline = time.time() + 120
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+      proc.send_signal(signal.SIGINT)
+      break
+    time.sleep(0.05)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  assert 'SIGINT: saved step' in out, out
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  assert 0 < ckpt.latest_step() < config.total_steps
+  ckpt.close()
