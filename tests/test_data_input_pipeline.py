@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ait_jax.data import builders
 from ait_jax.data import datasets
 from ait_jax.data import input_pipeline as ip
 

@@ -5,14 +5,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ait_jax import train
+from ait_jax import steps
 
 
 def _schedule(unit, warmup=5.0, steps_per_epoch=10, total_steps=1000):
   c = ml_collections.ConfigDict(dict(lr=1e-4, warmup_init_lr=1e-5, end_lr=1e-6,
                                      warmup_epochs=warmup, schedule_unit=unit))
   s = types.SimpleNamespace(config=c, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-  return lambda step: float(train.learning_rate_fn(s)(step))
+  return lambda step: float(steps.learning_rate_fn(s)(step))
 
 
 def test_per_epoch_schedule_matches_the_reference_formula():

@@ -16,6 +16,7 @@ import pytest
 
 from ait_jax import checkpointing
 from ait_jax import train
+from ait_jax import steps
 from conftest import load_config, ROOT
 
 COMPARED = ('loss', 'ce_loss', 'balance_loss', 'accuracy', 'grad_norm', 'learning_rate')
@@ -259,8 +260,8 @@ def test_unknown_variant_is_rejected():
 
 def test_learning_rate_schedule():
   c = load_config('cifar100')
-  s = train.setup(c)
-  lr = train.learning_rate_fn(s)
+  s = steps.setup(c)
+  lr = steps.learning_rate_fn(s)
   spe = s.steps_per_epoch
   assert spe == 50_000 // 512
   np.testing.assert_allclose(float(lr(0)), 1e-5, rtol=1e-6)
