@@ -22,6 +22,7 @@ from ait_jax import metric_writer
 from ait_jax import sharding
 from ait_jax import steps
 from ait_jax.data import input_pipeline
+from ait_jax.data import prepare
 
 class NonFiniteLossError(cli.UserError, RuntimeError):
   """The loss, gradient norm or updated state of a logged step is NaN or infinite; the run stops
@@ -201,6 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpointing.check_workdir(workdir)
   trainer = Trainer(config)
   s = trainer.s
+  prepare.ensure_prepared(s.info, s.config.data_dir)  # Triangle, Sort-of-CLEVR: one command
   check_dataset_files(s)
   checkpointing.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
   lock = _take_lock(workdir)

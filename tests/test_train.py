@@ -243,11 +243,24 @@ def test_bad_config_fails_fast(generated_data_dir, override, message):
   assert 'Traceback' not in out.stderr
 
 
-def test_missing_dataset_names_prepare_command(tmp_path):
-  c = quick_config(str(tmp_path / 'empty'))
-  with pytest.raises(FileNotFoundError,
-                     match='python -m ait_jax.data.prepare --dataset=triangle/small'):
+def test_missing_catalog_dataset_names_prepare_command(tmp_path):
+  c = load_config('cifar10', 'quick')
+  c.data_dir = str(tmp_path / 'empty')
+  with pytest.raises(FileNotFoundError, match='python -m ait_jax.data.prepare --dataset=cifar10'):
     train.train_and_evaluate(c, str(tmp_path / 'work'))
+  assert not (tmp_path / 'work').exists()
+
+
+def test_missing_generated_dataset_is_built_first(tmp_path, capfd):
+  """One command from nothing: a generated dataset that data_dir lacks is built, then trained on."""
+  c = quick_config(str(tmp_path / 'data'), total_steps=2, eval_every_steps=2,
+                   checkpoint_every_steps=2)
+  result = train.train_and_evaluate(c, str(tmp_path / 'work'))
+  err = capfd.readouterr().err
+  assert 'triangle/small is not prepared' in err
+  assert f'Prepared triangle/small in {tmp_path / "data"}' in err
+  assert result['step'] == 2 and result['num_examples'] == 200
+  assert list((tmp_path / 'data' / 'triangle' / 'small').glob('*/*train.array_record*'))
 
 
 def test_unknown_variant_is_rejected():

@@ -8,6 +8,7 @@ class-subset index.
 """
 import importlib.util
 import os
+import sys
 import time
 
 from absl import flags
@@ -61,6 +62,43 @@ def prepare(name: str, data_dir: str) -> str:
     for split in (info.train_split, info.test_split):
       input_pipeline.ExampleSource(info, split, data_dir)
   return str(builder.data_dir)
+
+
+def ensure_prepared(info: datasets.DatasetInfo, data_dir: str) -> None:
+  """Builds a generated dataset (Triangle, Sort-of-CLEVR) that data_dir lacks, so training is one
+  command; catalog datasets need a download, so their absence stays an error (run prepare).
+
+  Process 0 builds while the others wait, then any process that still lacks it (a data_dir on a
+  host-local disk) builds its own byte-identical copy.
+  """
+  if not info.generated or _is_prepared(info, data_dir):
+    return
+  import jax  # pylint: disable=g-import-not-at-top  (the command itself needs no JAX)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  def build():
+    check_data_dir(data_dir)
+    print(f'{info.name} is not prepared in {data_dir}; generating it now (no download, '
+          'about 30 s for the full dataset)...', file=sys.stderr, flush=True)
+    start = time.time()
+    path = prepare(info.name, data_dir)
+    print(f'Prepared {info.name} in {path} in {time.time() - start:.1f} s.', file=sys.stderr,
+          flush=True)
+
+  if jax.process_index() == 0:
+    build()
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'prepare {info.name}')
+    if not _is_prepared(info, data_dir):
+      build()
+
+
+def _is_prepared(info: datasets.DatasetInfo, data_dir: str) -> bool:
+  try:
+    input_pipeline.open_tfds(info, info.train_split, data_dir)
+  except FileNotFoundError:
+    return False
+  return True
 
 
 def main(fv: flags.FlagValues) -> None:
