@@ -2,7 +2,8 @@
 
 Majority-answer baselines per question type (the majority answer of each subtype, taken on the
 train split, scored on train and test) and the share of "closest" answers that the original
-generator's quirk would change. Reads no files: it replays the seeds the TFDS builder uses
+generator's quirk would change (the answers of the `sort_of_clevr/full_faithful` builder config,
+`clevr.answer(..., closest_quirk=True)`, against those of `full`). Reads no files: it replays the seeds the TFDS builder uses
 (`builders._chunked`) without drawing images, which draws no random numbers. About 10 s on a CPU.
 
   PYTHONPATH=. python docs/sort_of_clevr_stats.py
@@ -13,9 +14,6 @@ import numpy as np
 
 from ait_jax.data import builders
 from ait_jax.data import sort_of_clevr as clevr
-
-QUIRK_DISTANCE2 = 999  # the original generator's stand-in for A's own squared distance
-
 
 def scenes(split: int, num_images: int, seed: int = 0):
   """Yields (centers, shapes, questions, answers) exactly as the builder's split `split` holds."""
@@ -28,12 +26,11 @@ def scenes(split: int, num_images: int, seed: int = 0):
 
 
 def quirk_changes(centers, shapes, a: int) -> bool:
-  """Whether the original's "closest to A" answer (A's own distance set to 999) differs."""
-  d2 = ((centers - centers[a]) ** 2).sum(-1).astype(np.float64)
-  d2[a] = QUIRK_DISTANCE2
-  quirk = shapes[int(np.argmin(d2))]
-  d2[a] = np.inf
-  return bool(quirk != shapes[int(np.argmin(d2))])
+  """Whether the original's "closest to A" answer (A's own squared distance set to 999, as the
+  builder config full_faithful stores it) differs from the truly closest object's shape."""
+  closest = (1, 0)  # binary question, subtype closest_shape
+  return (clevr.answer(centers, shapes, *closest, a, closest_quirk=True) !=
+          clevr.answer(centers, shapes, *closest, a))
 
 
 def main():
