@@ -2,9 +2,10 @@
 
 Majority-answer baselines per question type (the majority answer of each subtype, taken on the
 train split, scored on train and test) and the share of "closest" answers that the original
-generator's quirk would change (the answers of the `sort_of_clevr/full_faithful` builder config,
-`clevr.answer(..., closest_quirk=True)`, against those of `full`). Reads no files: it replays the seeds the TFDS builder uses
-(`builders._chunked`) without drawing images, which draws no random numbers. About 10 s on a CPU.
+generator's quirk changes (the answers of the builder config `sort_of_clevr/full_faithful`,
+`clevr.answer(..., closest_quirk=True)`, against those of `full`). Reads no files: it replays the
+seeds the TFDS builder uses (`builders._chunked`) without drawing images, which draws no random
+numbers. About 12 s of CPU time.
 
   PYTHONPATH=. python docs/sort_of_clevr_stats.py
 """
