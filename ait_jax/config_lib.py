@@ -9,7 +9,7 @@ import ml_collections
 
 from ait_jax import models
 
-ABLATIONS = {  # SPEC §1.9: name -> model fields
+ABLATIONS = {  # docs/model.md#ablations: name -> model fields
     'none': {},
     'no_bottleneck': {'bottleneck': False},
     'no_self_attention': {'self_attention': False},
@@ -38,7 +38,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Fields every training config has; values are the reference recipe (SPEC §2)."""
+  """Fields every training config has; values are the reference recipe (docs/training.md#recipe)."""
   c = ml_collections.ConfigDict()
   c.dataset = ''
   c.data_dir = os.environ.get('TFDS_DATA_DIR', os.path.expanduser('~/tensorflow_datasets'))

@@ -12,7 +12,6 @@ Reading a .pth needs torch (`pip install ait_jax[convert]`); a .npz of the state
 """
 import os
 import re
-import sys
 from typing import Callable, Mapping, NamedTuple
 
 import jax
@@ -252,36 +251,29 @@ def write_checkpoint(config, reference: str, workdir: str) -> str:
   return str(root)
 
 
-def _main(argv) -> None:
+def define_flags(fv) -> None:
+  """The command's flags (ait_jax/cli.py: defined only when this module runs as a command)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    _fail(f'unexpected arguments {argv[1:]}.')
-  f = flags.FLAGS
-  for name in ('reference', 'config', 'workdir'):
-    if f[name].value is None:
-      _fail(f'pass --{name} (see python -m ait_jax.convert --help).')
-  try:
-    where = write_checkpoint(f.config, f.reference, f.workdir)
-  except (ValueError, FileNotFoundError) as e:
-    _fail(str(e))
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('reference', None, 'The reference state_dict: a .pth (needs torch) or .npz.',
+                      flag_values=fv)
+  config_flags.DEFINE_config_file('config', None, 'A configs/*.py file with :variant matching '
+                                  'the checkpoint (depth, width, ...).', lock_config=True,
+                                  flag_values=fv)
+  flags.DEFINE_string('workdir', None, 'A new workdir; the checkpoint is saved as its step 0.',
+                      flag_values=fv)
+
+
+def main(fv) -> None:
+  from ait_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.require(fv, 'reference', hint='FILE (.pth or .npz)')
+  cli.require(fv, 'config', hint='configs/<dataset>.py[:variant]')
+  cli.require(fv, 'workdir', hint='DIR (a new workdir)')
+  where = write_checkpoint(fv.config, fv.reference, fv.workdir)
   print(f'Wrote step 0 to {where}; evaluate it with python -m ait_jax.main --mode=eval '
-        f'--workdir={f.workdir} and the same --config.')
-
-
-def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
+        f'--workdir={fv.workdir} and the same --config.')
 
 
 if __name__ == '__main__':
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string('reference', None, 'The reference state_dict: a .pth (needs torch) or .npz.')
-  config_flags.DEFINE_config_file('config', None, 'A configs/*.py file with :variant matching '
-                                  'the checkpoint (depth, width, ...).', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'A new workdir; the checkpoint is saved as its step 0.')
-  logging.set_verbosity(logging.WARNING)
-  app.run(_main)
+  from ait_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(define_flags, main)

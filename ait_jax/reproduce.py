@@ -1,5 +1,6 @@
-"""Reproduces the paper on the generated benchmarks in one command (SPEC §4, issue: Triangle and
-Sort-of-CLEVR), and checks evaluation batch independence (SPEC §1.7).
+"""Reproduces the paper on the generated benchmarks (Triangle and Sort-of-CLEVR) in one command
+(docs/training.md#paper-results), and checks evaluation batch independence
+(docs/model.md#batch-dependence).
 
   python -m ait_jax.reproduce --scale=gpu --data_dir=data --out=results/gpu   # one H200
   python -m ait_jax.reproduce --scale=cpu --data_dir=data --out=results/cpu   # reduced, 2 CPU cores

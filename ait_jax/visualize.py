@@ -91,7 +91,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str, which: str = 'best'
   """(trainer, step, state) for the run in workdir; the trainer's model writes memory at eval.
 
   The bottleneck selection only exists when the memory is written, so the model is rebuilt with
-  eval_writes_memory=True (the reference protocol, SPEC §1.7); the parameters are unchanged.
+  eval_writes_memory=True (the reference protocol, docs/model.md#batch-dependence); the parameters are unchanged.
   """
   config = config.copy_and_resolve_references()
   if config.model.vit:
@@ -321,7 +321,7 @@ def plot_hopfield_energy(data: dict, path: str, step: int) -> str:
     hist.set_ylabel('tokens')
     hist.set_title(f'layer {layer}: energy distribution', fontsize=10)
     hist.legend()
-  fig.suptitle(f'Hopfield energy (SPEC §1.5) of the tokens of a test batch of '
+  fig.suptitle(f'Hopfield energy of the tokens of a test batch of '
                f'{data["images"].shape[0]}, step {step}')
   return _save(fig, path)
 

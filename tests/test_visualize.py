@@ -45,7 +45,7 @@ def test_writes_four_figures_of_the_stated_size(trained_workdir, tmp_path):
   k = 64  # configs/triangle.py: every (head, slot) keeps exactly k tokens of the batch
   np.testing.assert_array_equal(layer['selections'].sum(axis=(2, 3)), np.full((hm, m), k))
   np.testing.assert_allclose(layer['gates'].sum(axis=(2, 3)), 1.0, rtol=1e-5)
-  # The Hopfield update is the concave-convex step of its energy (SPEC §1.5).
+  # The Hopfield update is the concave-convex step of its energy (docs/model.md#hopfield).
   assert layer['energy_after'].mean() <= layer['energy_before'].mean()
   assert np.all(layer['energy_after'] <= layer['energy_before'] + 1e-4)
 
