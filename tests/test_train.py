@@ -53,7 +53,7 @@ def test_sharded_step_equals_single_device(generated_data_dir, scope, k):
     trainer = train.Trainer(config, devices=devices)
     state = trainer.init(trainer.rng)
     batch = synthetic_batch(trainer, config.batch_size)
-    grads_fn = jax.jit(functools.partial(train.loss_and_grads, trainer.s),
+    grads_fn = jax.jit(functools.partial(steps.loss_and_grads, trainer.s),
                        in_shardings=(trainer.state_sharding, trainer.batch_sharding))
     loss, (_, balance, _, memory), grads = grads_fn(state, batch)
     state, metrics = trainer.train_step(state, batch)
