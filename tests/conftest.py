@@ -4,10 +4,17 @@ import os
 import pathlib
 import tempfile
 
-# Tests check numbers, not speed: XLA's backend optimisations roughly double compile time on CPU
-# for no gain here (compiling dominates these tiny steps). Subprocesses inherit the flags.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
-                      '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true')
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for `devices` virtual CPU devices. Tests check numbers, not speed: XLA's backend
+  optimisations roughly double compile time on CPU for no gain here (compiling dominates these tiny
+  steps), so they are off in tests and in the commands tests run."""
+  return (f'--xla_force_host_platform_device_count={devices} '
+          '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true')
+
+
+os.environ.setdefault('XLA_FLAGS', xla_flags(8))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # Many tests run `python -m ait_jax.<command>` in a subprocess that compiles the same small steps:
 # one compilation cache for the whole run (shared by pytest-xdist's workers) lets the later ones

@@ -17,7 +17,7 @@ import pytest
 
 from ait_jax import checkpointing
 from ait_jax import train
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 from test_train import quick_config
 
 
@@ -184,7 +184,7 @@ def test_one_process_preempted_both_stop_at_the_same_step(generated_data_dir, tm
   procs = []
   for i in range(2):
     env = dict(os.environ, AIT_JAX_COORDINATOR=f'127.0.0.1:{port}', AIT_JAX_NUM_PROCESSES='2',
-               AIT_JAX_PROCESS_ID=str(i), XLA_FLAGS='--xla_force_host_platform_device_count=1')
+               AIT_JAX_PROCESS_ID=str(i), XLA_FLAGS=xla_flags(1))
     procs.append(subprocess.Popen([sys.executable, '-c', _DRIVER, generated_data_dir,
                                    str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
@@ -215,7 +215,7 @@ def test_ctrl_c_saves_like_sigterm(generated_data_dir, tmp_path):
       f'train.train_and_evaluate(quick_config({generated_data_dir!r}, total_steps=400, '
       'log_every_steps=1, checkpoint_every_steps=1000, eval_every_steps=1000), '
       f'{str(tmp_path)!r})')]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   metrics = tmp_path / 'metrics.jsonl'

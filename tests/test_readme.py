@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 
 README = (ROOT / 'README.md').read_text()
 
@@ -36,7 +36,7 @@ def test_runnable_blocks(tmp_path):
               if line.strip() and not line.startswith('#')]
   assert any('ait_jax.main' in c and ':quick' in c for c in commands)
   (tmp_path / 'configs').symlink_to(ROOT / 'configs')
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # as a user would run it
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))  # one device, as a user's CPU has
   env['PYTHONPATH'] = str(ROOT)
   # `python` is this interpreter, as in the venv the README installs into.
   env['PATH'] = os.path.dirname(sys.executable) + os.pathsep + env.get('PATH', '')

@@ -17,7 +17,7 @@ import pytest
 from ait_jax import checkpointing
 from ait_jax import train
 from ait_jax import steps
-from conftest import load_config, ROOT
+from conftest import load_config, ROOT, xla_flags
 
 COMPARED = ('loss', 'ce_loss', 'balance_loss', 'accuracy', 'grad_norm', 'learning_rate')
 
@@ -112,7 +112,7 @@ def test_sigterm_saves_and_resumes(uninterrupted, tmp_path):
          f'--config.data_dir={config.data_dir}', '--config.total_steps=24',
          '--config.log_every_steps=1', '--config.checkpoint_every_steps=8',
          '--config.eval_every_steps=12', '--config.mesh.data=1']
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   metrics = workdir / 'metrics.jsonl'
@@ -209,7 +209,7 @@ def test_two_processes_agree(generated_data_dir, tmp_path):
   for i in range(2):
     env = dict(os.environ, AIT_JAX_COORDINATOR=f'127.0.0.1:{port}', AIT_JAX_NUM_PROCESSES='2',
                AIT_JAX_PROCESS_ID=str(i),
-               XLA_FLAGS='--xla_force_host_platform_device_count=1')
+               XLA_FLAGS=xla_flags(1))
     procs.append(subprocess.Popen([sys.executable, '-c', _DRIVER, generated_data_dir,
                                    str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
