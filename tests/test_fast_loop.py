@@ -133,3 +133,10 @@ def test_resume_with_both_options_is_bit_exact(trainer, tmp_path, monkeypatch):
   assert got[0] == want[0] == 12 and got[2] == want[2] == {
       'grain': {'next_index': 12}, 'fingerprint': want[2]['fingerprint']}
   chex.assert_trees_all_equal(got[1], want[1])
+
+
+def test_too_large_split_stays_on_host(generated_data_dir, monkeypatch):
+  monkeypatch.setattr(device_data, 'MAX_BYTES', 1000)
+  with pytest.raises(ValueError, match='set device_data=False for this dataset'):
+    device_data.make_device_batches('triangle/small', sharding.make_mesh(1, 1),
+                                    data_dir=generated_data_dir, global_batch_size=64, seed=0)

@@ -25,6 +25,9 @@ from jax.sharding import PartitionSpec as P
 from ait_jax import sharding as sharding_lib
 from ait_jax.data import input_pipeline
 
+# A split larger than this per device stays on the host: device memory belongs to the model.
+MAX_BYTES = 8 * 2 ** 30
+
 # Per-example columns gathered into a training batch; 'images' is indexed through 'image_row'.
 _PER_EXAMPLE = ('label', 'question', 'qtype', 'qsubtype')
 
@@ -57,8 +60,13 @@ class DeviceData:
     self.shard_count = jax.process_count() if shard_count is None else shard_count
     self.mesh = mesh
     keys = np.arange(len(source))[self.shard_index::self.shard_count]
-    columns = source.columns(keys)
     examples, images = _shard_sizes(source, self.shard_count)
+    size = images * int(np.prod(source.info.image_shape))
+    if size > MAX_BYTES:
+      raise ValueError(f'device_data=True would put {size / 2 ** 30:.1f} GiB of {source.info.name} '
+                       f'images on every device (at most {MAX_BYTES / 2 ** 30:.0f} GiB); set '
+                       'device_data=False for this dataset.')
+    columns = source.columns(keys)
     self.sharding = NamedSharding(mesh, P(sharding_lib.DATA))
     rows = mesh.shape[sharding_lib.DATA]
     self.arrays = {}
