@@ -355,7 +355,8 @@ def _train(trainer: 'Trainer', workdir: str) -> dict:
           break
         del summary['state_finite']
         summary['epoch'] = step / s.steps_per_epoch
-        summary.update(progress.update(step))
+        if step > progress.last_step:  # a first call that fills the window measured nothing
+          summary.update(progress.update(step))
         writer.write(step, summary, prefix='train')
       if evaluated:
         last_eval = trainer.evaluate(state.params, state.memory)
