@@ -64,6 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({'data': -1, 'model': 1})
   c.prefetch = 2  # global batches grain keeps ready
   c.read_threads = 1  # grain threads reading and decoding batches (zlib and PIL free the GIL)
+  # Tiny steps (Triangle, Sort-of-CLEVR) are bound by the host, not the accelerator:
+  c.device_data = False  # hold the train split on the devices and gather batches there
+  c.steps_per_call = 1  # optimisation steps per jitted call (lax.scan); never crosses a log,
+                        # eval or save step, so K dividing log_every_steps compiles once
   c.model = models.default_config()
   return c
 

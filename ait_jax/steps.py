@@ -16,6 +16,7 @@ from ait_jax import models
 from ait_jax import sharding
 from ait_jax.data import augment
 from ait_jax.data import datasets
+from ait_jax.data import device_data
 from ait_jax.data import sort_of_clevr as clevr
 
 QUESTION_TYPES = clevr.QUESTION_TYPES
@@ -62,6 +63,9 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   if config.schedule_unit not in ('epoch', 'step'):
     raise ValueError(f"schedule_unit={config.schedule_unit!r} must be 'epoch' or 'step'.")
   info = datasets.get_info(config.dataset, tuple(config.question_types) or None)
+  if int(config.get('steps_per_call', 1)) < 1:
+    raise ValueError(f'steps_per_call={config.get("steps_per_call")} must be a positive integer (1: one '
+                     'step per call).')
   steps_per_epoch = info.num_train // config.batch_size
   if steps_per_epoch < 1:
     raise ValueError(f'batch_size={config.batch_size} is larger than the {info.num_train} '
@@ -171,6 +175,26 @@ def train_step(s: Setup, tx, state: TrainState, batch):
   }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, memory=memory,
                        rng=state.rng), metrics
+
+
+def train_steps(s: Setup, tx, state: TrainState, batches, data=None, batch_sharding=None):
+  """Several optimisation steps in one call (`config.steps_per_call`): a lax.scan of train_step.
+
+  `batches` is either a list of K batches (host data, stacked here) or, with `data` (the
+  `device_data.DeviceData` arrays), [K, B] example indices gathered on device each step. Returns
+  the state after the K steps and each step's metrics stacked along a leading axis of K.
+  Per-step randomness stays fold_in(rng, step), so K steps here equal K calls of train_step.
+  """
+  if data is None:
+    batches = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+
+  def body(state, xs):
+    batch = device_data.gather(data, xs) if data is not None else xs
+    if batch_sharding is not None:  # the gathered batch is split like a host batch
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    return train_step(s, tx, state, batch)
+
+  return jax.lax.scan(body, state, batches)
 
 
 def _all_finite(tree) -> jax.Array:

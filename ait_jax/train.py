@@ -21,6 +21,7 @@ from ait_jax import cli
 from ait_jax import metric_writer
 from ait_jax import sharding
 from ait_jax import steps
+from ait_jax.data import device_data
 from ait_jax.data import input_pipeline
 from ait_jax.data import prepare
 
@@ -90,6 +91,36 @@ class Trainer:
         sharding=self.batch_sharding, question_types=tuple(c.question_types) or None,
         start_state=data_state, prefetch=c.prefetch, threads=c.read_threads)
 
+  def train_feed(self, data_state=None) -> '_HostFeed | _DeviceFeed':
+    """What the loop runs steps with: host batches, or the device-resident split
+    (`config.device_data`); both resume from the same saved position."""
+    c = self.s.config
+    if not c.get('device_data', False):
+      return _HostFeed(self, self.train_iterator(data_state))
+    data, order = device_data.make_device_batches(
+        c.dataset, self.mesh, data_dir=c.data_dir, global_batch_size=c.batch_size, seed=c.seed,
+        question_types=tuple(c.question_types) or None, start_state=data_state)
+    return _DeviceFeed(self, data, order)
+
+  def steps_fn(self, k: int, data=None):
+    """The jitted, state-donating function of k steps (`steps.train_steps`), compiled once per
+    k (with device data, once per k through its index shape)."""
+    cache = self.__dict__.setdefault('_steps_fns', {})
+    key = 'device' if data is not None else k
+    if key not in cache:
+      fn = functools.partial(steps.train_steps, self.s, self.tx,
+                             batch_sharding=self.batch_sharding)
+      rep = sharding.replicated(self.mesh)
+      if data is None:
+        cache[key] = jax.jit(fn, in_shardings=(self.state_sharding, [self.batch_sharding] * k),
+                             out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
+      else:
+        cache[key] = jax.jit(lambda state, idx, arrays: fn(state, idx, arrays),
+                             in_shardings=(self.state_sharding, data.index_sharding(),
+                                           data.shardings()),
+                             out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
+    return cache[key]
+
   def evaluate(self, params, memory, split: str | None = None,
                predictions: list | None = None) -> dict:
     """Eval metrics over every example of `split` (default: the dataset's test split, e.g.
@@ -113,6 +144,63 @@ class Trainer:
 
 
 _TRAIN_KEYS = ('image', 'label', 'question')
+
+
+class _HostFeed:
+  """Steps on grain batches: one step per call as train_step, or k stacked in one call."""
+
+  def __init__(self, trainer: Trainer, iterator):
+    self.trainer, self.iterator = trainer, iterator
+
+  def run(self, state, k: int):
+    batches = [{key: v for key, v in next(self.iterator).items() if key in _TRAIN_KEYS}
+               for _ in range(k)]
+    if k == 1 and self.trainer.s.config.get('steps_per_call', 1) == 1:
+      return self.trainer.train_step(state, batches[0])  # today's path, unchanged
+    return self.trainer.steps_fn(k)(state, batches)
+
+  def get_state(self):
+    return self.iterator.get_state()
+
+  def close(self):
+    close = getattr(self.iterator, 'close', None)
+    if close:
+      close()
+
+
+class _DeviceFeed:
+  """Steps on the device-resident split: k index rows per call, gathered on device."""
+
+  def __init__(self, trainer: Trainer, data, order):
+    self.trainer, self.data, self.order = trainer, data, order
+
+  def run(self, state, k: int):
+    return self.trainer.steps_fn(k, self.data)(state, self.order.next_indices(k),
+                                               self.data.arrays)
+
+  def get_state(self):
+    return self.order.get_state()
+
+  def close(self):
+    self.order.close()
+
+
+def _calls_end(step: int, c, s: steps.Setup) -> int:
+  """Where the call starting after `step` ends: at most steps_per_call steps, never past a log,
+  eval, save or the last step, and aligned to multiples of steps_per_call, so a resumed run
+  makes the same calls as an uninterrupted one."""
+  every = (c.log_every_steps, c.checkpoint_every_steps, s.eval_every,
+           c.get('steps_per_call', 1))
+  return min([s.total_steps] + [(step // e + 1) * e for e in every])
+
+
+def _mean_of(pending: list[dict]) -> dict:
+  """Means over every pending step, whether a call returned one step's scalars or k steps'."""
+  got = jax.device_get(pending)
+  return {k: float(np.mean(np.concatenate([np.atleast_1d(m[k]) for m in got])))
+          for k in got[0]}
+
+
 _EVAL_KEYS = ('image', 'label', 'question', 'mask', 'qtype', 'qsubtype')
 
 
@@ -240,7 +328,7 @@ def _train(trainer: 'Trainer', workdir: str) -> dict:
   if start >= s.total_steps:
     writer.log_text(f'{workdir} already holds the final step {start}; nothing to train. Use '
                     '--mode=eval to evaluate it.')
-  train_iter = trainer.train_iterator(data_state)
+  feed = trainer.train_feed(data_state)
   # Processes agree on a signal at log steps, which already wait for the device.
   preemption = checkpointing.PreemptionFlag(agree_every=c.log_every_steps)
   pending, last_eval, summary, failure = [], None, {}, None
@@ -248,10 +336,11 @@ def _train(trainer: 'Trainer', workdir: str) -> dict:
   step = start
   try:
     while step < s.total_steps:
-      batch = {k: v for k, v in next(train_iter).items() if k in _TRAIN_KEYS}
-      state, metrics = trainer.train_step(state, batch)
-      step += 1
-      if step == start + 1:  # keep compilation out of the images/s and ETA figures
+      k = _calls_end(step, c, s) - step
+      state, metrics = feed.run(state, k)
+      first = step == start
+      step += k
+      if first:  # keep compilation out of the images/s and ETA figures
         jax.block_until_ready(metrics)
         progress.restart(step)
       pending.append(metrics)
@@ -260,7 +349,7 @@ def _train(trainer: 'Trainer', workdir: str) -> dict:
       stop = preemption.should_stop(step, ckpt)
       save = step % c.checkpoint_every_steps == 0 or is_last or stop or evaluated
       if step % c.log_every_steps == 0 or save:  # a state is checked finite before it is saved
-        summary = metric_writer.mean_of(pending)  # the only host sync of ordinary steps
+        summary = _mean_of(pending)  # the only host sync of ordinary steps
         pending = []
         bad = _non_finite(summary)
         if bad:
@@ -268,13 +357,14 @@ def _train(trainer: 'Trainer', workdir: str) -> dict:
           break
         del summary['state_finite']
         summary['epoch'] = step / s.steps_per_epoch
-        summary.update(progress.update(step))
+        if step > progress.last_step:  # a first call that fills the window measured nothing
+          summary.update(progress.update(step))
         writer.write(step, summary, prefix='train')
       if evaluated:
         last_eval = trainer.evaluate(state.params, state.memory)
         writer.write(step, _scalars(last_eval), prefix='eval')
       if save:
-        ckpt.save(step, state, train_iter.get_state(),
+        ckpt.save(step, state, feed.get_state(),
                   best_metrics=_scalars(last_eval) if evaluated else None)
       if evaluated:
         progress.restart(step)  # images/s counts training steps only
@@ -288,9 +378,7 @@ def _train(trainer: 'Trainer', workdir: str) -> dict:
     last_good = _last_good_sentence(ckpt, workdir) if failure else ''
     ckpt.close()
     writer.close()
-    close = getattr(train_iter, 'close', None)
-    if close:
-      close()
+    feed.close()
   if failure:
     raise NonFiniteLossError(f'{failure} {last_good}: lower lr, set grad_clip_norm, or try '
                              'dtype=float32.')

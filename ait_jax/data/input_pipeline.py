@@ -41,6 +41,12 @@ def open_tfds(info: DatasetInfo, split: str, data_dir: str | None):
     ) from e
 
 
+def _question_fields(question, q: int) -> dict[str, np.ndarray]:
+  question = np.asarray(question, np.float32)
+  return {'question': question, 'qtype': np.int32(q // clevr.QUESTIONS_PER_TYPE),
+          'qsubtype': np.int32(np.argmax(question[15:18]))}
+
+
 class ExampleSource:
   """Random-access examples as uint8/int32 numpy dicts; Sort-of-CLEVR expands to (image, question).
 
@@ -118,32 +124,66 @@ class ExampleSource:
       return feature['label'].int64_list.value[0]
     return int(record['label'])  # tfds.testing.mock_data hands out examples already decoded
 
-  def _example(self, record, q: int | None = None) -> dict[str, np.ndarray]:
-    """Parses the features the pipeline needs from one record (question q for Sort-of-CLEVR)."""
+  def _parse(self, record):
+    """(image as stored, label, questions [Q, 18] float32, answers [Q]) of one record; the last
+    two are None without questions. One protobuf parse per record."""
     if isinstance(record, bytes):
       f = tf_example_pb2.Example.FromString(record).features.feature
       image = f['image'].bytes_list.value[0]
       if self._zlib_images:
         image = np.frombuffer(zlib.decompress(image), np.uint8).reshape(self.info.image_shape)
-      if q is None:
-        label = f['label'].int64_list.value[0]
-      else:
-        question = f['questions'].float_list.value[q * clevr.QUESTION_DIM:(q + 1) * clevr.QUESTION_DIM]
-        label = f['answers'].int64_list.value[q]
-    else:  # tfds.testing.mock_data hands out examples already decoded
-      image = record['image']
-      if q is None:
-        label = record['label']
-      else:
-        question, label = record['questions'][q], record['answers'][q]
+      if self._index is None:
+        return image, f['label'].int64_list.value[0], None, None
+      questions = np.asarray(f['questions'].float_list.value, np.float32)
+      return (image, None, questions.reshape(-1, clevr.QUESTION_DIM),
+              np.asarray(f['answers'].int64_list.value))
+    # tfds.testing.mock_data hands out examples already decoded
+    if self._index is None:
+      return record['image'], record['label'], None, None
+    return (record['image'], None, np.asarray(record['questions'], np.float32),
+            np.asarray(record['answers']))
+
+  def _example(self, record, q: int | None = None) -> dict[str, np.ndarray]:
+    """Parses the features the pipeline needs from one record (question q for Sort-of-CLEVR)."""
+    image, label, questions, answers = self._parse(record)
+    if q is not None:
+      label = answers[q]
     if self._label_map is not None:
       label = self._label_map[label]
     example = {'image': self._image(image), 'label': np.int32(label)}
     if q is not None:
-      question = np.asarray(question, np.float32)
-      example.update(question=question, qtype=np.int32(q // clevr.QUESTIONS_PER_TYPE),
-                     qsubtype=np.int32(np.argmax(question[15:18])))
+      example.update(_question_fields(questions[q], q))
     return example
+
+  def columns(self, keys: Sequence[int], chunk: int = 1024) -> dict[str, np.ndarray]:
+    """The examples at `keys` as columns, each image stored once: 'images' [R, H, W, C] and, per
+    example, 'image_row' (its row in 'images'), 'label' [+ 'question', 'qtype', 'qsubtype'].
+
+    Sort-of-CLEVR's examples share their image (one per question), so the images are kept per
+    record rather than per example; everything else equals `read(keys)`.
+    """
+    keys = np.asarray(keys, np.int64)
+    if self._index is None:
+      parts = [self.read(keys[i:i + chunk]) for i in range(0, len(keys), chunk)]
+      out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+      out['images'] = out.pop('image')
+      out['image_row'] = np.arange(len(keys), dtype=np.int32)
+      return out
+    flat = self._index[keys]
+    records, image_row = np.unique(flat // _Q, return_inverse=True)
+    images, fields = [], []
+    for start in range(0, len(records), chunk):
+      for r in self._records(records[start:start + chunk]):
+        image, _, questions, answers = self._parse(r)
+        images.append(self._image(image))
+        fields.append((questions, answers))
+    examples = []
+    for row, q in zip(image_row.tolist(), (flat % _Q).tolist()):
+      questions, answers = fields[row]
+      examples.append({'label': np.int32(answers[q]), **_question_fields(questions[q], q)})
+    out = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    out.update(images=np.stack(images), image_row=image_row.astype(np.int32))
+    return out
 
   def _image(self, image) -> np.ndarray:
     if isinstance(image, bytes):
@@ -174,6 +214,20 @@ def _to_global(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
+def train_keys(num_examples: int, seed: int, shard_index: int, shard_count: int):
+  """The infinite sequence of one process's training keys (record indices), as grain orders them:
+  every shard_count-th key from shard_index, shuffled afresh every epoch from `seed`, repeated.
+  `TrainBatches` batches it; `device_data` reads the same order without reading examples."""
+  return (grain.MapDataset.range(num_examples)[shard_index::shard_count]
+          .seed(seed).shuffle().repeat())
+
+
+def train_fingerprint(source: 'ExampleSource', seed: int, shard_count: int,
+                      local_batch_size: int) -> str:
+  """What a saved input position belongs to; a resume with another one is refused."""
+  return f'{source!r} seed={seed} shards={shard_count} batch={local_batch_size}'
+
+
 class TrainBatches:
   """Infinite, shuffled, per-process-sharded global batches whose position is a small JSON dict.
 
@@ -190,16 +244,14 @@ class TrainBatches:
                shard_index: int | None = None, shard_count: int | None = None):
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
-    dataset = (grain.MapDataset.range(len(source))[shard_index::shard_count]
-               .seed(seed).shuffle().repeat()
+    dataset = (train_keys(len(source), seed, shard_index, shard_count)
                .batch(local_batch_size, drop_remainder=True)
                .map(lambda keys: _to_global(source.read(keys), sharding)))
     self._iter = iter(dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=max(threads, 1) if prefetch > 0 else 0, prefetch_buffer_size=prefetch)))
     # Every process is at the same position, so one process's state restores all of them: the
     # fingerprint leaves out the shard index (the checkpoint keeps process 0's state).
-    self._fingerprint = (f'{source!r} seed={seed} shards={shard_count} '
-                         f'batch={local_batch_size}')
+    self._fingerprint = train_fingerprint(source, seed, shard_count, local_batch_size)
 
   def __iter__(self):
     return self
