@@ -10,6 +10,7 @@ import math
 import os
 import pathlib
 import platform
+import re
 import statistics
 import sys
 import time
@@ -26,7 +27,7 @@ def define_flags() -> None:
   so that other modules and tests can import it without flag clashes."""
   global _CONFIG, _MODEL, _BATCH, _DTYPE, _SCOPE, _DEVICES
   global _STEPS, _WARMUP, _COMPARE, _PEAK, _JSON, _DUMP_HLO
-  global _DEPTH, _WIDTH, _MLP_DIM, _NUM_HEADS, _BOTTLENECK_K
+  global _DEPTH, _WIDTH, _MLP_DIM, _NUM_HEADS, _BOTTLENECK_K, _COLLECTIVES
   _CONFIG = config_flags.DEFINE_config_file(
       'config', str(_ROOT / 'configs' / 'cifar10.py'),
       'A configs/*.py file (default configs/cifar10.py); its dataset fixes the input shape.',
@@ -48,6 +49,9 @@ def define_flags() -> None:
   _JSON = flags.DEFINE_string('json', None, 'Write the results as JSON to this path.')
   _DUMP_HLO = flags.DEFINE_string('dump_hlo', None,
                                   'Write the optimised HLO of the train step here (ViT: .vit added).')
+  _COLLECTIVES = flags.DEFINE_bool(
+      'collectives', False, 'Only compile the train step and list the collectives of its '
+      'optimised HLO (op, shape, bytes per step, per layer); nothing is run.')
   _DEPTH = flags.DEFINE_integer('depth', None, 'Override model.depth.')
   _WIDTH = flags.DEFINE_integer('width', None, 'Override model.width.')
   _MLP_DIM = flags.DEFINE_integer('mlp_dim', None, 'Override model.mlp_dim.')
@@ -229,6 +233,82 @@ def benchmark(config, *, devices, steps: int, warmup: int, peak_tflops=None,
   return row
 
 
+_HLO_COLLECTIVE = re.compile(
+    r'^\s*%?[\w.\-]+ = (?P<shape>.+?) (?P<op>all-gather|all-reduce|reduce-scatter|all-to-all|'
+    r'collective-permute|collective-broadcast)(?P<start>-start)?\(')
+_HLO_ARRAY = re.compile(r'\b(?P<dtype>pred|[sub]\d+|f8\w*|bf16|f16|f32|f64|c64|c128)\[(?P<dims>[\d,]*)\]')
+_HLO_SCOPE = re.compile(r'(block\d+)(/workspace)?')
+_DTYPE_BYTES = {'pred': 1, 'bf16': 2, 'f16': 2, 'f32': 4, 'f64': 8, 'c64': 8, 'c128': 16}
+
+
+def _array_bytes(dtype: str, dims: str) -> int:
+  size = _DTYPE_BYTES.get(dtype) or (1 if dtype.startswith('f8') else int(dtype[1:]) // 8)
+  return size * math.prod(int(d) for d in dims.split(',') if d)
+
+
+def collectives(hlo_text: str) -> list:
+  """Every collective of an optimised HLO module: op, result shape, bytes and model scope.
+
+  bytes is the size of the op's result on one device (for an all-gather, the gathered array;
+  for an async '-start' op, its last tuple element); scope is 'block<i>/workspace', 'block<i>'
+  or 'other' (e.g. the gradient all-reduce), from the op's metadata.
+  """
+  out = []
+  for line in hlo_text.splitlines():
+    m = _HLO_COLLECTIVE.match(line)
+    if not m:
+      continue
+    arrays = _HLO_ARRAY.findall(m['shape'])
+    if m['start']:
+      arrays = arrays[-1:]
+    name = re.search(r'op_name="([^"]*)"', line)
+    scope = _HLO_SCOPE.search(name[1]) if name else None
+    out.append({'op': m['op'], 'shape': m['shape'],
+                'bytes': sum(_array_bytes(t, d) for t, d in arrays),
+                'scope': scope[0] if scope else 'other'})
+  return out
+
+
+def compile_train_step(config, devices):
+  """The compiled train step of `config` on abstract inputs (nothing is run or allocated)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ait_jax import train  # pylint: disable=g-import-not-at-top
+
+  trainer = train.Trainer(config, devices=devices)
+  s, b = trainer.s, config.batch_size
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding)
+  batch = {'image': spec((b,) + tuple(s.info.image_shape), np.uint8), 'label': spec((b,), np.int32)}
+  if s.question_dim:
+    batch['question'] = spec((b, s.question_dim), np.float32)
+  return trainer.train_step.lower(trainer.abstract_with_shardings(), batch).compile()
+
+
+def collective_report(config, devices) -> dict:
+  """Compiles the train step of `config` and lists its collectives, with bytes per scope."""
+  ops = collectives(compile_train_step(config, devices).as_text())
+  per_scope = {}
+  for op in ops:
+    per_scope[op['scope']] = per_scope.get(op['scope'], 0) + op['bytes']
+  c = config.model
+  return {'selection': c.selection, 'batch': config.batch_size, 'devices': len(devices),
+          'depth': c.depth, 'collectives': ops, 'bytes_per_scope': per_scope,
+          'total_bytes': sum(per_scope.values())}
+
+
+def format_collectives(report: dict) -> str:
+  mib = 2 ** 20
+  lines = [f"selection {report['selection']}, global batch {report['batch']}, "
+           f"{report['devices']} devices: {report['total_bytes'] / mib:.3f} MiB of collectives "
+           'per step (result bytes on one device)']
+  for op in report['collectives']:
+    lines.append(f"  {op['scope']:<18} {op['op']:<15} {op['bytes'] / mib:>10.3f} MiB  "
+                 f"{op['shape'][:90]}")
+  for scope, n in sorted(report['bytes_per_scope'].items()):
+    lines.append(f'  total {scope:<18} {n / mib:>10.3f} MiB')
+  return '\n'.join(lines)
+
+
 def _fmt(x, spec: str, scale: float = 1.0) -> str:
   return 'n/a' if x is None else format(x / scale, spec)
 
@@ -288,6 +368,15 @@ def run(argv) -> dict:
   # With --compare=vit the ViT runs first: peak_bytes_in_use never resets, and the ViT needs less
   # memory than the AiT (a subset of its parameters and activations), so both peaks stay right.
   archs = [True, False] if _COMPARE.value == 'vit' else [_MODEL.value.startswith('vit_')]
+  if _COLLECTIVES.value:
+    reports = [collective_report(_build_config(vit), devices) for vit in archs]
+    for report in reports:
+      print(format_collectives(report), flush=True)
+    result = {'command': 'python -m ait_jax.bench ' + ' '.join(sys.argv[1:]), 'reports': reports}
+    if _JSON.value:
+      with open(_JSON.value, 'w') as f:
+        json.dump(result, f, indent=2)
+    return result
   rows = []
   for vit in archs:
     hlo = _DUMP_HLO.value

@@ -91,6 +91,7 @@ class GlobalWorkspace(nn.Module):
   hopfield_beta: float = 1.0
   hopfield_steps: int = 1
   balance_coef: float = 0.01
+  selection: str = 'auto'  # how the top-k is found; every choice is exact (workspace.SELECTIONS)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -118,8 +119,11 @@ class GlobalWorkspace(nn.Module):
         # Evaluation (or init) on a batch smaller than the training one: keep every token rather
         # than fail; training batches are checked by the config (`bottleneck_k`).
         top_k = per_group
+      # Init only needs shapes (and may run outside any mesh): every selection gives the same.
+      selection = ('full' if self.is_initializing() else
+                   workspace.resolve_selection(self.selection, groups, per_group, top_k))
       out = workspace.bottleneck_attention(q.reshape(m, hm, dm).transpose(1, 0, 2), split(k),
-                                           split(v), top_k)
+                                           split(v), top_k, selection)
       read = out.read.transpose(1, 0, 2).reshape(m, hm * dm)
       y = nn.Dense(dm, name='out', **kw)(read)
       y = nn.Dropout(self.write_dropout)(y, deterministic=not train)
@@ -260,6 +264,7 @@ def default_config() -> ml_collections.ConfigDict:
       retrieval='hopfield',  # hopfield | cross_attention ('without Hopfield')
       hopfield_beta=1.0, hopfield_steps=1,
       balance_coef=0.01,  # 0: 'without balance loss'
+      selection='auto',  # exact top-k: auto | full | chunked | sharded (docs/model.md)
       memory_reset=False,  # True: every batch writes from the initial memory ('memory reset')
       memory_momentum=0.9, write_dropout=0.1,
       dtype='float32',  # computation: float32 | bfloat16
@@ -301,7 +306,8 @@ def create_model(cfg: Mapping | str = 'small', *, num_classes: int, image_shape,
   _choice('preset', c['preset'], tuple(PRESETS))
   for name, allowed in (('scope', SCOPES), ('gradient_mode', GRADIENT_MODES),
                         ('retrieval', RETRIEVALS), ('posemb', POSEMBS), ('head', HEADS),
-                        ('dtype', tuple(DTYPES)), ('param_dtype', tuple(DTYPES))):
+                        ('dtype', tuple(DTYPES)), ('param_dtype', tuple(DTYPES)),
+                        ('selection', workspace.SELECTIONS)):
     _choice(name, c[name], allowed)
   dims = dict(PRESETS[c['preset']])
   for name in dims:
@@ -333,7 +339,7 @@ def create_model(cfg: Mapping | str = 'small', *, num_classes: int, image_shape,
             memory_momentum=c['memory_momentum'], write_dropout=c['write_dropout'],
             memory_reset=c['memory_reset'], retrieval=c['retrieval'],
             hopfield_beta=c['hopfield_beta'], hopfield_steps=c['hopfield_steps'],
-            balance_coef=c['balance_coef'])
+            balance_coef=c['balance_coef'], selection=c['selection'])
   return AiT(num_classes=num_classes, patch_size=p, use_workspace=not c['vit'],
              self_attention=c['self_attention'], posemb=c['posemb'], head=c['head'],
              workspace=ws, dtype=DTYPES[c['dtype']], param_dtype=DTYPES[c['param_dtype']],

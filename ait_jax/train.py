@@ -235,6 +235,17 @@ def summarize_eval(s: Setup, sums) -> dict:
   return out
 
 
+def _under_mesh(mesh, fn, *bound):
+  """`partial(fn, *bound)` traced with `mesh` as the context mesh, so that the workspace's
+  'sharded' top-k finds the 'data' axis (jax.sharding.get_abstract_mesh)."""
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*bound, *args)
+
+  traced.__name__ = fn.__name__  # names the jitted program (jit_train_step)
+  return traced
+
+
 class Trainer:
   """Holds the compiled steps, mesh and shardings of one run."""
 
@@ -249,13 +260,13 @@ class Trainer:
     rng = jax.random.PRNGKey(c.seed)
     self.abstract_state = jax.eval_shape(functools.partial(init_state, self.s, self.tx), rng)
     self.state_sharding = state_shardings(self.mesh, self.abstract_state)
-    self.init = jax.jit(functools.partial(init_state, self.s, self.tx),
+    self.init = jax.jit(_under_mesh(self.mesh, init_state, self.s, self.tx),
                         out_shardings=self.state_sharding)
-    self.train_step = jax.jit(functools.partial(train_step, self.s, self.tx),
+    self.train_step = jax.jit(_under_mesh(self.mesh, train_step, self.s, self.tx),
                               in_shardings=(self.state_sharding, self.batch_sharding),
                               out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
                               donate_argnums=(0,))
-    self.eval_step = jax.jit(functools.partial(eval_step, self.s),
+    self.eval_step = jax.jit(_under_mesh(self.mesh, eval_step, self.s),
                              in_shardings=(self.state_sharding.params, self.state_sharding.memory,
                                            self.batch_sharding),
                              out_shardings=(sharding.replicated(self.mesh),
