@@ -212,6 +212,7 @@ def sharded_bottleneck_attention(queries, keys, values, top_k: int, mesh=None) -
 
   def per_device(q, k, v):  # k, v: [1, Hm, n_own, Dh], this device's tokens
     me = jax.lax.axis_index(DATA_AXIS)
+    q = jax.lax.pcast(q, DATA_AXIS, to='varying')  # float32: see the note below
     vals, idx = jax.lax.top_k(_logits(q, k)[0], local_k)  # [Hm, M, local_k]
     # Only the candidate values travel. The tiled gather concatenates the devices in order, so
     # equal values sit in global token order and the top-k's ties go to the lower token index.
@@ -228,10 +229,15 @@ def sharded_bottleneck_attention(queries, keys, values, top_k: int, mesh=None) -
     return jax.lax.psum(read, DATA_AXIS), indices[None], weights[None], importance, load
 
   tokens = P(None, None, DATA_AXIS, None)
+  # The queries enter as float32, marked per-device before use: products of bfloat16 numbers are
+  # exact in float32, so the logits are those of the other selections, and each device's part of
+  # the queries' gradient stays float32 until the psum (one bfloat16 rounding, as with 'full').
+  # Summing bfloat16 parts instead would round twice, and XLA:CPU (jax 0.10.2) aborts promoting
+  # such a bfloat16 all-reduce.
   read, indices, weights, importance, load = jax.shard_map(
       per_device, mesh=found, in_specs=(P(), tokens, tokens),
       out_specs=(P(), P(), P(), P(None, DATA_AXIS), P(None, DATA_AXIS)),
-      axis_names={DATA_AXIS})(queries, keys, values)
+      axis_names={DATA_AXIS})(queries.astype(jnp.float32), keys, values)
   return BottleneckOutput(read.astype(values.dtype), indices, weights, importance,
                           jax.lax.stop_gradient(load))
 
