@@ -238,6 +238,7 @@ _HLO_COLLECTIVE = re.compile(
     r'collective-permute|collective-broadcast)(?P<start>-start)?\(')
 _HLO_ARRAY = re.compile(r'\b(?P<dtype>pred|[sub]\d+|f8\w*|bf16|f16|f32|f64|c64|c128)\[(?P<dims>[\d,]*)\]')
 _HLO_SCOPE = re.compile(r'(block\d+)(/workspace)?')
+_MAX_LAYER_TUPLE = 4  # a combined all-reduce of more arrays is the gradients' one
 _DTYPE_BYTES = {'pred': 1, 'bf16': 2, 'f16': 2, 'f32': 4, 'f64': 8, 'c64': 8, 'c128': 16}
 
 
@@ -251,7 +252,8 @@ def collectives(hlo_text: str) -> list:
 
   bytes is the size of the op's result on one device (for an all-gather, the gathered array;
   for an async '-start' op, its last tuple element); scope is 'block<i>/workspace', 'block<i>'
-  or 'other' (e.g. the gradient all-reduce), from the op's metadata.
+  or 'other' from the op's metadata, or 'parameter gradients' for the combined all-reduce of the
+  gradients (a tuple of more than 4 arrays).
   """
   out = []
   for line in hlo_text.splitlines():
@@ -263,9 +265,12 @@ def collectives(hlo_text: str) -> list:
       arrays = arrays[-1:]
     name = re.search(r'op_name="([^"]*)"', line)
     scope = _HLO_SCOPE.search(name[1]) if name else None
+    scope = scope[0] if scope else 'other'
+    if len(arrays) > _MAX_LAYER_TUPLE and m['op'] == 'all-reduce':
+      # XLA combines the parameters' gradient sums into one all-reduce named after one of them.
+      scope = 'parameter gradients'
     out.append({'op': m['op'], 'shape': m['shape'],
-                'bytes': sum(_array_bytes(t, d) for t, d in arrays),
-                'scope': scope[0] if scope else 'other'})
+                'bytes': sum(_array_bytes(t, d) for t, d in arrays), 'scope': scope})
   return out
 
 

@@ -87,3 +87,41 @@ def test_cli_rejects_too_many_devices(tmp_path):
                         capture_output=True, text=True, timeout=120,
                         env={**os.environ, 'PYTHONPATH': str(ROOT)})
   assert proc.returncode == 1 and proc.stderr.strip().endswith('devices JAX sees.')
+
+
+def _collectives(selection: str, batch: int) -> dict:
+  from tests.conftest import load_config  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  c = load_config('cifar10')
+  c.model.update(preset='small', **TINY, selection=selection)
+  c.batch_size = c.eval_batch_size = batch
+  c.mesh.data, c.mesh.model = -1, 1
+  return bench.collective_report(c, jax.devices()[:8])
+
+
+def test_sharded_selection_communication_does_not_grow_with_the_batch():
+  small, large = _collectives('sharded', 16), _collectives('sharded', 64)
+  shapes = lambda r: [(op['op'], op['shape'], op['bytes']) for op in r['collectives']]
+  assert shapes(small) == shapes(large)  # every collective, one by one
+  workspace = large['bytes_per_scope']['block0/workspace']
+  assert workspace == small['bytes_per_scope']['block0/workspace']
+  # The candidate values: [Hm, M, 8·k] float32 on each device.
+  assert any(op['op'] == 'all-gather' and op['bytes'] == HM * M * 8 * K * 4
+             for op in large['collectives'])
+  # 'full' leaves the top-k to XLA, which all-gathers every logit: grows 4× with the batch.
+  full = _collectives('full', 64)['bytes_per_scope']['block0/workspace']
+  assert full >= HM * M * 64 * N * 4 > workspace
+
+
+def test_collectives_parser_reads_shapes_bytes_and_scopes():
+  hlo = '\n'.join([
+      '  %all-gather.1 = f32[8,32,4096]{1,0,2} all-gather(%x), dimensions={2}, '
+      'metadata={op_name="jit(train_step)/jvp(AiT)/block3/workspace/shard_map"}',
+      '  %ar = (f32[8]{0}, bf16[2,2]{1,0}) all-reduce(%a, %b), to_apply=%add, '
+      'metadata={op_name="jit(train_step)/transpose(jvp(AiT))/block0/ffn/fc1/dot_general"}',
+      '  %add.2 = f32[8]{0} add(%p, %q)',
+      '  %rs = s32[16]{0} reduce-scatter(%c), dimensions={0}'])
+  ops = bench.collectives(hlo)
+  assert [(o['op'], o['bytes'], o['scope']) for o in ops] == [
+      ('all-gather', 8 * 32 * 4096 * 4, 'block3/workspace'),
+      ('all-reduce', 8 * 4 + 2 * 2 * 2, 'block0'), ('reduce-scatter', 64, 'other')]

@@ -152,14 +152,15 @@ def test_auto_is_sharded_only_with_several_data_devices():
     assert ws.resolve_selection('auto', 1, 64, 8) == 'sharded'
 
 
-# The whole model: one train-step gradient of a tiny AiT, scope 'batch'.
+# The whole model: one train-step gradient of a tiny AiT (no self-attention), scope 'batch'.
+# 'auto' on 8 devices is 'sharded' (test above); chunked_top_k uses its default chunks here.
 B, IMAGE = 16, (8, 8, 3)  # patch 2: 16 tokens per image, T = 256 tokens; k = 24
 
 
 def _model(selection, dtype):
   return models.create_model(
-      dict(depth=1, width=16, mlp_dim=32, num_heads=1, patch_size=2, memory_slots=4,
-           memory_dim=8, memory_heads=2, bottleneck_k=24, write_dropout=0.0,
+      dict(depth=1, width=16, mlp_dim=32, num_heads=1, self_attention=False, patch_size=2,
+           memory_slots=4, memory_dim=8, memory_heads=2, bottleneck_k=24, write_dropout=0.0,
            gradient_mode='learned_write', selection=selection, dtype=dtype),
       num_classes=3, image_shape=IMAGE, batch_size=B)
 
@@ -199,9 +200,9 @@ def _step(selection, dtype, devices):
         variables['params'], variables['memory'], images, labels)
 
 
-@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-@pytest.mark.parametrize('selection,devices', [('chunked', 1), ('sharded', 2), ('sharded', 8),
-                                               ('auto', 8)])
+@pytest.mark.parametrize('selection,devices,dtype', [
+    ('chunked', 1, 'float32'), ('sharded', 2, 'float32'), ('auto', 8, 'float32'),
+    ('chunked', 1, 'bfloat16'), ('sharded', 8, 'bfloat16')])
 def test_model_step_matches_single_device_full(selection, devices, dtype):
   loss, grads, memory, indices = _step(selection, dtype, devices)
   # In bfloat16 the backbone's data-parallel gradient sums round per device, whatever the
