@@ -59,8 +59,11 @@ def test_workspace_share_of_ait_small_at_cifar_batch_512():
 
 def test_cli_compares_ait_and_vit(tmp_path):
   out, hlo = tmp_path / 'bench.json', tmp_path / 'step.hlo'
-  cmd = [sys.executable, '-m', 'ait_jax.bench', '--depth=1', '--width=64', '--mlp_dim=128',
-         '--num_heads=1', '--bottleneck_k=64', f'--batch={B}', '--steps=3', '--warmup=1',
+  # The config route for the fields (as ait_jax.main), the --batch shortcut for the batch.
+  cmd = [sys.executable, '-m', 'ait_jax.bench', f'--config={ROOT}/configs/cifar10.py:model=small',
+         '--config.model.depth=1', '--config.model.width=64', '--config.model.mlp_dim=128',
+         '--config.model.num_heads=1', '--config.model.bottleneck_k=64', f'--batch={B}',
+         '--steps=3', '--warmup=1',
          '--devices=1', '--compare=vit', f'--json={out}', f'--dump_hlo={hlo}']
   proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                         env={**os.environ, 'PYTHONPATH': str(ROOT)})
