@@ -250,7 +250,9 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       preset='small',  # small | medium | base | large | coordination (SPEC §1.8)
       vit=False,  # True: the dense ViT baseline ('without memory' ablation)
-      depth=None, width=None, mlp_dim=None, num_heads=None,  # None: from the preset
+      # None: from the preset; typed placeholders so that --config.model.depth=1 can set them.
+      **{f: ml_collections.config_dict.placeholder(int)
+         for f in ('depth', 'width', 'mlp_dim', 'num_heads')},
       patch_size=4,
       posemb='none',  # none (faithful) | learned
       head='flatten',  # flatten (faithful) | mean | cls
