@@ -244,7 +244,8 @@ def benchmark(config, *, devices, steps: int, warmup: int, peak_tflops=None,
 _HLO_COLLECTIVE = re.compile(
     r'^\s*%?[\w.\-]+ = (?P<shape>.+?) (?P<op>all-gather|all-reduce|reduce-scatter|all-to-all|'
     r'collective-permute|collective-broadcast)(?P<start>-start)?\(')
-_HLO_ARRAY = re.compile(r'\b(?P<dtype>pred|[sub]\d+|f8\w*|bf16|f16|f32|f64|c64|c128)\[(?P<dims>[\d,]*)\]')
+_HLO_ARRAY = re.compile(
+    r'\b(?P<dtype>pred|[sub]\d+|f8\w*|bf16|f16|f32|f64|c64|c128)\[(?P<dims>[\d,]*)\]')
 _HLO_SCOPE = re.compile(r'(block\d+)(/workspace)?')
 _MAX_LAYER_TUPLE = 4  # a combined all-reduce of more arrays is the gradients' one
 _DTYPE_BYTES = {'pred': 1, 'bf16': 2, 'f16': 2, 'f32': 4, 'f64': 8, 'c64': 8, 'c128': 16}

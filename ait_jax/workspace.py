@@ -10,7 +10,6 @@ and no collective grows with the global batch. All three pick the same tokens in
 values descending, ties to the lower token index (`lax.top_k`'s rule), because a token in the
 global top-k is necessarily in the top-k of its own chunk.
 """
-import math
 from typing import NamedTuple
 
 import jax
@@ -190,12 +189,13 @@ def sharded_bottleneck_attention(queries, keys, values, top_k: int, mesh=None) -
 
   Each device takes the top-k of its own tokens, the devices all-gather these candidates' values
   ([Hm, M, k] each), and every device takes the same global top-k and softmax from them; a
-  winner's position among the candidates tells which device owns it and which of its tokens. Each device then reads, and counts importance and load for, the winners that
-  are its own tokens; the partial reads are summed (psum [Hm, M, Dh]). Importance and load stay
+  winner's position among the candidates tells which device owns it and which of its tokens.
+  Each device then reads, and counts importance and load for, the winners that are its own
+  tokens; the partial reads are summed (psum [Hm, M, Dh]). Importance and load stay
   split over 'data' like the tokens; the balance loss's means and variances over them reduce
   [Hm]-sized partial sums. No communication grows with the batch.
   """
-  num_groups, num_heads, n, head_dim = keys.shape
+  num_groups, _, n, _ = keys.shape
   found = data_mesh(mesh)
   if found is None:
     raise ValueError("selection='sharded' needs a mesh with a 'data' axis: call under "
