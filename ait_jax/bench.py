@@ -1,58 +1,68 @@
 r"""Speed benchmark of the jitted train step: ms/step, images/s, FLOPs, MFU, peak memory.
 
 Usage (synthetic uint8 batches of the config's dataset shape; no data on disk needed):
-  python -m ait_jax.bench --model=small --batch=512 --dtype=bfloat16 --compare=vit --json=out.json
+  python -m ait_jax.bench --config=configs/cifar10.py:model=small --config.model.dtype=bfloat16 \
+      --compare=vit --json=out.json
   python -m ait_jax.bench --model=small --depth=1 --batch=64 --compare=vit --devices=1   # CPU-sized
-Any config field can be overridden with --config.<field>=value (e.g. --config.model.scope=example).
+  python -m ait_jax.bench --collectives --depth=1 --config.model.selection=sharded  # compile only
+--config takes a configs/*.py file and variant as for ait_jax.main, and any field can be overridden
+with --config.<field>=value; --model, --batch, --dtype, --scope, --depth, --width, --mlp_dim,
+--num_heads and --bottleneck_k are shortcuts that override the config only when given.
 """
 import json
 import math
 import os
 import pathlib
 import platform
+import re
 import statistics
 import sys
 import time
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def define_flags() -> None:
-  """Defines the command-line flags; called only when this module runs as a command,
-  so that other modules and tests can import it without flag clashes."""
-  global _CONFIG, _MODEL, _BATCH, _DTYPE, _SCOPE, _DEVICES
-  global _STEPS, _WARMUP, _COMPARE, _PEAK, _JSON, _DUMP_HLO
-  global _DEPTH, _WIDTH, _MLP_DIM, _NUM_HEADS, _BOTTLENECK_K
-  _CONFIG = config_flags.DEFINE_config_file(
-      'config', str(_ROOT / 'configs' / 'cifar10.py'),
-      'A configs/*.py file (default configs/cifar10.py); its dataset fixes the input shape.',
-      lock_config=True)
-  _MODEL = flags.DEFINE_string('model', 'small',
-                               'A preset (small|medium|base|large|coordination) or vit_<preset>.')
-  _BATCH = flags.DEFINE_integer('batch', 512, 'Global batch size.')
-  _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Computation dtype.')
-  _SCOPE = flags.DEFINE_enum('scope', 'batch', ['batch', 'example'],
-                             'Bottleneck scope (example needs --bottleneck_k <= tokens per image).')
-  _DEVICES = flags.DEFINE_integer('devices', 0, 'Use the first N devices (0: all of them).')
-  _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (the issue asks for >= 20).')
-  _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
-  _COMPARE = flags.DEFINE_enum('compare', 'none', ['none', 'vit'],
-                               'vit: also time the dense ViT of the same dims and print AiT/ViT.')
-  _PEAK = flags.DEFINE_float('peak_tflops', None,
-                             'Peak TFLOP/s per device for MFU; default 989 (H100/H200 bf16 dense) '
-                             'on GPU, none (MFU n/a) elsewhere.')
-  _JSON = flags.DEFINE_string('json', None, 'Write the results as JSON to this path.')
-  _DUMP_HLO = flags.DEFINE_string('dump_hlo', None,
-                                  'Write the optimised HLO of the train step here (ViT: .vit added).')
-  _DEPTH = flags.DEFINE_integer('depth', None, 'Override model.depth.')
-  _WIDTH = flags.DEFINE_integer('width', None, 'Override model.width.')
-  _MLP_DIM = flags.DEFINE_integer('mlp_dim', None, 'Override model.mlp_dim.')
-  _NUM_HEADS = flags.DEFINE_integer('num_heads', None, 'Override model.num_heads.')
-  _BOTTLENECK_K = flags.DEFINE_integer('bottleneck_k', None, 'Override model.bottleneck_k.')
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command's flags (ait_jax/cli.py: defined only when this module runs as a command)."""
+  config_flags.DEFINE_config_file(
+      'config', str(_ROOT / 'configs' / 'cifar10.py') + ':model=small',
+      'A configs/*.py file with its variant, as for ait_jax.main (default '
+      'configs/cifar10.py:model=small); its dataset fixes the input shape. Override any field '
+      'with --config.<field>=value, e.g. --config.model.width=64 --config.model.dtype=bfloat16.',
+      lock_config=True, flag_values=fv)
+  # Shortcuts for the most used fields; each overrides the config only when given.
+  flags.DEFINE_string('model', None, 'Shortcut: a preset (small|medium|base|large|coordination) '
+                      'or vit_<preset>.', flag_values=fv)
+  flags.DEFINE_integer('batch', None, 'Shortcut: the global batch (batch_size).', flag_values=fv)
+  flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Shortcut: model.dtype.',
+                    flag_values=fv)
+  flags.DEFINE_enum('scope', None, ['batch', 'example'], 'Shortcut: model.bottleneck_scope '
+                    '(example needs bottleneck_k <= tokens per image).', flag_values=fv)
+  flags.DEFINE_integer('devices', 0, 'Use the first N devices (0: all of them).', lower_bound=0,
+                       flag_values=fv)
+  flags.DEFINE_integer('steps', 20, 'Timed steps.', lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation (at least 1, so that the '
+                       'timed steps never include compilation).', lower_bound=1, flag_values=fv)
+  flags.DEFINE_enum('compare', 'none', ['none', 'vit'],
+                    'vit: also time the dense ViT of the same dims and print AiT/ViT.',
+                    flag_values=fv)
+  flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s per device for MFU; default 989 '
+                     '(H100/H200 bf16 dense) on GPU, none (MFU n/a) elsewhere.', flag_values=fv)
+  flags.DEFINE_string('json', None, 'Write the results as JSON to this path.', flag_values=fv)
+  flags.DEFINE_string('dump_hlo', None, 'Write the optimised HLO of the train step here (ViT: '
+                      '.vit added).', flag_values=fv)
+  flags.DEFINE_bool('collectives', False, 'Only compile the train step and list the collectives '
+                    'of its optimised HLO (op, shape, bytes per step, per layer); nothing is run.',
+                    flag_values=fv)
+  flags.DEFINE_integer('depth', None, 'Shortcut: model.depth.', flag_values=fv)
+  flags.DEFINE_integer('width', None, 'Shortcut: model.width.', flag_values=fv)
+  flags.DEFINE_integer('mlp_dim', None, 'Shortcut: model.mlp_dim.', flag_values=fv)
+  flags.DEFINE_integer('num_heads', None, 'Shortcut: model.num_heads.', flag_values=fv)
+  flags.DEFINE_integer('bottleneck_k', None, 'Shortcut: model.bottleneck_k.', flag_values=fv)
+
 
 GPU_PEAK_TFLOPS = 989.0  # H100/H200 SXM, bf16 dense tensor cores
 
@@ -88,11 +98,11 @@ def forward_flops(model, batch: int, image_shape, question_dim: int = 0) -> dict
   backbone += L * per_block
   backbone += 2 * b * (n * d if model.head == 'flatten' else d) * model.num_classes
   workspace = 0
-  if model.use_workspace:
+  if not model.vit:
     ws = model.workspace
     m, dm, hm = ws['memory_slots'], ws['memory_dim'], ws['memory_heads']
     groups = 1 if ws['bottleneck_scope'] == 'batch' else b
-    top_k = ws['bottleneck_k']
+    top_k = ws['bottleneck_k'] if ws.get('bottleneck', True) else None
     per_ws = 2 * m * dm * hm * dm + 2 * 2 * t * d * hm * dm + 2 * hm * m * t * dm
     per_ws += (2 * groups * hm * m * top_k * dm if top_k is not None else 2 * hm * m * t * dm)
     per_ws += 2 * m * hm * dm * dm + 2 * m * dm * d
@@ -206,7 +216,7 @@ def benchmark(config, *, devices, steps: int, warmup: int, peak_tflops=None,
   c = config.model
   row = {
       'arch': 'vit' if c.vit else 'ait', 'preset': c.preset, 'dtype': c.dtype,
-      'scope': None if c.vit else c.scope, 'batch': b, 'devices': n_dev,
+      'scope': None if c.vit else c.bottleneck_scope, 'batch': b, 'devices': n_dev,
       'dims': {k: getattr(s.model, k) for k in ('depth', 'width', 'mlp_dim', 'num_heads')},
       'bottleneck_k': None if c.vit else c.bottleneck_k,
       'image_shape': list(s.image_shape), 'steps': steps, 'warmup': warmup,
@@ -227,6 +237,88 @@ def benchmark(config, *, devices, steps: int, warmup: int, peak_tflops=None,
   }
   del state, metrics, batch, compiled, trainer
   return row
+
+
+_HLO_COLLECTIVE = re.compile(
+    r'^\s*%?[\w.\-]+ = (?P<shape>.+?) (?P<op>all-gather|all-reduce|reduce-scatter|all-to-all|'
+    r'collective-permute|collective-broadcast)(?P<start>-start)?\(')
+_HLO_ARRAY = re.compile(
+    r'\b(?P<dtype>pred|[sub]\d+|f8\w*|bf16|f16|f32|f64|c64|c128)\[(?P<dims>[\d,]*)\]')
+_HLO_SCOPE = re.compile(r'(block\d+)(/workspace)?')
+_MAX_LAYER_TUPLE = 4  # a combined all-reduce of more arrays is the gradients' one
+_DTYPE_BYTES = {'pred': 1, 'bf16': 2, 'f16': 2, 'f32': 4, 'f64': 8, 'c64': 8, 'c128': 16}
+
+
+def _array_bytes(dtype: str, dims: str) -> int:
+  size = _DTYPE_BYTES.get(dtype) or (1 if dtype.startswith('f8') else int(dtype[1:]) // 8)
+  return size * math.prod(int(d) for d in dims.split(',') if d)
+
+
+def collectives(hlo_text: str) -> list:
+  """Every collective of an optimised HLO module: op, result shape, bytes and model scope.
+
+  bytes is the size of the op's result on one device (for an all-gather, the gathered array;
+  for an async '-start' op, its last tuple element); scope is 'block<i>/workspace', 'block<i>'
+  or 'other' from the op's metadata, or 'parameter gradients' for the combined all-reduce of the
+  gradients (a tuple of more than 4 arrays).
+  """
+  out = []
+  for line in hlo_text.splitlines():
+    m = _HLO_COLLECTIVE.match(line)
+    if not m:
+      continue
+    arrays = _HLO_ARRAY.findall(m['shape'])
+    if m['start']:
+      arrays = arrays[-1:]
+    name = re.search(r'op_name="([^"]*)"', line)
+    scope = _HLO_SCOPE.search(name[1]) if name else None
+    scope = scope[0] if scope else 'other'
+    if len(arrays) > _MAX_LAYER_TUPLE and m['op'] == 'all-reduce':
+      # XLA combines the parameters' gradient sums into one all-reduce named after one of them.
+      scope = 'parameter gradients'
+    out.append({'op': m['op'], 'shape': m['shape'],
+                'bytes': sum(_array_bytes(t, d) for t, d in arrays), 'scope': scope})
+  return out
+
+
+def compile_train_step(config, devices):
+  """The compiled train step of `config` on abstract inputs (nothing is run or allocated)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ait_jax import train  # pylint: disable=g-import-not-at-top
+
+  trainer = train.Trainer(config, devices=devices)
+  s, b = trainer.s, config.batch_size
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding)
+  batch = {'image': spec((b,) + tuple(s.info.image_shape), np.uint8), 'label': spec((b,), np.int32)}
+  if s.question_dim:
+    batch['question'] = spec((b, s.question_dim), np.float32)
+  return trainer.train_step.lower(trainer.abstract_with_shardings(), batch).compile()
+
+
+def collective_report(config, devices) -> dict:
+  """Compiles the train step of `config` and lists its collectives, with bytes per scope."""
+  ops = collectives(compile_train_step(config, devices).as_text())
+  per_scope = {}
+  for op in ops:
+    per_scope[op['scope']] = per_scope.get(op['scope'], 0) + op['bytes']
+  c = config.model
+  return {'selection': c.selection, 'batch': config.batch_size, 'devices': len(devices),
+          'depth': c.depth, 'collectives': ops, 'bytes_per_scope': per_scope,
+          'total_bytes': sum(per_scope.values())}
+
+
+def format_collectives(report: dict) -> str:
+  mib = 2 ** 20
+  lines = [f"selection {report['selection']}, global batch {report['batch']}, "
+           f"{report['devices']} devices: {report['total_bytes'] / mib:.3f} MiB of collectives "
+           'per step (result bytes on one device)']
+  for op in report['collectives']:
+    lines.append(f"  {op['scope']:<18} {op['op']:<15} {op['bytes'] / mib:>10.3f} MiB  "
+                 f"{op['shape'][:90]}")
+  for scope, n in sorted(report['bytes_per_scope'].items()):
+    lines.append(f'  total {scope:<18} {n / mib:>10.3f} MiB')
+  return '\n'.join(lines)
 
 
 def _fmt(x, spec: str, scale: float = 1.0) -> str:
@@ -250,51 +342,60 @@ def format_table(rows) -> str:
   return '\n'.join(out)
 
 
-def _build_config(vit: bool):
-  c = _CONFIG.value.copy_and_resolve_references()
-  preset = _MODEL.value
-  c.model.vit = vit or preset.startswith('vit_')
-  c.model.preset = preset[len('vit_'):] if preset.startswith('vit_') else preset
-  c.model.dtype = _DTYPE.value
-  c.model.scope = _SCOPE.value
-  for flag, field in ((_DEPTH, 'depth'), (_WIDTH, 'width'), (_MLP_DIM, 'mlp_dim'),
-                      (_NUM_HEADS, 'num_heads'), (_BOTTLENECK_K, 'bottleneck_k')):
-    if flag.value is not None:
-      c.model[field] = flag.value
-  c.batch_size = c.eval_batch_size = _BATCH.value
+def _build_config(fv: flags.FlagValues, vit: bool):
+  """The --config, with the shortcut flags that were given, and the ViT when `vit`."""
+  c = fv.config.copy_and_resolve_references()
+  preset = fv.model
+  if preset is not None:
+    c.model.vit = preset.startswith('vit_')
+    c.model.preset = preset[len('vit_'):] if preset.startswith('vit_') else preset
+  c.model.vit = c.model.vit or vit
+  for flag, field in (('dtype', 'dtype'), ('scope', 'bottleneck_scope'), ('depth', 'depth'),
+                      ('width', 'width'), ('mlp_dim', 'mlp_dim'), ('num_heads', 'num_heads'),
+                      ('bottleneck_k', 'bottleneck_k')):
+    if fv[flag].value is not None:
+      c.model[field] = fv[flag].value
+  if fv.batch is not None:
+    c.batch_size = fv.batch
+  c.eval_batch_size = c.batch_size  # the bench never evaluates; keeps the mesh check simple
   c.mesh.data, c.mesh.model = -1, 1
   return c
 
 
-def run(argv) -> dict:
+def main(fv: flags.FlagValues) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
 
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   all_devices = jax.devices()
-  n = _DEVICES.value or len(all_devices)
+  n = fv.devices or len(all_devices)
   if not 1 <= n <= len(all_devices):
     raise ValueError(f'--devices={n} must be between 1 and the {len(all_devices)} devices '
                      'JAX sees.')
   devices = all_devices[:n]
-  if _STEPS.value < 1 or _WARMUP.value < 0:
-    raise ValueError('--steps must be at least 1 and --warmup at least 0.')
-  if _COMPARE.value == 'vit' and _MODEL.value.startswith('vit_'):
+  if fv.compare == 'vit' and _build_config(fv, False).model.vit:
     raise ValueError('--compare=vit compares an AiT with its ViT; pass --model=<preset> '
                      'without vit_.')
   platform_name = devices[0].platform
-  peak = _PEAK.value if _PEAK.value is not None else (
+  peak = fv.peak_tflops if fv.peak_tflops is not None else (
       GPU_PEAK_TFLOPS if platform_name == 'gpu' else None)
   # With --compare=vit the ViT runs first: peak_bytes_in_use never resets, and the ViT needs less
   # memory than the AiT (a subset of its parameters and activations), so both peaks stay right.
-  archs = [True, False] if _COMPARE.value == 'vit' else [_MODEL.value.startswith('vit_')]
+  archs = [True, False] if fv.compare == 'vit' else [False]  # False: as the config says
+  if fv.collectives:
+    reports = [collective_report(_build_config(fv, vit), devices) for vit in archs]
+    for report in reports:
+      print(format_collectives(report), flush=True)
+    result = {'command': 'python -m ait_jax.bench ' + ' '.join(sys.argv[1:]), 'reports': reports}
+    if fv.json:
+      with open(fv.json, 'w') as f:
+        json.dump(result, f, indent=2)
+    return result
   rows = []
   for vit in archs:
-    hlo = _DUMP_HLO.value
+    hlo = fv.dump_hlo
     if hlo and vit and len(archs) > 1:
       hlo = f'{hlo}.vit'
-    row = benchmark(_build_config(vit), devices=devices, steps=_STEPS.value,
-                    warmup=_WARMUP.value, peak_tflops=peak, dump_hlo=hlo)
+    row = benchmark(_build_config(fv, vit), devices=devices, steps=fv.steps,
+                    warmup=fv.warmup, peak_tflops=peak, dump_hlo=hlo)
     print(f"{row['arch']} {row['preset']} {row['dtype']} batch {row['batch']}: "
           f"{row['ms_per_step_median']:.2f} ms/step (mean {row['ms_per_step_mean']:.2f}, "
           f"min {row['ms_per_step_min']:.2f}; pipelined {row['ms_per_step_pipelined']:.2f}), "
@@ -322,21 +423,12 @@ def run(argv) -> dict:
                                              / vit['analytic_flops_per_step'])
     print(f"AiT/ViT throughput ratio: {result['ait_over_vit_images_per_s']:.3f} "
           f"(analytic FLOP ratio {result['ait_over_vit_analytic_flops']:.3f})")
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
+  if fv.json:
+    with open(fv.json, 'w') as f:
       json.dump(result, f, indent=2)
   return result
 
 
-def main(argv) -> None:
-  try:
-    run(argv)
-  except ValueError as e:  # a user's mistake gets one sentence, not a traceback
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(1)
-
-
 if __name__ == '__main__':
-  define_flags()
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-  app.run(main)
+  from ait_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(define_flags, main)

@@ -4,7 +4,8 @@ The explicit memory of every block is the variable collection 'memory' (state, n
 `model.apply(variables, x, train=True, mutable=['memory'])` returns the written memory.
 """
 import dataclasses
-from typing import Any, Mapping
+import typing
+from typing import Any, Literal, Mapping
 
 import flax.linen as nn
 import jax
@@ -24,11 +25,6 @@ PRESETS = {
     'large': dict(depth=24, width=1024, mlp_dim=4096, num_heads=16),
     'coordination': dict(depth=1, width=256, mlp_dim=512, num_heads=4),
 }
-GRADIENT_MODES = ('reference', 'learned_write')
-SCOPES = ('batch', 'example')
-RETRIEVALS = ('hopfield', 'cross_attention')
-POSEMBS = ('none', 'learned')
-HEADS = ('flatten', 'mean', 'cls')
 DTYPES = ('float32', 'bfloat16')  # modules take dtype names, as configs do
 BACKBONE_LN_EPS = 1e-5  # torch.nn.LayerNorm default, as in the reference code
 WRITE_LN_EPS = 1e-6  # docs/model.md#memory-write
@@ -83,16 +79,17 @@ class GlobalWorkspace(nn.Module):
   memory_heads: int = 8  # Hm
   bottleneck: bool = True  # False: dense cross-attention write (ablation 'without bottleneck')
   bottleneck_k: int = 512  # tokens each (head, slot) keeps
-  bottleneck_scope: str = 'batch'  # 'batch': all tokens of the batch compete; 'example': per image
-  gradient_mode: str = 'reference'
+  bottleneck_scope: Literal['batch', 'example'] = 'batch'  # the tokens that compete: batch | image
+  gradient_mode: Literal['reference', 'learned_write'] = 'reference'
   eval_writes_memory: bool = False
   memory_momentum: float = 0.9
   write_dropout: float = 0.1
   memory_reset: bool = False
-  retrieval: str = 'hopfield'
+  retrieval: Literal['hopfield', 'cross_attention'] = 'hopfield'
   hopfield_beta: float = 1.0
   hopfield_steps: int = 1
   balance_coef: float = 0.01
+  selection: Literal[workspace.SELECTIONS] = 'auto'  # the top-k algorithm; every one is exact
   dtype: Dtype = 'float32'
   param_dtype: Dtype = 'float32'
 
@@ -120,8 +117,11 @@ class GlobalWorkspace(nn.Module):
         # Evaluation (or init) on a batch smaller than the training one: keep every token rather
         # than fail; training batches are checked by the config (`bottleneck_k`).
         top_k = per_group
+      # Init only needs shapes (and may run outside any mesh): every selection gives the same.
+      selection = ('full' if self.is_initializing() else
+                   workspace.resolve_selection(self.selection, groups, per_group, top_k))
       out = workspace.bottleneck_attention(q.reshape(m, hm, dm).transpose(1, 0, 2), split(k),
-                                           split(v), top_k)
+                                           split(v), top_k, selection)
       read = out.read.transpose(1, 0, 2).reshape(m, hm * dm)
       y = nn.Dense(dm, name='out', **kw)(read)
       y = nn.Dropout(self.write_dropout)(y, deterministic=not train)
@@ -197,8 +197,8 @@ class AiT(nn.Module):
   num_heads: int = 12
   vit: bool = False  # True: the dense ViT baseline (ablation 'without memory')
   self_attention: bool = True  # False: ablation 'without self-attention'
-  posemb: str = 'none'  # none (faithful) | learned
-  head: str = 'flatten'  # flatten (faithful) | mean | cls
+  posemb: Literal['none', 'learned'] = 'none'  # none is faithful
+  head: Literal['flatten', 'mean', 'cls'] = 'flatten'  # flatten is faithful
   workspace: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   dtype: Dtype = 'float32'
   param_dtype: Dtype = 'float32'
@@ -250,7 +250,9 @@ def default_config() -> ml_collections.ConfigDict:
   names, faithful defaults) plus `preset`. None for a size field means "from the preset"."""
   return ml_collections.ConfigDict(dict(
       preset='small',  # a row of PRESETS (docs/model.md#sizes)
-      depth=None, width=None, mlp_dim=None, num_heads=None,  # None: from the preset
+      # None: from the preset; typed placeholders so that --config.model.depth=1 can set them.
+      **{f: ml_collections.config_dict.placeholder(int)
+         for f in ('depth', 'width', 'mlp_dim', 'num_heads')},
       patch_size=4,
       vit=False,  # True: the dense ViT baseline ('without memory' ablation)
       self_attention=True,  # False: 'without self-attention' ablation
@@ -265,6 +267,7 @@ def default_config() -> ml_collections.ConfigDict:
       retrieval='hopfield',  # hopfield | cross_attention ('without Hopfield')
       hopfield_beta=1.0, hopfield_steps=1,
       balance_coef=0.01,  # 0: 'without balance loss'
+      selection='auto',  # exact top-k: auto | full | chunked | sharded (docs/model.md)
       memory_reset=False,  # True: every batch writes from the initial memory ('memory reset')
       memory_momentum=0.9, write_dropout=0.1,
       dtype='float32',  # computation: float32 | bfloat16
@@ -273,16 +276,24 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 # Fields with a fixed set of values; integer fields with their minimum; fractions in [0, 1).
-CHOICES = {
-    'preset': tuple(PRESETS), 'bottleneck_scope': SCOPES, 'gradient_mode': GRADIENT_MODES,
-    'retrieval': RETRIEVALS, 'posemb': POSEMBS, 'head': HEADS, 'dtype': DTYPES,
-    'param_dtype': DTYPES,
-}
+# A module field annotated Literal[...] is checked against its values, so an option with a fixed set
+# of values needs nothing here.
+CHOICES = {'preset': tuple(PRESETS), 'dtype': DTYPES, 'param_dtype': DTYPES}
 AT_LEAST_ONE = ('depth', 'width', 'mlp_dim', 'num_heads', 'patch_size', 'memory_slots',
                 'memory_dim', 'memory_heads', 'hopfield_steps')
 HALF_OPEN_UNIT = ('write_dropout', 'memory_momentum')
 POSITIVE = ('hopfield_beta',)
 NON_NEGATIVE = ('balance_coef',)
+
+
+def _literal_fields() -> dict[str, tuple]:
+  """{field: allowed values} of the module fields annotated Literal[...]."""
+  out = {}
+  for module in (AiT, GlobalWorkspace):
+    for name, hint in typing.get_type_hints(module).items():
+      if typing.get_origin(hint) is Literal:
+        out[name] = typing.get_args(hint)
+  return out
 
 
 def _workspace_fields() -> tuple[str, ...]:
@@ -311,7 +322,7 @@ def resolve(cfg: Mapping | str = 'small', **overrides) -> dict:
 def validate(c: Mapping, *, image_shape, question_dim: int = 0,
              batch_size: int | None = None) -> None:
   """Checks resolved model fields; each bad value raises one ValueError that names its field."""
-  for name, allowed in CHOICES.items():
+  for name, allowed in {**_literal_fields(), **CHOICES}.items():
     if c[name] not in allowed:
       raise ValueError(f'model.{name}={c[name]!r} is not one of '
                        f'{", ".join(map(repr, allowed))}.')

@@ -34,6 +34,17 @@ class DamagedDataError(cli.UserError):
   """A dataset file cannot be read (e.g. a truncated ArrayRecord)."""
 
 
+def _under_mesh(mesh, fn):
+  """`fn` traced with `mesh` as the context mesh, so that the workspace's 'sharded' top-k finds
+  the 'data' axis (jax.sharding.get_abstract_mesh); keeps fn's name for the jitted program."""
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+
+  traced.__name__ = getattr(fn, '__name__', None) or fn.func.__name__
+  return traced
+
+
 class Trainer:
   """Holds the compiled steps, mesh and shardings of one run."""
 
@@ -48,13 +59,14 @@ class Trainer:
     rng = jax.random.PRNGKey(c.seed)
     self.abstract_state = jax.eval_shape(functools.partial(steps.init_state, self.s, self.tx), rng)
     self.state_sharding = steps.state_shardings(self.mesh, self.abstract_state)
-    self.init = jax.jit(functools.partial(steps.init_state, self.s, self.tx),
+    self.init = jax.jit(_under_mesh(self.mesh, functools.partial(steps.init_state, self.s, self.tx)),
                         out_shardings=self.state_sharding)
-    self.train_step = jax.jit(functools.partial(steps.train_step, self.s, self.tx),
+    self.train_step = jax.jit(_under_mesh(self.mesh, functools.partial(steps.train_step, self.s,
+                                                                       self.tx)),
                               in_shardings=(self.state_sharding, self.batch_sharding),
                               out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
                               donate_argnums=(0,))
-    self.eval_step = jax.jit(functools.partial(steps.eval_step, self.s),
+    self.eval_step = jax.jit(_under_mesh(self.mesh, functools.partial(steps.eval_step, self.s)),
                              in_shardings=(self.state_sharding.params, self.state_sharding.memory,
                                            self.batch_sharding),
                              out_shardings=(sharding.replicated(self.mesh),
@@ -108,8 +120,8 @@ class Trainer:
     cache = self.__dict__.setdefault('_steps_fns', {})
     key = 'device' if data is not None else k
     if key not in cache:
-      fn = functools.partial(steps.train_steps, self.s, self.tx,
-                             batch_sharding=self.batch_sharding)
+      fn = _under_mesh(self.mesh, functools.partial(steps.train_steps, self.s, self.tx,
+                                                    batch_sharding=self.batch_sharding))
       rep = sharding.replicated(self.mesh)
       if data is None:
         cache[key] = jax.jit(fn, in_shardings=(self.state_sharding, [self.batch_sharding] * k),

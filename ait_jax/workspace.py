@@ -1,14 +1,25 @@
-"""The global workspace's math as pure, jittable functions (SPEC §1.3–1.4).
+"""The global workspace's math as pure, jittable functions (docs/model.md#memory-write).
 
 Modules in `models.py` call these; tests check them against NumPy float64. Nothing here holds state.
+
+Three exact ways to pick each slot's top-k tokens of scope 'batch' (see `SELECTIONS`): 'full' runs
+`lax.top_k` over all T tokens (the reference); 'chunked' takes the top-k of C chunks, then the top-k
+of their union; 'sharded' does the same with one chunk per device of the mesh axis 'data', so the
+devices exchange only k candidates per head and slot instead of XLA all-gathering all T logits,
+and no collective grows with the global batch. All three pick the same tokens in the same order:
+values descending, ties to the lower token index (`lax.top_k`'s rule), because a token in the
+global top-k is necessarily in the top-k of its own chunk.
 """
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-CV_EPS = 1e-10  # SPEC §1.4: cv² = var / (mean² + 1e-10)
+CV_EPS = 1e-10  # docs/model.md#balance-loss: cv² = var / (mean² + 1e-10)
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
+DATA_AXIS = 'data'  # the mesh axis the batch is split over (ait_jax/sharding.py)
+SELECTIONS = ('auto', 'full', 'chunked', 'sharded')
 
 
 class BottleneckOutput(NamedTuple):
@@ -28,8 +39,9 @@ class BottleneckOutput(NamedTuple):
 
 
 def bottleneck_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
-                         top_k: int | None) -> BottleneckOutput:
-  """Bottleneck attention read: memory slots attend to their top-k tokens only (SPEC §1.3).
+                         top_k: int | None, selection: str = 'full',
+                         num_chunks: int | None = None, mesh=None) -> BottleneckOutput:
+  """Bottleneck attention read: memory slots attend to their top-k tokens only (docs/model.md#memory-write).
 
   Args:
     queries: [Hm, M, Dh] memory queries per head.
@@ -38,16 +50,19 @@ def bottleneck_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
       n = N for scope 'example'. Every group is read with its own softmax and the G reads are
       averaged, so each slot's gates still sum to 1 over all T = G·n tokens.
     top_k: tokens kept per head, slot and group; None keeps all (dense cross-attention, the
-      'without bottleneck' ablation of SPEC §1.9).
+      'without bottleneck' ablation of docs/model.md#ablations).
+    selection: how the top-k is found, one of `SELECTIONS` less 'auto' (see the module docstring);
+      all give the same tokens. 'sharded' needs G = 1 and a mesh with a 'data' axis (`mesh`, or
+      the one set by `jax.set_mesh`).
+    num_chunks: chunks of 'chunked' (default `default_chunks`); must divide n.
 
   Logits are q·kᵀ/√Dh; selection and softmax run in float32 whatever the input dtype, so bf16 runs
   pick the same tokens as float32 ones up to rounding of the logits.
   """
   num_groups, num_heads, n, head_dim = keys.shape
   num_slots = queries.shape[1]
-  logits = jnp.einsum('hmd,ghnd->ghmn', queries, keys,
-                      preferred_element_type=jnp.float32) / jnp.sqrt(head_dim).astype(jnp.float32)
   if top_k is None:
+    logits = _logits(queries, keys)
     gates = jax.nn.softmax(logits, axis=-1) / num_groups  # [G, Hm, M, n]
     read = jnp.einsum('ghmn,ghnd->hmd', gates.astype(values.dtype), values)
     importance = gates.sum(axis=2)  # [G, Hm, n]
@@ -58,26 +73,177 @@ def bottleneck_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
   if not 0 < top_k <= n:
     raise ValueError(f'bottleneck_k={top_k} must be in [1, {n}], the tokens each slot competes '
                      'over; lower bottleneck_k or raise the batch size.')
-  kept, indices = jax.lax.top_k(logits, top_k)  # [G, Hm, M, k]; exactly k even with ties
+  if selection not in SELECTIONS[1:]:
+    raise ValueError(f'selection={selection!r} must be one of {SELECTIONS[1:]}.')
+  if selection == 'sharded':
+    return sharded_bottleneck_attention(queries, keys, values, top_k, mesh)
+  logits = _logits(queries, keys)
+  if selection == 'chunked':
+    chunks = default_chunks(n, top_k) if num_chunks is None else num_chunks
+    kept, indices = chunked_top_k(logits, top_k, chunks)
+  else:
+    kept, indices = jax.lax.top_k(logits, top_k)  # [G, Hm, M, k]; exactly k even with ties
   weights = jax.nn.softmax(kept, axis=-1) / num_groups
-  flat_idx = indices.reshape(num_groups, num_heads, num_slots * top_k)
-  picked = jnp.take_along_axis(values, flat_idx[..., None], axis=2)  # [G, Hm, M·k, Dh]
-  picked = picked.reshape(num_groups, num_heads, num_slots, top_k, head_dim)
-  read = jnp.einsum('ghmk,ghmkd->hmd', weights.astype(values.dtype), picked)
-
-  def scatter(idx, w):  # idx, w: [M·k] -> per-token sums [n]
-    return jnp.zeros((n,), jnp.float32).at[idx].add(w)
-
-  per_token = jax.vmap(jax.vmap(scatter))
-  importance = per_token(flat_idx, weights.reshape(flat_idx.shape))
-  load = per_token(flat_idx, jnp.ones(flat_idx.shape, jnp.float32))
+  read, importance, load = jax.vmap(_read_own_tokens, in_axes=(0, 0, 0, None))(
+      weights, indices, values, n)
   to_tokens = lambda a: jnp.moveaxis(a, 0, 1).reshape(num_heads, num_groups * n)
-  return BottleneckOutput(read, indices, weights, to_tokens(importance),
-                          jax.lax.stop_gradient(to_tokens(load)))
+  return BottleneckOutput(read.sum(0).astype(values.dtype), indices, weights,
+                          to_tokens(importance), jax.lax.stop_gradient(to_tokens(load)))
+
+
+def _logits(queries: jax.Array, keys: jax.Array) -> jax.Array:
+  """[G, Hm, M, n] float32 logits q·kᵀ/√Dh."""
+  head_dim = keys.shape[-1]
+  return jnp.einsum('hmd,ghnd->ghmn', queries, keys,
+                    preferred_element_type=jnp.float32) / jnp.sqrt(head_dim).astype(jnp.float32)
+
+
+def _read_own_tokens(weights, indices, values, n_own: int):
+  """Read, importance and load from the kept tokens that lie in `values` ([Hm, n_own, Dh]).
+
+  weights, indices: [Hm, M, k]; indices count from the first token of `values`, and those outside
+  [0, n_own) (tokens of another device) contribute nothing. The read is accumulated in float32 so
+  that summing partial reads over devices rounds like one read.
+  Returns read [Hm, M, Dh] float32, importance and load [Hm, n_own] float32.
+  """
+  num_heads, num_slots, top_k = indices.shape
+  mine = (indices >= 0) & (indices < n_own)
+  flat_idx = jnp.where(mine, indices, 0).reshape(num_heads, num_slots * top_k)
+  own_w = jnp.where(mine, weights, 0.0)
+  picked = jnp.take_along_axis(values, flat_idx[..., None], axis=1)  # [Hm, M·k, Dh]
+  picked = picked.reshape(num_heads, num_slots, top_k, -1)
+  read = jnp.einsum('hmk,hmkd->hmd', own_w.astype(values.dtype), picked,
+                    preferred_element_type=jnp.float32)
+
+  def scatter(idx, w):  # idx, w: [M·k] -> per-token sums [n_own]
+    return jnp.zeros((n_own,), jnp.float32).at[idx].add(w)
+
+  importance = jax.vmap(scatter)(flat_idx, own_w.reshape(flat_idx.shape))
+  load = jax.vmap(scatter)(flat_idx, mine.astype(jnp.float32).reshape(flat_idx.shape))
+  return read, importance, load
+
+
+def merge_candidates(values: jax.Array, indices: jax.Array, top_k: int):
+  """Top-k of candidate (value, token index) pairs along the last axis.
+
+  The candidates must be ordered so that equal values appear in increasing token index (true for
+  a concatenation, in token order, of `lax.top_k` results of consecutive token ranges); then
+  `lax.top_k`'s rule, ties to the lower position, sends ties to the lower token index.
+  """
+  kept, pos = jax.lax.top_k(values, top_k)
+  return kept, jnp.take_along_axis(indices, pos, axis=-1)
+
+
+def default_chunks(n: int, top_k: int) -> int:
+  """Chunks for 'chunked': the most that divide n while each still holds at least 4·k tokens
+  (fewer, larger chunks leave less to merge); 1 when n < 8·k."""
+  most = max(1, n // (4 * top_k))
+  return max(c for c in range(1, most + 1) if n % c == 0)
+
+
+def chunked_top_k(x: jax.Array, top_k: int, num_chunks: int):
+  """`lax.top_k(x, top_k)` (values and indices, same order) via the top-k of `num_chunks` equal
+  chunks of the last axis, then the top-k of their union."""
+  *lead, n = x.shape
+  if num_chunks < 1 or n % num_chunks:
+    raise ValueError(f'num_chunks={num_chunks} must divide the {n} tokens.')
+  size = n // num_chunks
+  local_k = min(top_k, size)
+  vals, idx = jax.lax.top_k(x.reshape(*lead, num_chunks, size), local_k)
+  idx = idx + (jnp.arange(num_chunks, dtype=idx.dtype) * size)[:, None]
+  flat = lambda a: a.reshape(*lead, num_chunks * local_k)
+  return merge_candidates(flat(vals), flat(idx), top_k)
+
+
+def data_mesh(mesh=None):
+  """The mesh 'sharded' splits over: `mesh`, else the one set by `jax.set_mesh`; None without a
+  'data' axis."""
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  if mesh is None or mesh.empty or DATA_AXIS not in mesh.axis_names:
+    return None
+  return mesh
+
+
+# 'auto' on one device: the faster of 'full' and 'chunked' as measured on CPU (BENCHMARKS.md,
+# "Exact top-k selections"); GPUs may differ and are unmeasured.
+SINGLE_DEVICE_AUTO = 'full'
+
+
+def resolve_selection(selection: str, num_groups: int, n: int, top_k: int | None,
+                      mesh=None) -> str:
+  """The selection 'auto' stands for: 'sharded' when scope 'batch' runs under a mesh whose 'data'
+  axis has several devices (its communication does not grow with the batch), else the faster
+  single-device one. Scope 'example' and the dense write need no selection across devices."""
+  if selection != 'auto':
+    return selection
+  if top_k is None or num_groups != 1:
+    return 'full'
+  found = data_mesh(mesh)
+  if found is not None and found.shape[DATA_AXIS] > 1 and n % found.shape[DATA_AXIS] == 0:
+    return 'sharded'
+  return SINGLE_DEVICE_AUTO
+
+
+def sharded_bottleneck_attention(queries, keys, values, top_k: int, mesh=None) -> BottleneckOutput:
+  """`bottleneck_attention` of one group (scope 'batch') with its tokens split over 'data'.
+
+  Each device takes the top-k of its own tokens, the devices all-gather these candidates' values
+  ([Hm, M, k] each), and every device takes the same global top-k and softmax from them; a
+  winner's position among the candidates tells which device owns it and which of its tokens.
+  Each device then reads, and counts importance and load for, the winners that are its own
+  tokens; the partial reads are summed (psum [Hm, M, Dh]). Importance and load stay
+  split over 'data' like the tokens; the balance loss's means and variances over them reduce
+  [Hm]-sized partial sums. No communication grows with the batch.
+  """
+  num_groups, _, n, _ = keys.shape
+  found = data_mesh(mesh)
+  if found is None:
+    raise ValueError("selection='sharded' needs a mesh with a 'data' axis: call under "
+                     "jax.set_mesh(mesh) (the Trainer does) or choose selection='full'.")
+  if num_groups != 1:
+    raise ValueError("selection='sharded' is for scope 'batch' (one group of all tokens); scope "
+                     "'example' needs no cross-device selection: use selection='full'.")
+  shards = found.shape[DATA_AXIS]
+  if n % shards:
+    raise ValueError(f'The {n} tokens of the batch must split evenly over the {shards} devices '
+                     "of mesh axis 'data'; pick a batch size divisible by them.")
+  n_own = n // shards
+  local_k = min(top_k, n_own)
+
+  def per_device(q, k, v):  # k, v: [1, Hm, n_own, Dh], this device's tokens
+    me = jax.lax.axis_index(DATA_AXIS)
+    q = jax.lax.pcast(q, DATA_AXIS, to='varying')  # float32: see the note below
+    vals, idx = jax.lax.top_k(_logits(q, k)[0], local_k)  # [Hm, M, local_k]
+    # Only the candidate values travel. The tiled gather concatenates the devices in order, so
+    # equal values sit in global token order and the top-k's ties go to the lower token index.
+    all_vals = jax.lax.all_gather(vals, DATA_AXIS, axis=2, tiled=True, to='invarying')
+    kept, pos = jax.lax.top_k(all_vals, top_k)  # [Hm, M, k], pos in [0, shards·local_k)
+    weights = jax.nn.softmax(kept, axis=-1)
+    own = jnp.take_along_axis(idx, pos % local_k, axis=-1)
+    own = jnp.where(pos // local_k == me, own, -1)  # -1: another device's token
+    read, importance, load = _read_own_tokens(weights, own, v[0], n_own)
+    # Global indices are an output only (figures, tests): XLA drops this gather when unused.
+    offset = (me * n_own).astype(idx.dtype)
+    all_idx = jax.lax.all_gather(idx + offset, DATA_AXIS, axis=2, tiled=True, to='invarying')
+    indices = jnp.take_along_axis(all_idx, pos, axis=-1)
+    return jax.lax.psum(read, DATA_AXIS), indices[None], weights[None], importance, load
+
+  tokens = P(None, None, DATA_AXIS, None)
+  # The queries enter as float32, marked per-device before use: products of bfloat16 numbers are
+  # exact in float32, so the logits are those of the other selections, and each device's part of
+  # the queries' gradient stays float32 until the psum (one bfloat16 rounding, as with 'full').
+  # Summing bfloat16 parts instead would round twice, and XLA:CPU (jax 0.10.2) aborts promoting
+  # such a bfloat16 all-reduce.
+  read, indices, weights, importance, load = jax.shard_map(
+      per_device, mesh=found, in_specs=(P(), tokens, tokens),
+      out_specs=(P(), P(), P(), P(None, DATA_AXIS), P(None, DATA_AXIS)),
+      axis_names={DATA_AXIS})(queries.astype(jnp.float32), keys, values)
+  return BottleneckOutput(read.astype(values.dtype), indices, weights, importance,
+                          jax.lax.stop_gradient(load))
 
 
 def dense_gates(out: BottleneckOutput) -> jax.Array:
-  """The gate matrix G_h ∈ R^{M×T} of SPEC §1.3 as a dense [Hm, M, T] array (tests, figures)."""
+  """The gate matrix G_h ∈ R^{M×T} of docs/model.md#memory-write as a dense [Hm, M, T] array (tests, figures)."""
   if out.indices is None:
     g, h, m, n = out.weights.shape
     return jnp.moveaxis(out.weights, 0, 2).reshape(h, m, g * n)
@@ -98,7 +264,7 @@ def cv_squared(x: jax.Array) -> jax.Array:
 
 
 def balance_loss(importance: jax.Array, load: jax.Array, coef: float = 0.01) -> jax.Array:
-  """Bottleneck balance loss of one layer (SPEC §1.4): coef · Σ_heads cv²(importance) + cv²(load).
+  """Bottleneck balance loss of one layer (docs/model.md#balance-loss): coef · Σ_heads cv²(importance) + cv²(load).
 
   importance, load: [Hm, T]. load is a count and carries no gradient.
   """
@@ -113,9 +279,9 @@ def l2_normalize_rows(x: jax.Array) -> jax.Array:
 
 
 def ema_write(memory: jax.Array, update: jax.Array, momentum: float = 0.9) -> jax.Array:
-  """EMA memory write (SPEC §1.3): rownorm_L2(momentum · memory + (1 − momentum) · update).
+  """EMA memory write (docs/model.md#memory-write): rownorm_L2(momentum · memory + (1 − momentum) · update).
 
-  Which side is stop-gradient'ed is the caller's choice (SPEC §1.6, `gradient_mode`).
+  Which side is stop-gradient'ed is the caller's choice (docs/model.md#gradient-flow, `gradient_mode`).
   """
   mixed = momentum * memory.astype(jnp.float32) + (1.0 - momentum) * update.astype(jnp.float32)
   return l2_normalize_rows(mixed)

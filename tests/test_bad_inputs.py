@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from ait_jax import bench
 from ait_jax import checkpointing
 from ait_jax import cli
 from ait_jax import main as main_cmd
@@ -234,6 +235,11 @@ OTHER_ROWS = {
     'show num=0': (show, ['--dataset=triangle', '--out={o}.png', '--num=0'], 'flag --num=0'),
     'data.benchmark not prepared': (benchmark, ['--dataset=triangle/small', '--data_dir={o}'],
                                     'python -m ait_jax.data.prepare'),
+    'bench warmup=0': (bench, ['--warmup=0'], 'flag --warmup=0'),
+    'bench unknown variant': (bench, ['--config=configs/cifar10.py:model=huge'],
+                              "Unknown model variant 'huge'"),
+    'bench unknown field': (bench, ['--config.model.foo=1'], "flag 'config.model.foo'"),
+    'bench too many devices': (bench, ['--devices=64', '--depth=1'], 'devices JAX sees'),
 }
 
 

@@ -46,12 +46,12 @@ def test_flop_counter_matches_hand_count():
                  'total': VIT_FORWARD + WORKSPACE_FORWARD}
   assert bench.train_step_flops(_model(), B, (32, 32, 3)) == 3 * (VIT_FORWARD + WORKSPACE_FORWARD)
   # Scope 'example': B groups each keep k tokens per slot, so the gather-read grows B-fold.
-  example = bench.forward_flops(_model(scope='example'), B, (32, 32, 3))
+  example = bench.forward_flops(_model(bottleneck_scope='example'), B, (32, 32, 3))
   assert example['workspace'] - WORKSPACE_FORWARD == (B - 1) * 2 * HM * M * K * DM
 
 
 def test_workspace_share_of_ait_small_at_cifar_batch_512():
-  # SPEC §5 quotes the GWL at about 7% of a dense block; the matmul count gives 6–7% per step.
+  # docs/training.md#measured quotes the GWL at about 7% of a dense block; the matmul count gives 6–7% per step.
   model = models.create_model('small', num_classes=10, image_shape=(32, 32, 3), batch_size=512)
   f = bench.forward_flops(model, 512, (32, 32, 3))
   assert 0.06 < f['workspace'] / f['backbone'] < 0.07
@@ -59,8 +59,11 @@ def test_workspace_share_of_ait_small_at_cifar_batch_512():
 
 def test_cli_compares_ait_and_vit(tmp_path):
   out, hlo = tmp_path / 'bench.json', tmp_path / 'step.hlo'
-  cmd = [sys.executable, '-m', 'ait_jax.bench', '--depth=1', '--width=64', '--mlp_dim=128',
-         '--num_heads=1', '--bottleneck_k=64', f'--batch={B}', '--steps=3', '--warmup=1',
+  # The config route for the fields (as ait_jax.main), the --batch shortcut for the batch.
+  cmd = [sys.executable, '-m', 'ait_jax.bench', f'--config={ROOT}/configs/cifar10.py:model=small',
+         '--config.model.depth=1', '--config.model.width=64', '--config.model.mlp_dim=128',
+         '--config.model.num_heads=1', '--config.model.bottleneck_k=64', f'--batch={B}',
+         '--steps=3', '--warmup=1',
          '--devices=1', '--compare=vit', f'--json={out}', f'--dump_hlo={hlo}']
   proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                         env={**os.environ, 'PYTHONPATH': str(ROOT)})
@@ -86,4 +89,42 @@ def test_cli_rejects_too_many_devices(tmp_path):
   proc = subprocess.run([sys.executable, '-m', 'ait_jax.bench', '--devices=64'], cwd=tmp_path,
                         capture_output=True, text=True, timeout=120,
                         env={**os.environ, 'PYTHONPATH': str(ROOT)})
-  assert proc.returncode == 1 and proc.stderr.strip().endswith('devices JAX sees.')
+  assert proc.returncode == 2 and proc.stderr.strip().endswith('devices JAX sees.')
+
+
+def _collectives(selection: str, batch: int) -> dict:
+  from tests.conftest import load_config  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  c = load_config('cifar10')
+  c.model.update(preset='small', **TINY, selection=selection)
+  c.batch_size = c.eval_batch_size = batch
+  c.mesh.data, c.mesh.model = -1, 1
+  return bench.collective_report(c, jax.devices()[:8])
+
+
+def test_sharded_selection_communication_does_not_grow_with_the_batch():
+  small, large = _collectives('sharded', 16), _collectives('sharded', 64)
+  shapes = lambda r: [(op['op'], op['shape'], op['bytes']) for op in r['collectives']]
+  assert shapes(small) == shapes(large)  # every collective, one by one
+  workspace = large['bytes_per_scope']['block0/workspace']
+  assert workspace == small['bytes_per_scope']['block0/workspace']
+  # The candidate values: [Hm, M, 8·k] float32 on each device.
+  assert any(op['op'] == 'all-gather' and op['bytes'] == HM * M * 8 * K * 4
+             for op in large['collectives'])
+  # 'full' leaves the top-k to XLA, which all-gathers every logit: grows 4× with the batch.
+  full = _collectives('full', 64)['bytes_per_scope']['block0/workspace']
+  assert full >= HM * M * 64 * N * 4 > workspace
+
+
+def test_collectives_parser_reads_shapes_bytes_and_scopes():
+  hlo = '\n'.join([
+      '  %all-gather.1 = f32[8,32,4096]{1,0,2} all-gather(%x), dimensions={2}, '
+      'metadata={op_name="jit(train_step)/jvp(AiT)/block3/workspace/shard_map"}',
+      '  %ar = (f32[8]{0}, bf16[2,2]{1,0}) all-reduce(%a, %b), to_apply=%add, '
+      'metadata={op_name="jit(train_step)/transpose(jvp(AiT))/block0/ffn/fc1/dot_general"}',
+      '  %add.2 = f32[8]{0} add(%p, %q)',
+      '  %rs = s32[16]{0} reduce-scatter(%c), dimensions={0}'])
+  ops = bench.collectives(hlo)
+  assert [(o['op'], o['bytes'], o['scope']) for o in ops] == [
+      ('all-gather', 8 * 32 * 4096 * 4, 'block3/workspace'),
+      ('all-reduce', 8 * 4 + 2 * 2 * 2, 'block0'), ('reduce-scatter', 64, 'other')]

@@ -1,6 +1,6 @@
-"""Checks the workspace math (SPEC §1.3–1.4) against NumPy float64 references written from the SPEC.
+"""Checks the workspace math (docs/model.md#memory-write) against NumPy float64 references written from the docs.
 
-The references below do not call ait_jax; they follow the SPEC text line by line.
+The references below do not call ait_jax; they follow docs/model.md line by line.
 """
 import chex
 import jax
@@ -13,7 +13,7 @@ from ait_jax import workspace
 RTOL = ATOL = 1e-5  # float32 against float64
 
 
-# ---------------------------------------------------------------- NumPy float64 references (SPEC)
+# ---------------------------------------------------------------- NumPy float64 references (docs/model.md)
 
 def np_softmax(x):
   e = np.exp(x - x.max(axis=-1, keepdims=True))
@@ -21,7 +21,7 @@ def np_softmax(x):
 
 
 def np_bottleneck(q, k, v, top_k):
-  """SPEC §1.3–1.4 for G groups of n tokens: per group, head and slot, keep the top_k logits,
+  """docs/model.md#memory-write for G groups of n tokens: per group, head and slot, keep the top_k logits,
   softmax over them, read = gated sum of values; the G reads are averaged.
 
   q: [H, M, D]; k, v: [G, H, n, D]. Returns read [H, M, D], gates [H, M, G·n] (each row sums to 1
