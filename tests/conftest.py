@@ -46,3 +46,17 @@ def generated_data_dir(tmp_path_factory) -> str:
   builders.prepare_generated('triangle', data_dir, 'small')
   builders.prepare_generated('sort_of_clevr', data_dir, 'small')
   return data_dir
+
+
+# Files whose tests run whole commands or multi-device steps (tens of seconds each) go first, so
+# that pytest-xdist's workers do not end with one of them alone at the tail of the run.
+_SLOW_FIRST = ('test_readme.py', 'test_train.py', 'test_checkpointing.py', 'test_bench.py',
+               'test_fast_loop.py', 'test_selection.py', 'test_data_imagenet100.py')
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.path.name
+    return _SLOW_FIRST.index(name) if name in _SLOW_FIRST else len(_SLOW_FIRST)
+
+  items.sort(key=rank)
