@@ -1,4 +1,5 @@
 """Test set-up: 8 virtual CPU devices (set before JAX starts) and small generated datasets."""
+import fcntl
 import importlib.util
 import os
 import pathlib
@@ -40,12 +41,20 @@ def load_config(name: str, arg: str | None = None):
 
 @pytest.fixture(scope='session')
 def generated_data_dir(tmp_path_factory) -> str:
-  """A TFDS data_dir holding triangle/small and sort_of_clevr/small, built once per session."""
+  """A TFDS data_dir holding triangle/small and sort_of_clevr/small, built once per test run:
+  pytest-xdist's workers share it (the first builds it under a file lock, the others wait)."""
   from ait_jax.data import builders  # pylint: disable=g-import-not-at-top
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
-  builders.prepare_generated('triangle', data_dir, 'small')
-  builders.prepare_generated('sort_of_clevr', data_dir, 'small')
-  return data_dir
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    shared = shared.parent  # the run's folder, above every worker's own
+  data_dir = shared / 'tfds_generated'
+  with open(shared / 'tfds_generated.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (data_dir / 'done').exists():
+      builders.prepare_generated('triangle', str(data_dir), 'small')
+      builders.prepare_generated('sort_of_clevr', str(data_dir), 'small')
+      (data_dir / 'done').touch()
+  return str(data_dir)
 
 
 # Files whose tests run whole commands or multi-device steps (tens of seconds each) go first, so

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from ait_jax import checkpointing
+from ait_jax import metric_writer
 from ait_jax import train
 from conftest import ROOT, xla_flags
 from test_train import quick_config
@@ -172,14 +173,18 @@ import jax
 from ait_jax import train
 sys.path.insert(0, 'tests')
 from test_train import quick_config
-config = quick_config(sys.argv[1], total_steps=400, log_every_steps=2, eval_every_steps=1000,
+config = quick_config(sys.argv[1], total_steps=400, log_every_steps=2, eval_every_steps=2,
                       checkpoint_every_steps=1000, **{'mesh.data': -1})
 result = train.train_and_evaluate(config, sys.argv[2])
-print('RESULT', json.dumps({'process': jax.process_index(), 'step': result['step']}), flush=True)
+print('RESULT', json.dumps({'process': jax.process_index(), 'devices': jax.device_count(),
+                            'step': result['step'], 'loss': result['loss'],
+                            'train_loss': result['train_loss']}), flush=True)
 """
 
 
 def test_one_process_preempted_both_stop_at_the_same_step(generated_data_dir, tmp_path):
+  """Two processes over gloo train one model (the same losses on both, metrics written once by
+  process 0); only process 1 receives SIGTERM, and both save the same step and stop."""
   port = _free_port()
   procs = []
   for i in range(2):
@@ -199,35 +204,38 @@ def test_one_process_preempted_both_stop_at_the_same_step(generated_data_dir, tm
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out
   results = [json.loads(out.split('RESULT ', 1)[1].splitlines()[0]) for out in outs]
+  assert [r['process'] for r in results] == [0, 1]
+  assert all(r['devices'] == 2 for r in results)
   assert results[0]['step'] == results[1]['step'] < 400
+  assert results[0]['train_loss'] == results[1]['train_loss']
+  assert results[0]['loss'] == results[1]['loss'] and np.isfinite(results[0]['loss'])
+  lines = [json.loads(l) for l in metrics.read_text().splitlines()]
+  steps = [l['step'] for l in lines if l['split'] == 'train']
+  assert steps == list(range(2, results[0]['step'] + 1, 2))  # written once, by process 0
   assert 'saved step' in outs[0]
   ckpt = checkpointing.Checkpointer(str(tmp_path))
   assert ckpt.latest_step() == results[0]['step']
   ckpt.close()
 
 
-def test_ctrl_c_saves_like_sigterm(generated_data_dir, tmp_path):
+def test_ctrl_c_saves_like_sigterm(generated_data_dir, tmp_path, monkeypatch, capfd):
+  """Ctrl-C mid-run: the step is saved and the run stops, as on SIGTERM. In process (the signal is
+  sent to this process from the loop's own metric write); test_train's SIGTERM test covers the
+  same save-and-stop path in a separate process, and the resume after it."""
   config = quick_config(generated_data_dir, total_steps=400, log_every_steps=1,
                         checkpoint_every_steps=1000, eval_every_steps=1000)
-  cmd = [sys.executable, '-c', (
-      'import sys; sys.path.insert(0, "tests"); from test_train import quick_config; '
-      'from ait_jax import train; '
-      f'train.train_and_evaluate(quick_config({generated_data_dir!r}, total_steps=400, '
-      'log_every_steps=1, checkpoint_every_steps=1000, eval_every_steps=1000), '
-      f'{str(tmp_path)!r})')]
-  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  metrics = tmp_path / 'metrics.jsonl'
-  deadline = time.time() + 120
-  while time.time() < deadline and proc.poll() is None:
-    if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-      proc.send_signal(signal.SIGINT)
-      break
-    time.sleep(0.05)
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, out
-  assert 'SIGINT: saved step' in out, out
+  write = metric_writer.MetricWriter.write
+
+  def write_then_ctrl_c(self, step, metrics, prefix):
+    write(self, step, metrics, prefix)
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGINT)
+
+  monkeypatch.setattr(metric_writer.MetricWriter, 'write', write_then_ctrl_c)
+  previous = signal.getsignal(signal.SIGINT)
+  train.train_and_evaluate(config, str(tmp_path))  # no KeyboardInterrupt
+  assert signal.getsignal(signal.SIGINT) is previous  # the loop put Ctrl-C's handler back
+  assert 'SIGINT: saved step 3' in capfd.readouterr().out
   ckpt = checkpointing.Checkpointer(str(tmp_path))
-  assert 0 < ckpt.latest_step() < config.total_steps
+  assert ckpt.latest_step() == 3
   ckpt.close()

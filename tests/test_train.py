@@ -4,7 +4,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,8 +14,11 @@ import numpy as np
 import pytest
 
 from ait_jax import checkpointing
+from ait_jax import cli
+from ait_jax import main as main_cmd
 from ait_jax import train
 from ait_jax import steps
+from ait_jax.data import input_pipeline
 from conftest import load_config, ROOT, xla_flags
 
 COMPARED = ('loss', 'ce_loss', 'balance_loss', 'accuracy', 'grad_norm', 'learning_rate')
@@ -165,65 +167,29 @@ def test_eval_mode_writes_metrics_json(uninterrupted):
   assert saved['accuracy'] == out['accuracy'] and len(saved['per_class_accuracy']) == 2
 
 
-def test_sort_of_clevr_reports_question_types(generated_data_dir, tmp_path):
+def test_sort_of_clevr_reports_question_types(generated_data_dir):
+  """Per question type and subtype accuracies equal a NumPy count over the predictions."""
   c = load_config('sort_of_clevr', 'quick')
   c.dataset, c.data_dir = 'sort_of_clevr/small', generated_data_dir
   c.question_types = ('non_relational', 'binary', 'ternary')
-  c.total_steps, c.eval_every_steps, c.batch_size, c.eval_batch_size = 4, 4, 16, 500
+  c.batch_size, c.eval_batch_size = 16, 500
   c.mesh.data = 1
   c.model.bottleneck_k = 64
-  result = train.train_and_evaluate(c, str(tmp_path))
-  assert result['num_examples'] == 50 * 30
-  for t in ('non_relational', 'binary', 'ternary'):
-    assert 0.0 <= result[f'accuracy_{t}'] <= 1.0
+  trainer = train.Trainer(c)
+  state = trainer.init(trainer.rng)
+  predictions = []
+  result = trainer.evaluate(state.params, state.memory, predictions=predictions)
+  source = input_pipeline.ExampleSource(trainer.s.info, 'test', generated_data_dir)
+  truth = source.read(np.arange(len(source)))
+  assert result['num_examples'] == len(predictions) == 50 * 30
+  correct = np.asarray(predictions) == truth['label']
+  assert result['accuracy'] == pytest.approx(correct.mean())
+  for t, name in enumerate(('non_relational', 'binary', 'ternary')):
+    of_type = truth['qtype'] == t
+    assert result[f'accuracy_{name}'] == pytest.approx(correct[of_type].mean())
     for sub in range(3):
-      assert f'accuracy_{t}_{sub}' in result
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-_DRIVER = """
-import json, sys
-from ait_jax import distributed
-distributed.maybe_initialize('on')
-import jax
-from ait_jax import train
-sys.path.insert(0, 'tests')
-from test_train import quick_config
-config = quick_config(sys.argv[1], total_steps=4, log_every_steps=1, eval_every_steps=4,
-                      **{'mesh.data': -1})
-result = train.train_and_evaluate(config, sys.argv[2])
-print('RESULT', json.dumps({'process': jax.process_index(), 'devices': jax.device_count(),
-                            'loss': result['loss'], 'accuracy': result['accuracy'],
-                            'train_loss': result['train_loss']}), flush=True)
-"""
-
-
-def test_two_processes_agree(generated_data_dir, tmp_path):
-  port = _free_port()
-  procs = []
-  for i in range(2):
-    env = dict(os.environ, AIT_JAX_COORDINATOR=f'127.0.0.1:{port}', AIT_JAX_NUM_PROCESSES='2',
-               AIT_JAX_PROCESS_ID=str(i),
-               XLA_FLAGS=xla_flags(1))
-    procs.append(subprocess.Popen([sys.executable, '-c', _DRIVER, generated_data_dir,
-                                   str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
-  outs = [p.communicate(timeout=240)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out
-  results = [json.loads(out.split('RESULT ', 1)[1].splitlines()[0]) for out in outs]
-  assert [r['process'] for r in results] == [0, 1]
-  assert all(r['devices'] == 2 for r in results)
-  assert results[0]['train_loss'] == results[1]['train_loss']
-  assert results[0]['loss'] == results[1]['loss'] and np.isfinite(results[0]['loss'])
-  lines = pathlib.Path(tmp_path, 'metrics.jsonl').read_text().splitlines()
-  steps = [json.loads(l)['step'] for l in lines if json.loads(l)['split'] == 'train']
-  assert steps == [1, 2, 3, 4]  # written once, by process 0
+      kept = of_type & (truth['qsubtype'] == sub)
+      assert result[f'accuracy_{name}_{sub}'] == pytest.approx(correct[kept].mean())
 
 
 @pytest.mark.parametrize('override,message', [
@@ -233,14 +199,18 @@ def test_two_processes_agree(generated_data_dir, tmp_path):
     ('--config.model.preset=huge', "model.preset='huge'"),
     ('--config.dataset=imagenet', "Unknown dataset 'imagenet'"),
 ])
-def test_bad_config_fails_fast(generated_data_dir, override, message):
-  out = subprocess.run([sys.executable, '-m', 'ait_jax.main', '--config=configs/triangle.py:quick',
-                        '--workdir=/nonexistent/never/created', override,
-                        f'--config.data_dir={generated_data_dir}'],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert out.returncode == 2  # a user's mistake (ait_jax/cli.py)
-  assert message in out.stderr, out.stderr
-  assert 'Traceback' not in out.stderr
+def test_bad_config_fails_fast(generated_data_dir, override, message, capsys):
+  """`ait_jax.main`'s own path (flags, config, checks) in process; tests/test_bad_inputs.py runs a
+  few rows as real subprocesses."""
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(main_cmd.define_flags, main_cmd.main, [
+        'ait_jax.main', '--config=configs/triangle.py:quick',
+        '--workdir=/nonexistent/never/created', override, f'--config.data_dir={generated_data_dir}'])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2  # a user's mistake (ait_jax/cli.py)
+  assert message in err, err
+  assert 'Traceback' not in err
+  assert not os.path.exists('/nonexistent/never/created')
 
 
 def test_missing_catalog_dataset_names_prepare_command(tmp_path):
