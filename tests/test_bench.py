@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from ait_jax import bench
 from ait_jax import models
 
@@ -80,18 +82,21 @@ def test_workspace_share_of_ait_small_at_cifar_batch_512():
   assert 0.06 < f['workspace'] / f['backbone'] < 0.07
 
 
-def test_cli_compares_ait_and_vit(tmp_path):
+def test_cli_compares_ait_and_vit(tmp_path, capsys):
+  """The command in process (its flags, config and output); test_cli_rejects_too_many_devices
+  runs `python -m ait_jax.bench` for real."""
+  from ait_jax import cli  # pylint: disable=g-import-not-at-top
   out, hlo = tmp_path / 'bench.json', tmp_path / 'step.hlo'
   # The config route for the fields (as ait_jax.main), the --batch shortcut for the batch.
-  cmd = [sys.executable, '-m', 'ait_jax.bench', f'--config={ROOT}/configs/cifar10.py:model=small',
-         '--config.model.depth=1', '--config.model.width=64', '--config.model.mlp_dim=128',
-         '--config.model.num_heads=1', '--config.model.bottleneck_k=64', f'--batch={B}',
-         '--steps=3', '--warmup=1',
-         '--devices=1', '--compare=vit', f'--json={out}', f'--dump_hlo={hlo}']
-  proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                        env={**os.environ, 'PYTHONPATH': str(ROOT)})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'AiT/ViT throughput ratio' in proc.stdout
+  argv = ['ait_jax.bench', f'--config={ROOT}/configs/cifar10.py:model=small',
+          '--config.model.depth=1', '--config.model.width=64', '--config.model.mlp_dim=128',
+          '--config.model.num_heads=1', '--config.model.bottleneck_k=64', f'--batch={B}',
+          '--steps=3', '--warmup=1',
+          '--devices=1', '--compare=vit', f'--json={out}', f'--dump_hlo={hlo}']
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(bench.define_flags, bench.main, argv)
+  assert exit_info.value.code == 0, capsys.readouterr().err[-3000:]
+  assert 'AiT/ViT throughput ratio' in capsys.readouterr().out
   result = json.loads(out.read_text())
   ait, vit = result['rows']
   assert (ait['arch'], vit['arch']) == ('ait', 'vit')

@@ -1,4 +1,4 @@
-"""The README's commands work: its five-line model snippet, and its runnable shell blocks.
+"""The README's commands work: its model snippet, and its runnable shell blocks.
 
 Blocks fenced as ```bash runnable run in order in a scratch directory (with configs/ linked),
 which is the quickstart a newcomer follows: prepare Triangle, train `quick`, evaluate, visualise.

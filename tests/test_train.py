@@ -46,7 +46,10 @@ def synthetic_batch(trainer, n, seed=0):
   return jax.device_put(batch, trainer.batch_sharding)
 
 
-@pytest.mark.parametrize('scope,k', [('batch', 64), ('example', 2)])
+# Scope 'batch' on 8 devices is checked at the model level (tests/test_selection.py: selected
+# tokens, loss, every gradient and the memory against one device's lax.top_k) and through the
+# trainer after 8 steps (tests/test_fast_loop.py); scope 'example' is checked here.
+@pytest.mark.parametrize('scope,k', [('example', 2)])
 def test_sharded_step_equals_single_device(generated_data_dir, scope, k):
   assert jax.device_count() == 8
   config = quick_config(generated_data_dir, **{'model.bottleneck_scope': scope, 'model.bottleneck_k': k})
@@ -199,18 +202,19 @@ def test_sort_of_clevr_reports_question_types(generated_data_dir):
     ('--config.model.preset=huge', "model.preset='huge'"),
     ('--config.dataset=imagenet', "Unknown dataset 'imagenet'"),
 ])
-def test_bad_config_fails_fast(generated_data_dir, override, message, capsys):
+def test_bad_config_fails_fast(generated_data_dir, override, message, capsys, tmp_path):
   """`ait_jax.main`'s own path (flags, config, checks) in process; tests/test_bad_inputs.py runs a
   few rows as real subprocesses."""
+  workdir = tmp_path / 'never' / 'created'
   with pytest.raises(SystemExit) as exit_info:
     cli.run(main_cmd.define_flags, main_cmd.main, [
-        'ait_jax.main', '--config=configs/triangle.py:quick',
-        '--workdir=/nonexistent/never/created', override, f'--config.data_dir={generated_data_dir}'])
+        'ait_jax.main', '--config=configs/triangle.py:quick', f'--workdir={workdir}', override,
+        f'--config.data_dir={generated_data_dir}'])
   err = capsys.readouterr().err
   assert exit_info.value.code == 2  # a user's mistake (ait_jax/cli.py)
   assert message in err, err
   assert 'Traceback' not in err
-  assert not os.path.exists('/nonexistent/never/created')
+  assert not (tmp_path / 'never').exists()
 
 
 def test_missing_catalog_dataset_names_prepare_command(tmp_path):
