@@ -135,9 +135,9 @@ def test_sigterm_saves_and_resumes(uninterrupted, tmp_path):
   ckpt = checkpointing.Checkpointer(str(workdir))
   assert ckpt.latest_step() == stopped
   ckpt.close()
-  # Resume in this process with 2 devices: a different device count than the interrupted run.
+  # Resume in this process with 8 devices: a different device count than the interrupted run.
   config = config.copy_and_resolve_references()
-  config.mesh.data = 2
+  config.mesh.data = 8
   train.train_and_evaluate(config, str(workdir))
   ref, got = _read_metrics(reference_dir), _read_metrics(workdir)
   for s in range(stopped + 1, config.total_steps + 1):
