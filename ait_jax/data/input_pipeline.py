@@ -41,6 +41,11 @@ def open_tfds(info: DatasetInfo, split: str, data_dir: str | None):
     ) from e
 
 
+def _question(questions, q: int):
+  """Question q of a record's flat question values (Q·18 of them)."""
+  return questions[q * clevr.QUESTION_DIM:(q + 1) * clevr.QUESTION_DIM]
+
+
 def _question_fields(question, q: int) -> dict[str, np.ndarray]:
   question = np.asarray(question, np.float32)
   return {'question': question, 'qtype': np.int32(q // clevr.QUESTIONS_PER_TYPE),
@@ -125,8 +130,9 @@ class ExampleSource:
     return int(record['label'])  # tfds.testing.mock_data hands out examples already decoded
 
   def _parse(self, record):
-    """(image as stored, label, questions [Q, 18] float32, answers [Q]) of one record; the last
-    two are None without questions. One protobuf parse per record."""
+    """(image as stored, label, questions, answers) of one record; the last two are None without
+    questions. One protobuf parse per record; questions and answers stay sequences indexed by
+    question (`_question`), so a batch converts only the questions it uses."""
     if isinstance(record, bytes):
       f = tf_example_pb2.Example.FromString(record).features.feature
       image = f['image'].bytes_list.value[0]
@@ -134,13 +140,11 @@ class ExampleSource:
         image = np.frombuffer(zlib.decompress(image), np.uint8).reshape(self.info.image_shape)
       if self._index is None:
         return image, f['label'].int64_list.value[0], None, None
-      questions = np.asarray(f['questions'].float_list.value, np.float32)
-      return (image, None, questions.reshape(-1, clevr.QUESTION_DIM),
-              np.asarray(f['answers'].int64_list.value))
+      return image, None, f['questions'].float_list.value, f['answers'].int64_list.value
     # tfds.testing.mock_data hands out examples already decoded
     if self._index is None:
       return record['image'], record['label'], None, None
-    return (record['image'], None, np.asarray(record['questions'], np.float32),
+    return (record['image'], None, np.asarray(record['questions'], np.float32).reshape(-1),
             np.asarray(record['answers']))
 
   def _example(self, record, q: int | None = None) -> dict[str, np.ndarray]:
@@ -152,7 +156,7 @@ class ExampleSource:
       label = self._label_map[label]
     example = {'image': self._image(image), 'label': np.int32(label)}
     if q is not None:
-      example.update(_question_fields(questions[q], q))
+      example.update(_question_fields(_question(questions, q), q))
     return example
 
   def columns(self, keys: Sequence[int], chunk: int = 1024) -> dict[str, np.ndarray]:
@@ -180,7 +184,8 @@ class ExampleSource:
     examples = []
     for row, q in zip(image_row.tolist(), (flat % _Q).tolist()):
       questions, answers = fields[row]
-      examples.append({'label': np.int32(answers[q]), **_question_fields(questions[q], q)})
+      examples.append({'label': np.int32(answers[q]),
+                       **_question_fields(_question(questions, q), q)})
     out = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
     out.update(images=np.stack(images), image_row=image_row.astype(np.int32))
     return out
@@ -218,8 +223,10 @@ def train_keys(num_examples: int, seed: int, shard_index: int, shard_count: int)
   """The infinite sequence of one process's training keys (record indices), as grain orders them:
   every shard_count-th key from shard_index, shuffled afresh every epoch from `seed`, repeated.
   `TrainBatches` batches it; `device_data` reads the same order without reading examples."""
-  return (grain.MapDataset.range(num_examples)[shard_index::shard_count]
-          .seed(seed).shuffle().repeat())
+  keys = grain.MapDataset.range(num_examples)
+  if shard_count > 1:  # a slice adds a Python layer to every key; one process needs none
+    keys = keys[shard_index::shard_count]
+  return keys.seed(seed).shuffle().repeat()
 
 
 def train_fingerprint(source: 'ExampleSource', seed: int, shard_count: int,
@@ -245,7 +252,7 @@ class TrainBatches:
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
     dataset = (train_keys(len(source), seed, shard_index, shard_count)
-               .batch(local_batch_size, drop_remainder=True)
+               .batch(local_batch_size, drop_remainder=True, batch_fn=np.asarray)
                .map(lambda keys: _to_global(source.read(keys), sharding)))
     self._iter = iter(dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=max(threads, 1) if prefetch > 0 else 0, prefetch_buffer_size=prefetch)))
