@@ -173,7 +173,7 @@ import jax
 from ait_jax import train
 sys.path.insert(0, 'tests')
 from test_train import quick_config
-config = quick_config(sys.argv[1], total_steps=400, log_every_steps=2, eval_every_steps=2,
+config = quick_config(sys.argv[1], total_steps=400, log_every_steps=2, eval_every_steps=4,
                       checkpoint_every_steps=1000, **{'mesh.data': -1})
 result = train.train_and_evaluate(config, sys.argv[2])
 print('RESULT', json.dumps({'process': jax.process_index(), 'devices': jax.device_count(),
