@@ -6,6 +6,7 @@ carrying the current shardings, so a run can resume on another device count; a d
 checkpoint is skipped for the newest intact one. `WorkdirLock` keeps two runs out of one
 workdir, and `PreemptionFlag` makes every process agree on the step at which to stop.
 """
+import contextlib
 import importlib.util
 import json
 import os
@@ -117,10 +118,8 @@ class WorkdirLock:
         # The owner is dead: remove its lock and try the exclusive create again, so that of two
         # runs taking over at once only one wins.
         logging.warning('Taking over %s from dead pid %s.', self.path, owner.get('pid'))
-        try:
+        with contextlib.suppress(FileNotFoundError):  # another run removed it first
           os.remove(self.path)
-        except FileNotFoundError:
-          pass
         continue
       with os.fdopen(fd, 'w') as f:
         json.dump(me, f)

@@ -79,7 +79,7 @@ def ensure_prepared(info: datasets.DatasetInfo, data_dir: str) -> None:
   def build():
     check_data_dir(data_dir)
     print(f'{info.name} is not prepared in {data_dir}; generating it now (no download, '
-          'about 30 s for the full dataset)...', file=sys.stderr, flush=True)
+          'under 30 s on 2 CPU cores)...', file=sys.stderr, flush=True)
     start = time.time()
     path = prepare(info.name, data_dir)
     print(f'Prepared {info.name} in {path} in {time.time() - start:.1f} s.', file=sys.stderr,
