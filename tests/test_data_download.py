@@ -280,17 +280,32 @@ def test_pet_download_build_and_read(server, tmp_path, monkeypatch):
   assert batch['image'].shape == (len(PET_TRAIN), 224, 224, 3)
 
 
-def test_refused_connection_is_one_sentence_and_leaves_nothing(tmp_path, monkeypatch, capsys):
-  folder = tmp_path / 'archives'
-  folder.mkdir()
+@pytest.mark.parametrize('case', ['refused', 'not found', 'no answer'])
+def test_unreachable_archive_is_one_sentence_and_leaves_nothing(case, server, tmp_path,
+                                                               monkeypatch, capsys):
+  """A refused connection, an HTTP error and a server that never answers (TIMEOUT_S, shortened
+  here) each end in one line naming the address and where to put the archive by hand."""
+  folder, url, _ = server
   write_cifar10(folder / 'cifar-10-binary.tar.gz')
-  url = _refused_url()
+  listening = socket.socket()
+  if case == 'refused':
+    url = _refused_url()
+  elif case == 'no answer':  # the connection is accepted by the kernel, and nothing is sent
+    listening.bind(('127.0.0.1', 0))
+    listening.listen(1)
+    url = f'http://127.0.0.1:{listening.getsockname()[1]}'
+    monkeypatch.setattr(downloads, 'TIMEOUT_S', 0.5)
   _publish(monkeypatch, folder, url)
+  if case == 'not found':
+    (folder / 'cifar-10-binary.tar.gz').unlink()
   data_dir = tmp_path / 'data'
-  code, _, err = _prepare_cmd(['--dataset=cifar10', f'--data_dir={data_dir}'], capsys)
+  with listening:
+    code, _, err = _prepare_cmd(['--dataset=cifar10', f'--data_dir={data_dir}'], capsys)
   line = _error_line(err)
+  reason = {'refused': 'Connection refused', 'not found': 'the server answered HTTP 404',
+            'no answer': 'no answer within 0.5 s'}[case]
   assert code == 2
-  assert f'Cannot download {url}/cifar-10-binary.tar.gz (Connection refused)' in line
+  assert f'Cannot download {url}/cifar-10-binary.tar.gz ({reason}' in line
   assert f'put cifar-10-binary.tar.gz (from that address) into {data_dir}/downloads/manual/' in line
   assert not data_dir.exists()  # created for this build, and removed with everything in it
 

@@ -104,14 +104,17 @@ def fetch(name: str, data_dir: str, scratch: pathlib.Path) -> pathlib.Path:
 def _download(archive: Archive, part: pathlib.Path, name: str, data_dir: str) -> None:
   request = urllib.request.Request(archive.url, headers={'User-Agent': 'ait_jax'})
   try:
-    response = urllib.request.urlopen(request, timeout=TIMEOUT_S)  # pylint: disable=consider-using-with
+    response = urllib.request.urlopen(  # pylint: disable=consider-using-with
+        request, timeout=TIMEOUT_S)
   except urllib.error.HTTPError as e:
     raise DownloadError(f'Cannot download {archive.url} (the server answered HTTP {e.code} '
                         f'{e.reason}); {_offline_hint(name, data_dir)}.') from None
   except (OSError, http.client.HTTPException, ValueError) as e:
     raise DownloadError(f'Cannot download {archive.url} ({_reason(e)}); '
                         f'{_offline_hint(name, data_dir)}.') from None
-  print(f'Downloading {archive.url} ({archive.size / 2**20:.0f} MiB) into '
+  size = (f'{archive.size / 2**20:.0f} MiB' if archive.size >= 2**20 else
+          f'{archive.size / 2**10:.0f} KiB')
+  print(f'Downloading {archive.url} ({size}) into '
         f'{downloads_dir(data_dir)}/.', file=sys.stderr, flush=True)
   got = 0
   with response, open(part, 'wb') as f, tqdm.tqdm(
