@@ -128,7 +128,8 @@ _CIFAR_HOMEPAGE = 'https://www.cs.toronto.edu/~kriz/cifar.html'
 
 
 class Cifar10(_ArchiveBuilder, skip_registration=True):
-  """CIFAR-10 from cifar-10-binary.tar.gz: 50,000 train and 10,000 test 32×32 images, 10 classes."""
+  """CIFAR-10 from cifar-10-binary.tar.gz: 50,000 train and 10,000 test 32×32 images, 10
+  classes."""
   name = 'cifar10'  # the catalog's name and version; registered by the catalog, not here
   VERSION = tfds.core.Version('3.0.2')
   LAYOUT = cifar.CIFAR10

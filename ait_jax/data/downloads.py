@@ -151,7 +151,7 @@ def _reason(error: BaseException) -> str:
 
 
 def _problem(path: pathlib.Path, archive: Archive) -> str | None:
-  """What makes the file at path differ from the published archive, as a phrase; None if it is it."""
+  """How the file at path differs from the published archive, as a phrase; None if it is it."""
   size = path.stat().st_size
   if size != archive.size:
     return f'is {size:,} bytes, not the {archive.size:,} of the published archive'

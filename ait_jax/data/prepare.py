@@ -19,6 +19,7 @@ import sys
 import time
 
 from absl import flags
+from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -40,9 +41,15 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def check_data_dir(data_dir: str) -> None:
-  """An empty data_dir, or one that is, or lies inside, a file, is refused before anything is
-  written."""
+  """An empty data_dir, one that is, or lies inside, a file, and a bucket that cannot be read are
+  refused before anything is written."""
   input_pipeline.require_data_dir(data_dir)
+  if '://' in data_dir:
+    if data_dir.startswith('gs://') and not any(importlib.util.find_spec(m)
+                                                for m in ('gcsfs', 'tensorflow')):
+      raise ValueError(f'The data_dir {data_dir} is on Google Cloud Storage, which needs gcsfs: '
+                       'pip install -e .[gcs] (or pip install gcsfs), or use a local folder.')
+    return
   existing = os.path.abspath(data_dir)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
@@ -52,13 +59,13 @@ def check_data_dir(data_dir: str) -> None:
                      'missing).')
 
 
-def dataset_dir(info: datasets.DatasetInfo, data_dir: str) -> pathlib.Path:
+def dataset_dir(info: datasets.DatasetInfo, data_dir: str) -> epath.Path:
   """The folder TFDS keeps `info`'s dataset in: <data_dir>/<name>[/<config>]/<version>."""
   base, _, config = info.tfds_name.partition('/')
   cls = builders.BUILDERS.get(base) or tfds.builder_cls(base)
   if cls.BUILDER_CONFIGS and not config:
     config = cls.BUILDER_CONFIGS[0].name
-  return pathlib.Path(data_dir, base, *([config] if config else []), str(cls.VERSION))
+  return epath.Path(data_dir).joinpath(base, *([config] if config else []), str(cls.VERSION))
 
 
 def _say(text: str) -> None:
@@ -87,8 +94,14 @@ def prepare(name: str, data_dir: str, read_all: bool = True) -> tuple[str, bool]
                           f'folder and run `{input_pipeline.prepare_command(name, data_dir)}` '
                           'again.')
     _say(f'{name} in {path} is incomplete or damaged (the folder {problem}); rebuilding it.')
+  if '://' in data_dir:  # a bucket has no atomic rename
+    raise cli.UserError(f'{name} is not prepared in {data_dir}, and prepare writes only into a '
+                        f'local folder: run `{input_pipeline.prepare_command(name, "DIR")}` with '
+                        f'a local DIR, then copy DIR/{base} to {data_dir}/{base} (gcloud storage '
+                        'rsync -r).')
   if not ours:
     _check_catalog_needs(info, name, data_dir)
+  path = pathlib.Path(path)
   with _scratch(data_dir, name) as scratch:
     if ours:
       archives = {a: str(downloads.fetch(a, data_dir, scratch))
@@ -119,7 +132,8 @@ def _check_catalog_needs(info: datasets.DatasetInfo, name: str, data_dir: str) -
                         f'(ImageNet: from image-net.org, after registering) in {manual} and run '
                         'this command again.')
   # The TFDS catalog builders serialise through TensorFlow and probe importlib_resources.
-  missing = [m for m in ('tensorflow', 'importlib_resources') if importlib.util.find_spec(m) is None]
+  missing = [m for m in ('tensorflow', 'importlib_resources')
+             if importlib.util.find_spec(m) is None]
   if missing:
     raise cli.UserError(f'Preparing {name!r} needs {" and ".join(missing)}; install them with '
                         f'`pip install -e .[prepare] importlib_resources` and run again.')
