@@ -218,9 +218,10 @@ def test_bad_config_fails_fast(generated_data_dir, override, message, capsys, tm
 
 
 def test_missing_catalog_dataset_names_prepare_command(tmp_path):
-  c = load_config('cifar10', 'quick')
+  c = load_config('imagenet100', 'quick')  # CIFAR would be downloaded (test_data_download.py)
   c.data_dir = str(tmp_path / 'empty')
-  with pytest.raises(FileNotFoundError, match='python -m ait_jax.data.prepare --dataset=cifar10'):
+  with pytest.raises(FileNotFoundError,
+                     match='python -m ait_jax.data.prepare --dataset=imagenet100'):
     train.train_and_evaluate(c, str(tmp_path / 'work'))
   assert not (tmp_path / 'work').exists()
 

@@ -16,6 +16,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
+from ait_jax.data import builders
 from ait_jax.data import datasets
 from ait_jax.data import imagenet100 as inet
 from ait_jax.data import sort_of_clevr as clevr
@@ -28,8 +29,23 @@ def prepare_command(name: str, data_dir: str | None) -> str:
   return f'python -m ait_jax.data.prepare --dataset={name} --data_dir={data_dir}'
 
 
+def require_data_dir(data_dir: str | None) -> None:
+  """An empty data_dir (`--config.data_dir=` with an unset shell variable) is refused: TFDS would
+  read and write datasets in the current folder."""
+  if data_dir == '':
+    raise ValueError('The data_dir is empty (--config.data_dir= or --data_dir=; is the shell '
+                     'variable in it set?); pass the folder that holds the datasets, e.g. '
+                     '--config.data_dir=~/tensorflow_datasets (it is created if missing).')
+
+
 def open_tfds(info: DatasetInfo, split: str, data_dir: str | None):
+  """The TFDS ArrayRecord source of one split; our builders (builders.BUILDERS) read their own
+  datasets, so reading needs neither the TFDS catalog nor TensorFlow."""
+  require_data_dir(data_dir)
+  base, _, config = info.tfds_name.partition('/')
   try:
+    if base in builders.BUILDERS:
+      return builders.make(base, data_dir, config or None).as_data_source(split)
     return tfds.data_source(info.tfds_name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # TFDS raises several types here, all meaning "not prepared".
     data_dir = data_dir or tfds.core.constants.DATA_DIR
