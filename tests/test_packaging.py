@@ -123,7 +123,8 @@ def test_wheel_runs_from_an_empty_folder(generated_data_dir, tmp_path):
   assert where['package'].startswith(site), where  # the wheel's package, not the checkout's
   assert where['configs'] == os.path.join(site, 'ait_jax', 'configs'), where
   assert json.loads((empty / 'w' / 'eval_final.json').read_text())['num_examples'] > 0
-  assert (empty / 'w' / 'eval_best.json').exists()
+  assert 'AiT (preset small, overridden: depth 1, width 64' in out.stdout  # what runs
+  assert (empty / 'w' / 'eval_best.json').exists() and '  class equilateral' in out.stdout
   assert json.loads((empty / 'bench.json').read_text())['rows'][0]['steps'] == 1
   assert '--scale' in out.stdout  # reproduce's help
   assert len(list((empty / 'figures').glob('*.png'))) == 4
