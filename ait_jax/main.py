@@ -13,7 +13,8 @@ MAX_CLASS_ROWS = 20  # more classes (CIFAR-100, ImageNet-100): the weakest and s
 
 def define_flags(fv: flags.FlagValues) -> None:
   config_flags.DEFINE_config_file(
-      'config', None, 'A configs/*.py file, optionally with :variant (e.g. :model=base,quick).',
+      'config', None, 'A configs/*.py file or a shipped config by name (e.g. cifar100), '
+      'optionally with :variant (e.g. :model=base,quick).',
       lock_config=True, flag_values=fv)
   flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs go here.', flag_values=fv)
   flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
