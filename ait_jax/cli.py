@@ -20,9 +20,9 @@ EXIT_USER_ERROR = 2
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # The configs ship inside the wheel as ait_jax/configs (setup.cfg maps the repository's configs/
 # there); a checkout or an editable install has them beside the package.
-_CONFIGS_DIR = next((d for d in (os.path.join(_PACKAGE_DIR, 'configs'),
-                                 os.path.join(os.path.dirname(_PACKAGE_DIR), 'configs'))
-                     if os.path.isdir(d)), os.path.join(os.path.dirname(_PACKAGE_DIR), 'configs'))
+_CONFIGS_DIR = os.path.join(_PACKAGE_DIR, 'configs')
+if not os.path.isdir(_CONFIGS_DIR):
+  _CONFIGS_DIR = os.path.join(os.path.dirname(_PACKAGE_DIR), 'configs')
 # OS errors about the user's paths (missing, not a folder, not writable, full disk).
 _USER_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
                 errno.EROFS, errno.EEXIST, errno.ENOSPC, errno.EDQUOT}
