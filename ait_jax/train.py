@@ -19,6 +19,7 @@ import numpy as np
 from ait_jax import checkpointing
 from ait_jax import cli
 from ait_jax import metric_writer
+from ait_jax import models
 from ait_jax import sharding
 from ait_jax import steps
 from ait_jax.data import device_data
@@ -333,8 +334,13 @@ def _train(trainer: 'Trainer', workdir: str) -> dict:
     start, state, data_state = restored
     data_state = data_state or None
     writer.log_text(f'Resumed from step {start} in {workdir}.')
-  writer.log_text(f'{"ViT" if c.model.vit else "AiT"}-{c.model.preset} (depth {s.model.depth}, '
-                  f'width {s.model.width}) on {c.dataset}: {s.total_steps} steps, '
+  # Name the preset only with the sizes that run: `quick` overrides them.
+  changed = [f'{k} {getattr(s.model, k)}' for k, v in models.PRESETS[c.model.preset].items()
+             if getattr(s.model, k) != v]
+  arch = 'ViT' if c.model.vit else 'AiT'
+  writer.log_text((f'{arch} (preset {c.model.preset}, overridden: {", ".join(changed)})' if changed
+                   else f'{arch}-{c.model.preset} (depth {s.model.depth}, width {s.model.width})') +
+                  f' on {c.dataset}: {s.total_steps} steps, '
                   f'{s.steps_per_epoch} per epoch, batch {c.batch_size}, mesh '
                   f'{dict(trainer.mesh.shape)}, {jax.process_count()} process(es).')
   if start >= s.total_steps:
