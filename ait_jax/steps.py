@@ -249,8 +249,9 @@ def eval_step(s: Setup, params, memory, batch):
   images, question = _model_inputs(s, batch, None, train=False)
   variables = {'params': params, 'memory': memory}
   if s.config.model.eval_writes_memory and not s.config.model.vit:
+    # The padding of the last batch stays out of the write (docs/model.md#batch-dependence).
     (logits, _), new_vars = s.model.apply(variables, images, question, train=False,
-                                          mutable=['memory'])
+                                          mutable=['memory'], example_mask=batch['mask'])
     memory = new_vars['memory']
   else:
     logits, _ = s.model.apply(variables, images, question, train=False)
