@@ -82,6 +82,21 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
                total_steps, eval_every, info.num_train)
 
 
+TRAIN_EVAL_MAX = 10_000  # the default train-split subset: min(test split, this)
+
+
+def train_eval_examples(s: Setup) -> int:
+  """How many train-split examples each evaluation also scores (`config.eval_train_examples`);
+  raises one ValueError for a value other than -1, 0 or a positive whole number."""
+  n = s.config.get('eval_train_examples', -1)
+  if not isinstance(n, int) or isinstance(n, bool) or n < -1:
+    raise ValueError(f'eval_train_examples={n!r} must be -1 (as many as the test split, at most '
+                     f'{TRAIN_EVAL_MAX:,}), 0 (none) or a positive whole number.')
+  if n == -1:
+    n = min(s.info.num_test, TRAIN_EVAL_MAX)
+  return min(n, s.num_train)
+
+
 def learning_rate_fn(s: Setup) -> optax.Schedule:
   """Linear warm-up from warmup_init_lr, then cosine to end_lr (docs/training.md#schedule).
 

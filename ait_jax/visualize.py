@@ -327,11 +327,17 @@ def plot_hopfield_energy(data: dict, path: str, step: int) -> str:
 
 
 def plot_training_curves(metrics: dict, path: str) -> str:
-  """2×2: loss, accuracy (train and eval), learning rate, balance loss against step."""
+  """2×2: loss, accuracy, learning rate, balance loss against step. Loss and accuracy show the
+  training batches, the evaluation of the train-split subset (split 'eval_train': a gap to the
+  test split is memorisation) and the test split."""
   fig, axes = _new_figure(2, 2)
   panels = (('loss', [('train', 'loss', 'train loss (CE + balance)'),
-                      ('train', 'ce_loss', 'train CE loss'), ('eval', 'loss', 'eval CE loss')]),
-            ('accuracy', [('train', 'accuracy', 'train'), ('eval', 'accuracy', 'eval')]),
+                      ('train', 'ce_loss', 'train CE loss'),
+                      ('eval_train', 'loss', 'train split, evaluated: CE loss'),
+                      ('eval', 'loss', 'test split: CE loss')]),
+            ('accuracy', [('train', 'accuracy', 'training batches'),
+                          ('eval_train', 'accuracy', 'train split, evaluated'),
+                          ('eval', 'accuracy', 'test split')]),
             ('learning rate', [('train', 'learning_rate', 'learning rate')]),
             ('balance loss', [('train', 'balance_loss', 'balance loss (sum over layers)')]))
   for ax, (title, series) in zip(axes.flat, panels):

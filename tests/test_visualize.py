@@ -73,3 +73,17 @@ def test_missing_checkpoint_is_one_sentence(tmp_path):
 def test_missing_metrics_is_one_sentence(tmp_path):
   with pytest.raises(FileNotFoundError, match='No metrics.jsonl in'):
     visualize.visualize(str(tmp_path), str(tmp_path / 'out'))
+
+
+def test_training_curves_show_the_train_split_beside_the_test_split(tmp_path, monkeypatch):
+  figures = []
+  monkeypatch.setattr(visualize, '_save', lambda fig, path: figures.append(fig) or path)
+  metrics = {'train': {s: {'loss': 1.0, 'ce_loss': 0.9, 'accuracy': 0.5, 'learning_rate': 1e-3,
+                           'balance_loss': 0.1} for s in (10, 20)},
+             'eval': {10: {'loss': 0.8, 'accuracy': 0.6}, 20: {'loss': 0.7, 'accuracy': 0.65}},
+             'eval_train': {10: {'loss': 0.5, 'accuracy': 0.7}, 20: {'loss': 0.3, 'accuracy': 0.9}}}
+  visualize.plot_training_curves(metrics, str(tmp_path / 'curves.png'))
+  accuracy = next(ax for ax in figures[0].axes if ax.get_title() == 'accuracy')
+  lines = {line.get_label(): list(line.get_ydata()) for line in accuracy.get_lines()}
+  assert lines == {'training batches': [0.5, 0.5], 'train split, evaluated': [0.7, 0.9],
+                   'test split': [0.6, 0.65]}
