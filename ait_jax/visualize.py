@@ -340,12 +340,14 @@ def plot_training_curves(metrics: dict, path: str) -> str:
                           ('eval', 'accuracy', 'test split')]),
             ('learning rate', [('train', 'learning_rate', 'learning rate')]),
             ('balance loss', [('train', 'balance_loss', 'balance loss (sum over layers)')]))
+  colors = {'train': 'C0', 'eval_train': 'C1', 'eval': 'C2'}  # one colour per split in each panel
   for ax, (title, series) in zip(axes.flat, panels):
     for split, key, label in series:
       points = sorted((s, r[key]) for s, r in metrics.get(split, {}).items() if key in r)
       if points:
         steps, values = zip(*points)
-        ax.plot(steps, values, marker='o', markersize=3, label=label)
+        ax.plot(steps, values, marker='o', markersize=3, label=label, color=colors[split],
+                linestyle='--' if key == 'ce_loss' else '-')
     ax.set_title(title)
     ax.set_xlabel('step')
     ax.set_ylabel(title)
