@@ -100,5 +100,6 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
     c.lr = 1e-3
     c.log_every_steps = 10
     c.eval_every_steps = 30
+    c.eval_train_examples = 256  # one evaluation batch
     c.checkpoint_every_steps = 30
   return c
