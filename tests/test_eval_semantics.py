@@ -40,7 +40,6 @@ def _batch(trainer, images, labels, mask):
     (8, dict(bottleneck_k=16, selection='sharded')),
     (1, dict(bottleneck_scope='example', bottleneck_k=2, selection='full')),
     (8, dict(bottleneck_scope='example', bottleneck_k=2, selection='full')),
-    (1, dict(bottleneck_scope='example', bottleneck=False)),  # padded images: no real token
 ], ids=lambda v: str(v) if isinstance(v, int) else ','.join(f'{k}={x}' for k, x in v.items()))
 def test_padding_of_the_last_batch_stays_out_of_the_write(devices, model):
   """A full batch, then a last batch of 8 real examples and 8 of padding, writes the memory that

@@ -255,19 +255,22 @@ def test_several_adamw_steps_leave_the_write_parameters_exactly_at_init(mode):
   # The project's optimizer and train step: in reference mode the write's parameters get neither
   # a gradient nor decay, so they keep their initial values bit for bit; every other parameter
   # moves. With learned_write they move too.
-  s = _quick_setup(gradient_mode=mode)
-  tx = steps.make_optimizer(s)
+  from ait_jax import train  # pylint: disable=g-import-not-at-top
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  config = load_config('triangle', 'quick')
+  config.model.gradient_mode = mode
+  config.mesh.data = 1
+  trainer = train.Trainer(config, devices=jax.devices()[:1])
+  s = trainer.s
   assert s.config.weight_decay > 0
-  start = jax.jit(functools.partial(steps.init_state, s, tx))(jax.random.PRNGKey(0))
-  step = jax.jit(functools.partial(steps.train_step, s, tx))
+  state = trainer.init(trainer.rng)
+  start = jax.device_get(state.params)
   rng = np.random.default_rng(0)
-  state = start
   for _ in range(3):
     batch = {'image': rng.integers(0, 256, (s.config.batch_size,) + s.info.image_shape, np.uint8),
              'label': rng.integers(0, s.info.num_classes, (s.config.batch_size,), np.int32)}
-    state, _ = step(state, batch)
-  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(state.params),
-                       jax.device_get(start.params))
+    state, _ = trainer.train_step(state, jax.device_put(batch, trainer.batch_sharding))
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(state.params), start)
   assert _leaves(moved, lambda m: not m) == (WRITE_ONLY_LEAVES if mode == 'reference' else set())
 
 
