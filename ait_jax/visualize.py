@@ -367,19 +367,27 @@ def _padded(values: np.ndarray, margin: float = 0.05) -> tuple[float, float]:
 
 
 def plot_training_curves(metrics: dict, path: str) -> str:
-  """2×2: loss, accuracy (train and eval), learning rate, balance loss against step."""
+  """2×2: loss, accuracy, learning rate, balance loss against step. Loss and accuracy show the
+  training batches, the evaluation of the train-split subset (split 'eval_train': a gap to the
+  test split is memorisation) and the test split."""
   fig, axes = _new_figure(2, 2)
   panels = (('loss', [('train', 'loss', 'train loss (CE + balance)'),
-                      ('train', 'ce_loss', 'train CE loss'), ('eval', 'loss', 'eval CE loss')]),
-            ('accuracy', [('train', 'accuracy', 'train'), ('eval', 'accuracy', 'eval')]),
+                      ('train', 'ce_loss', 'train CE loss'),
+                      ('eval_train', 'loss', 'train split, evaluated: CE loss'),
+                      ('eval', 'loss', 'test split: CE loss')]),
+            ('accuracy', [('train', 'accuracy', 'training batches'),
+                          ('eval_train', 'accuracy', 'train split, evaluated'),
+                          ('eval', 'accuracy', 'test split')]),
             ('learning rate', [('train', 'learning_rate', 'learning rate')]),
             ('balance loss', [('train', 'balance_loss', 'balance loss (sum over layers)')]))
+  colors = {'train': 'C0', 'eval_train': 'C1', 'eval': 'C2'}  # one colour per split in each panel
   for ax, (title, series) in zip(axes.flat, panels):
     for split, key, label in series:
       points = sorted((s, r[key]) for s, r in metrics.get(split, {}).items() if key in r)
       if points:
         steps, values = zip(*points)
-        ax.plot(steps, values, marker='o', markersize=3, label=label)
+        ax.plot(steps, values, marker='o', markersize=3, label=label, color=colors[split],
+                linestyle='--' if key == 'ce_loss' else '-')
     ax.set_title(title)
     ax.set_xlabel('step')
     ax.set_ylabel(title)

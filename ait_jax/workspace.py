@@ -40,7 +40,8 @@ class BottleneckOutput(NamedTuple):
 
 def bottleneck_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
                          top_k: int | None, selection: str = 'full',
-                         num_chunks: int | None = None, mesh=None) -> BottleneckOutput:
+                         num_chunks: int | None = None, mesh=None,
+                         token_mask: jax.Array | None = None) -> BottleneckOutput:
   """Bottleneck attention read: memory slots attend to their top-k tokens only (docs/model.md#memory-write).
 
   Args:
@@ -55,6 +56,11 @@ def bottleneck_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
       all give the same tokens. 'sharded' needs G = 1 and a mesh with a 'data' axis (`mesh`, or
       the one set by `jax.set_mesh`).
     num_chunks: chunks of 'chunked' (default `default_chunks`); must divide n.
+    token_mask: optional [G, n] bool, False for tokens that take no part in the write (the zero
+      padding of an evaluation batch). See `_logits` and `_gates`: they are never preferred to a
+      real token, get no gate, and the reads are averaged over the groups that hold real tokens,
+      so the read equals that of the real tokens alone. The balance loss is not corrected: its
+      importance and load still span all T tokens.
 
   Logits are q·kᵀ/√Dh; selection and softmax run in float32 whatever the input dtype, so bf16 runs
   pick the same tokens as float32 ones up to rounding of the logits.
@@ -62,8 +68,9 @@ def bottleneck_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
   num_groups, num_heads, n, head_dim = keys.shape
   num_slots = queries.shape[1]
   if top_k is None:
-    logits = _logits(queries, keys)
-    gates = jax.nn.softmax(logits, axis=-1) / num_groups  # [G, Hm, M, n]
+    logits = _logits(queries, keys, token_mask)
+    gates = _gates(logits, _averaged_groups(num_groups, token_mask),
+                   token_mask is not None)  # [G, Hm, M, n]
     read = jnp.einsum('ghmn,ghnd->hmd', gates.astype(values.dtype), values)
     importance = gates.sum(axis=2)  # [G, Hm, n]
     load = jnp.full_like(importance, num_slots)
@@ -76,14 +83,14 @@ def bottleneck_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
   if selection not in SELECTIONS[1:]:
     raise ValueError(f'selection={selection!r} must be one of {SELECTIONS[1:]}.')
   if selection == 'sharded':
-    return sharded_bottleneck_attention(queries, keys, values, top_k, mesh)
-  logits = _logits(queries, keys)
+    return sharded_bottleneck_attention(queries, keys, values, top_k, mesh, token_mask)
+  logits = _logits(queries, keys, token_mask)
   if selection == 'chunked':
     chunks = default_chunks(n, top_k) if num_chunks is None else num_chunks
     kept, indices = chunked_top_k(logits, top_k, chunks)
   else:
     kept, indices = jax.lax.top_k(logits, top_k)  # [G, Hm, M, k]; exactly k even with ties
-  weights = jax.nn.softmax(kept, axis=-1) / num_groups
+  weights = _gates(kept, _averaged_groups(num_groups, token_mask), token_mask is not None)
   read, importance, load = jax.vmap(_read_own_tokens, in_axes=(0, 0, 0, None))(
       weights, indices, values, n)
   to_tokens = lambda a: jnp.moveaxis(a, 0, 1).reshape(num_heads, num_groups * n)
@@ -91,11 +98,34 @@ def bottleneck_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
                           to_tokens(importance), jax.lax.stop_gradient(to_tokens(load)))
 
 
-def _logits(queries: jax.Array, keys: jax.Array) -> jax.Array:
-  """[G, Hm, M, n] float32 logits q·kᵀ/√Dh."""
+def _logits(queries: jax.Array, keys: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
+  """[G, Hm, M, n] float32 logits q·kᵀ/√Dh; -inf for the tokens `token_mask` [G, n] leaves out,
+  so that every selection ranks them below any real token."""
   head_dim = keys.shape[-1]
-  return jnp.einsum('hmd,ghnd->ghmn', queries, keys,
-                    preferred_element_type=jnp.float32) / jnp.sqrt(head_dim).astype(jnp.float32)
+  logits = jnp.einsum('hmd,ghnd->ghmn', queries, keys,
+                      preferred_element_type=jnp.float32) / jnp.sqrt(head_dim).astype(jnp.float32)
+  if token_mask is None:
+    return logits
+  return jnp.where(token_mask[:, None, None, :], logits, -jnp.inf)
+
+
+def _averaged_groups(num_groups: int, token_mask: jax.Array | None):
+  """How many group reads are averaged: all G, or with a token mask those holding a real token
+  (a padded image in scope 'example' holds none)."""
+  if token_mask is None:
+    return num_groups
+  return jnp.maximum(jnp.sum(jnp.any(token_mask, axis=-1)), 1).astype(jnp.float32)
+
+
+def _gates(logits: jax.Array, divisor, masked: bool) -> jax.Array:
+  """Softmax over the last axis, divided by `divisor`. With a token mask (`masked`), the -inf
+  logits of masked tokens (kept when fewer than k real tokens exist) get gate 0, and a row with
+  no real token gets 0 everywhere; no NaN arises, in value or gradient."""
+  if not masked:
+    return jax.nn.softmax(logits, axis=-1) / divisor
+  real = jnp.isfinite(logits)
+  lowest = jnp.finfo(logits.dtype).min  # exp(lowest - max) is 0 beside any real logit
+  return jax.nn.softmax(jnp.where(real, logits, lowest), axis=-1) * real / divisor
 
 
 def _read_own_tokens(weights, indices, values, n_own: int):
@@ -184,7 +214,8 @@ def resolve_selection(selection: str, num_groups: int, n: int, top_k: int | None
   return SINGLE_DEVICE_AUTO
 
 
-def sharded_bottleneck_attention(queries, keys, values, top_k: int, mesh=None) -> BottleneckOutput:
+def sharded_bottleneck_attention(queries, keys, values, top_k: int, mesh=None,
+                                 token_mask=None) -> BottleneckOutput:
   """`bottleneck_attention` of one group (scope 'batch') with its tokens split over 'data'.
 
   Each device takes the top-k of its own tokens, the devices all-gather these candidates' values
@@ -193,7 +224,8 @@ def sharded_bottleneck_attention(queries, keys, values, top_k: int, mesh=None) -
   Each device then reads, and counts importance and load for, the winners that are its own
   tokens; the partial reads are summed (psum [Hm, M, Dh]). Importance and load stay
   split over 'data' like the tokens; the balance loss's means and variances over them reduce
-  [Hm]-sized partial sums. No communication grows with the batch.
+  [Hm]-sized partial sums. No communication grows with the batch. `token_mask` [1, n] is split
+  like the tokens (see `bottleneck_attention`).
   """
   num_groups, _, n, _ = keys.shape
   found = data_mesh(mesh)
@@ -210,15 +242,16 @@ def sharded_bottleneck_attention(queries, keys, values, top_k: int, mesh=None) -
   n_own = n // shards
   local_k = min(top_k, n_own)
 
-  def per_device(q, k, v):  # k, v: [1, Hm, n_own, Dh], this device's tokens
+  def per_device(q, k, v, *mask):  # k, v: [1, Hm, n_own, Dh], mask: [1, n_own], this device's
     me = jax.lax.axis_index(DATA_AXIS)
     q = jax.lax.pcast(q, DATA_AXIS, to='varying')  # float32: see the note below
-    vals, idx = jax.lax.top_k(_logits(q, k)[0], local_k)  # [Hm, M, local_k]
+    own_mask = mask[0] if mask else None
+    vals, idx = jax.lax.top_k(_logits(q, k, own_mask)[0], local_k)  # [Hm, M, local_k]
     # Only the candidate values travel. The tiled gather concatenates the devices in order, so
     # equal values sit in global token order and the top-k's ties go to the lower token index.
     all_vals = jax.lax.all_gather(vals, DATA_AXIS, axis=2, tiled=True, to='invarying')
     kept, pos = jax.lax.top_k(all_vals, top_k)  # [Hm, M, k], pos in [0, shards·local_k)
-    weights = jax.nn.softmax(kept, axis=-1)
+    weights = _gates(kept, 1, own_mask is not None)
     own = jnp.take_along_axis(idx, pos % local_k, axis=-1)
     own = jnp.where(pos // local_k == me, own, -1)  # -1: another device's token
     read, importance, load = _read_own_tokens(weights, own, v[0], n_own)
@@ -234,10 +267,11 @@ def sharded_bottleneck_attention(queries, keys, values, top_k: int, mesh=None) -
   # the queries' gradient stays float32 until the psum (one bfloat16 rounding, as with 'full').
   # Summing bfloat16 parts instead would round twice, and XLA:CPU (jax 0.10.2) aborts promoting
   # such a bfloat16 all-reduce.
+  masks = () if token_mask is None else (token_mask,)
   read, indices, weights, importance, load = jax.shard_map(
-      per_device, mesh=found, in_specs=(P(), tokens, tokens),
+      per_device, mesh=found, in_specs=(P(), tokens, tokens) + (P(None, DATA_AXIS),) * len(masks),
       out_specs=(P(), P(), P(), P(None, DATA_AXIS), P(None, DATA_AXIS)),
-      axis_names={DATA_AXIS})(queries.astype(jnp.float32), keys, values)
+      axis_names={DATA_AXIS})(queries.astype(jnp.float32), keys, values, *masks)
   return BottleneckOutput(read.astype(values.dtype), indices, weights, importance,
                           jax.lax.stop_gradient(load))
 

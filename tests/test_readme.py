@@ -59,7 +59,7 @@ def test_runnable_blocks(tmp_path):
   assert final['accuracy'] > 0.53
   assert any((workdir / 'checkpoints').iterdir()) and any((workdir / 'best').iterdir())
   train_lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  assert {l['split'] for l in train_lines} == {'train', 'eval'}
+  assert {l['split'] for l in train_lines} == {'train', 'eval', 'eval_train'}
   assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
   assert json.loads((workdir / 'config.json').read_text())['dataset'] == 'triangle'
   assert json.loads((workdir / 'eval_best.json').read_text())['num_examples'] == 10_000

@@ -137,3 +137,17 @@ def test_energy_scatter_axes_follow_the_tokens(kept_figures):
     assert lo <= values.min() and values.max() <= hi
     assert hi - lo <= 1.11 * span  # not stretched to a y = x across both ranges
   assert 'y = x lies above these axes' in [t.get_text() for t in scatter.get_legend().texts]
+
+
+def test_training_curves_show_the_train_split_beside_the_test_split(tmp_path, monkeypatch):
+  figures = []
+  monkeypatch.setattr(visualize, '_save', lambda fig, path: figures.append(fig) or path)
+  metrics = {'train': {s: {'loss': 1.0, 'ce_loss': 0.9, 'accuracy': 0.5, 'learning_rate': 1e-3,
+                           'balance_loss': 0.1} for s in (10, 20)},
+             'eval': {10: {'loss': 0.8, 'accuracy': 0.6}, 20: {'loss': 0.7, 'accuracy': 0.65}},
+             'eval_train': {10: {'loss': 0.5, 'accuracy': 0.7}, 20: {'loss': 0.3, 'accuracy': 0.9}}}
+  visualize.plot_training_curves(metrics, str(tmp_path / 'curves.png'))
+  accuracy = next(ax for ax in figures[0].axes if ax.get_title() == 'accuracy')
+  lines = {line.get_label(): list(line.get_ydata()) for line in accuracy.get_lines()}
+  assert lines == {'training batches': [0.5, 0.5], 'train split, evaluated': [0.7, 0.9],
+                   'test split': [0.6, 0.65]}

@@ -330,9 +330,10 @@ def eval_indices(num_examples: int, global_batch_size: int, process_index: int,
 
 
 def make_eval_iterator(name: str, *, data_dir: str | None, global_batch_size: int, sharding,
-                       split: str = 'test', question_types: Sequence[str] | None = None
-                       ) -> Iterator[dict[str, jax.Array]]:
-  """Every example of `split` exactly once, in order; the last batch is zero-padded.
+                       split: str = 'test', question_types: Sequence[str] | None = None,
+                       limit: int | None = None) -> Iterator[dict[str, jax.Array]]:
+  """Every example of `split` (or its first `limit`) exactly once, in order; the last batch is
+  zero-padded.
 
   Adds 'mask' bool [B], False on padding, which metrics must use as weights.
   """
@@ -342,8 +343,8 @@ def make_eval_iterator(name: str, *, data_dir: str | None, global_batch_size: in
   pad = source.zeros()
 
   def batches():
-    for idx in eval_indices(len(source), global_batch_size, jax.process_index(),
-                            jax.process_count()):
+    count = len(source) if limit is None else min(limit, len(source))
+    for idx in eval_indices(count, global_batch_size, jax.process_index(), jax.process_count()):
       mask = idx >= 0
       batch = {k: np.zeros((len(idx), *v.shape), v.dtype) for k, v in pad.items()}
       if mask.any():
