@@ -17,6 +17,9 @@ def xla_flags(devices: int) -> str:
 
 os.environ.setdefault('XLA_FLAGS', xla_flags(8))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# Tests run on the CPU. With libtpu installed (the tpu extra, for tests/test_compile.py) JAX
+# would otherwise start it in every test process, where it warns on stderr and holds its lock file.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Many tests run `python -m ait_jax.<command>` in a subprocess that compiles the same small steps:
 # one compilation cache for the whole run (shared by pytest-xdist's workers) lets the later ones
 # load instead of compile (about 9 of 21 s for a quick Triangle run on 2 cores).
