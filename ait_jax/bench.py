@@ -271,11 +271,12 @@ def _array_bytes(dtype: str, dims: str) -> int:
   return size * math.prod(int(d) for d in dims.split(',') if d)
 
 
-def _scope(op_name: str, dims: tuple, param_shapes) -> str:
+def _scope(op_name: str, dims: tuple, param_sizes: set) -> str:
   """'parameter gradients' for the partitioner's sum of a parameter's gradient (backward pass,
-  a parameter's shape, not an explicit collective of the workspace's shard_map), else the model
-  scope in the op's name: 'block<i>/workspace', 'block<i>' or 'other'."""
-  if param_shapes and dims in param_shapes and 'transpose(' in op_name and (
+  a parameter's size, not an explicit collective of the workspace's shard_map), else the model
+  scope in the op's name: 'block<i>/workspace', 'block<i>' or 'other'. Sizes, not shapes: XLA
+  may sum a gradient in another shape (f32[64,768] for a LayerNorm scale of 49,152)."""
+  if math.prod(dims) in param_sizes and 'transpose(' in op_name and (
       'shard_map' not in op_name):
     return GRADIENTS
   scope = _HLO_SCOPE.search(op_name)
@@ -301,12 +302,13 @@ def collectives(hlo_text: str, param_shapes=None) -> list:
   the size on one device of what it delivers (an all-gather's gathered array, an all-reduce's
   arrays), `shape` those arrays. XLA combines several all-reduces into one: each array goes to the
   scope of the op that produced it ('block<i>/workspace', 'block<i>', 'other', or 'parameter
-  gradients' when `param_shapes`, the set of parameter shapes, holds its shape; see _scope).
+  gradients' when `param_shapes`, the set of parameter shapes, holds its size; see _scope).
   XLA:TPU's async collective fusion splits one collective into a start, steps and a done, each
   holding a copy of the op with the same chain_id: the chain counts once. An op inside a loop
   body counts once.
   """
   lines = hlo_text.splitlines()
+  param_sizes = {math.prod(shape) for shape in param_shapes or ()}
   op_names = {}
   for line in lines:
     d = _HLO_DEFINITION.match(line)
@@ -331,7 +333,7 @@ def collectives(hlo_text: str, param_shapes=None) -> list:
     parts = {}
     for (dtype, dims), source in zip(arrays, sources):
       shape = tuple(int(x) for x in dims.split(',') if x)
-      scope = _scope(op_names.get(source) or own, shape, param_shapes)
+      scope = _scope(op_names.get(source) or own, shape, param_sizes)
       part = parts.setdefault(scope, {'op': m['op'], 'name': m['name'], 'shape': [], 'bytes': 0,
                                       'scope': scope})
       part['shape'].append(f'{dtype}[{dims}]')

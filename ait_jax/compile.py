@@ -396,7 +396,8 @@ def format_report(result: dict) -> str:
       _workspace(r)[0] is None else f'{_workspace(r)[0]:,.3f} MiB, {_workspace(r)[1]:g} ops')
   row('compile s', lambda r: f"{r['compile_s']:.1f}")
   widths = [max(len(str(x[i])) for x in rows) for i in range(len(rows[0]))]
-  out = [f"{result['config_spec']} on {result['slice']} x {result['num_slices']} "
+  slices = f" x {result['num_slices']} slices" if result['num_slices'] > 1 else ''
+  out = [f"{result['config_spec']} on {result['slice']}{slices} "
          f"({result['device_kind']}, topology {result['topology']}): {result['chips']} chips, "
          f"{result['hosts']} hosts; compiled with libtpu {result['libtpu']}, nothing run"]
   out += ['  '.join(str(v).ljust(w) for v, w in zip(x, widths)).rstrip() for x in rows]

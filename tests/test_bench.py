@@ -188,7 +188,8 @@ ENTRY %main.1_spmd (param: f32[3072,64]) -> f32[] {
 
 
 def test_collectives_parser_reads_tpu_async_chains_and_combined_all_reduces():
-  ops = bench.collectives(TPU_HLO, param_shapes={(3072, 64)})
+  # A parameter of 3072·64 values, summed by XLA as f32[3072,64] whatever its own shape.
+  ops = bench.collectives(TPU_HLO, param_shapes={(3072 * 64,)})
   assert [(o['op'], o['name'], o['bytes'], o['scope']) for o in ops] == [
       # XLA:TPU's async collective fusion: start, step and done of one all-gather (chain 0).
       ('all-gather', 'all-gather.5', 8 * 32 * 256 * 4, 'block0/workspace'),
