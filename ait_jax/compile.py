@@ -292,6 +292,8 @@ def search_batch(config, devices, which: str, report: dict, hbm_bytes: int, host
     r = compile_step(with_batch(e), devices, which, hbm_bytes)
     trials.append({'per_chip_batch': 2 ** e, 'fits': r['fits'], 'needed_bytes': r['needed_bytes'],
                    'compile_s': r['compile_s']})
+    print(f"{which} step at {2 ** e} images per chip: {'fits' if r['fits'] else 'does not fit'} "
+          f"({_size(r['needed_bytes'])} per chip; compiled in {r['compile_s']:.0f} s)", flush=True)
     return r['fits']
 
   e_min, e_max = valid[0], valid[-1]
@@ -342,9 +344,9 @@ def does_not_fit_sentence(which: str, report: dict, spec: Slice, kind: str) -> s
 def _model_label(model: dict) -> str:
   from ait_jax import models  # pylint: disable=g-import-not-at-top
   label = f"{'ViT' if model['vit'] else 'AiT'}-{model['preset'].capitalize()}"
-  if model['depth'] != models.PRESETS.get(model['preset'], {}).get('depth'):
-    label += f" (depth {model['depth']})"
-  return label
+  preset = models.PRESETS.get(model['preset'], {})
+  changed = [f'{k} {model[k]}' for k in ('depth', 'width') if model[k] != preset.get(k)]
+  return label + (f" ({', '.join(changed)})" if changed else '')
 
 
 def _workspace(report: dict) -> tuple:
@@ -404,10 +406,10 @@ def format_report(result: dict) -> str:
   return '\n'.join(out)
 
 
-_TABLE_HEAD = ('model', 'dtype', 'slice', 'chips', 'global batch', 'per-chip batch',
-               'HBM per chip GiB', 'fits', 'largest per-chip batch', 'GFLOP per chip per step',
+_TABLE_HEAD = ('config', 'model', 'dtype', 'slice', 'chips', 'global batch', 'per-chip batch',
+               'HBM per chip', 'fits', 'largest per-chip batch', 'GFLOP per chip per step',
                'collectives MiB per step', 'workspace MiB per layer', 'workspace ops per layer',
-               'gradients MiB', 'compile s')
+               'gradients MiB', 'compile s', 'search s')
 
 
 def table(folder: str) -> str:
@@ -433,15 +435,19 @@ def table(folder: str) -> str:
     ws_mib, ws_ops = _workspace(t) if c else (None, None)
     grads = c and c['by_scope'].get('parameter gradients')
     best = t.get('search', {}).get('largest_per_chip_batch', '-') if 'search' in t else '-'
-    cells = (_model_label(r['model']), r['model']['dtype'],
+    overrides = [o for o in r.get('overrides', []) if not o.startswith('--config.model.dtype=')]
+    cells = (' '.join([f"`{r['config_spec']}`"] + [f'`{o}`' for o in overrides]),
+             _model_label(r['model']), r['model']['dtype'],
              r['slice'] + (f" x {r['num_slices']}" if r['num_slices'] > 1 else ''),
              r['chips'], r['train']['global_batch'], t['per_chip_batch'],
-             _gib(t['needed_bytes']) + (' (compiler)' if t['oom'] else ''),
+             _size(t['needed_bytes']) + (' (compiler)' if t['oom'] else ''),
              'yes' if t['fits'] else 'no', best if best is not None else 'none',
              '-' if not t['flops_per_chip'] else f"{t['flops_per_chip'] / 1e9:,.1f}",
              '-' if not c else f"{sum(v['bytes'] for v in c['by_op'].values()) / MIB:,.1f}",
              '-' if ws_mib is None else f'{ws_mib:,.2f}', '-' if ws_ops is None else f'{ws_ops:g}',
-             '-' if not grads else f"{grads['bytes'] / MIB:,.1f}", f"{t['compile_s']:.0f}")
+             '-' if not grads else f"{grads['bytes'] / MIB:,.1f}", f"{t['compile_s']:.0f}",
+             f"{sum(x['compile_s'] for x in t['search']['trials']):.0f} "
+             f"({len(t['search']['trials'])} compiles)" if t.get('search') else '-')
     lines.append('| ' + ' | '.join(str(x) for x in cells) + ' |')
   return '\n'.join(lines)
 
@@ -486,6 +492,7 @@ def main(fv: flags.FlagValues) -> dict | None:
   result = {
       'command': _command(fv, spec_arg),
       'config_spec': spec_arg,
+      'overrides': cli.override_args(config_flags.get_override_values(fv['config'])),
       'slice': spec.name, 'accelerator_type': spec.accelerator_type, 'topology': spec.topology,
       'num_slices': fv.num_slices, 'device_kind': devices[0].device_kind, 'chips': len(devices),
       'hosts': hosts, 'hbm_capacity_bytes': spec.hbm_bytes,

@@ -62,8 +62,9 @@ def generated_data_dir(tmp_path_factory) -> str:
 
 # Files whose tests run whole commands or multi-device steps (tens of seconds each) go first, so
 # that pytest-xdist's workers do not end with one of them alone at the tail of the run.
-_SLOW_FIRST = ('test_readme.py', 'test_train.py', 'test_checkpointing.py', 'test_bench.py',
-               'test_fast_loop.py', 'test_selection.py', 'test_data_imagenet100.py')
+_SLOW_FIRST = ('test_readme.py', 'test_train.py', 'test_compile.py', 'test_checkpointing.py',
+               'test_bench.py', 'test_fast_loop.py', 'test_selection.py',
+               'test_data_imagenet100.py')
 
 
 def pytest_collection_modifyitems(items):

@@ -78,6 +78,19 @@ def test_v5e_report(v5e):
   assert 'total needed' in out and 'block0/workspace' in out and 'compile s' in out
 
 
+def test_table_of_a_folder_of_reports(v5e, v4, tmp_path):
+  for name, (result, _) in (('a', v5e), ('b', v4)):
+    (tmp_path / f'{name}.json').write_text(json.dumps(result))
+  code, out, _ = _run([f'--table={tmp_path}'])
+  head, rule, *rows = out.strip().splitlines()
+  assert code == 0 and head.startswith('| config | model | dtype | slice |') and len(rows) == 2
+  cells = [row.split(' | ') for row in rows]
+  assert [c[3] for c in cells] == ['v4-8', 'v5e-4'] and all(c[8] == 'yes' for c in cells)
+  assert {c[1] for c in cells} == {'AiT-Small (depth 1, width 64)'}, cells
+  code, _, err = _run([f'--table={tmp_path / "empty"}'])
+  assert code == 2 and err.startswith('error: No *.json report in'), err
+
+
 def test_v4_megacore_report(v4):
   result, _ = v4
   assert (result['topology'], result['chips'], result['hosts'], result['device_kind']) == (
