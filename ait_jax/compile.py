@@ -309,10 +309,6 @@ def search_batch(config, devices, which: str, report: dict, hbm_bytes: int, host
           'largest_global_batch': None if e is None else 2 ** e * shards, 'trials': trials}
 
 
-def _gib(n) -> str:
-  return 'n/a' if n is None else f'{n / GIB:.2f}'
-
-
 def _size(n) -> str:
   """Bytes for people: GiB from 1 GiB on, else MiB."""
   if n is None:
