@@ -15,6 +15,7 @@ import logging as py_logging
 import os
 import signal
 import socket
+import sys
 import time
 
 from absl import logging
@@ -70,17 +71,43 @@ class _OrbaxLog(py_logging.Filter):
     self.last_error = None
     self.quiet = False
 
+  # A step folder without readable metadata: damaged (the restore walk warns about it once) or
+  # half-written (it is no checkpoint yet). Orbax logs it from its own threads, at any time.
+  _DAMAGED_METADATA = ('Failed to read Metadata file', 'Metadata file does not exist')
+
   def filter(self, record: py_logging.LogRecord) -> bool:
     if f'{os.sep}orbax{os.sep}' not in record.pathname:
       return True
     if record.exc_info and record.exc_info[1] is not None:
       self.last_error = record.exc_info[1]
       return False
+    if str(record.msg).startswith(self._DAMAGED_METADATA):
+      return False
     return not self.quiet or record.levelno >= py_logging.CRITICAL
 
 
 _ORBAX_LOG = _OrbaxLog()
 py_logging.getLogger('absl').addFilter(_ORBAX_LOG)  # absl.logging, which orbax logs through
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Installed by every Checkpointer. After a restore that failed on a damaged step, or a save
+  that failed, TensorStore still
+  completes the reads and writes it had started, and their callbacks find orbax's event loop for
+  that step closed; Python prints each such `RuntimeError: Event loop is closed` with a traceback
+  (dozens, often at exit). Only that error is dropped (the failure was reported in one sentence
+  or warning); every other one still prints."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'ait_jax_quiet', False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+      previous(unraisable)
+
+  hook.ait_jax_quiet = True
+  sys.unraisablehook = hook
 
 
 def workdir_path(workdir: str) -> epath.Path:
@@ -199,10 +226,35 @@ class WorkdirLock:
                            f'{self.workdir}. Pass another --workdir.')
 
   def release(self) -> None:
+    """Removes the lock; never raises, so that it cannot hide the error a run stops on (a lock
+    left behind names a dead pid, which the next run takes over)."""
     if self.held:
       self.held = False
       if self._owner().get('pid') == os.getpid():
-        os.remove(self.path)
+        try:
+          os.remove(self.path)
+        except OSError as e:
+          logging.warning('Could not remove %s (%s); the next run takes it over.', self.path,
+                          e.strerror or e)
+
+
+def _release_orbax_waiters() -> None:
+  """Ends orbax's threads that wait for a signal a failed save will never send.
+
+  A save starts threads that wait, through orbax's signaling client, for its earlier stages
+  (e.g. creating the step's folder). When such a stage fails they keep waiting until orbax's
+  coordination timeout (minutes), and as they are not daemon threads the process cannot exit
+  meanwhile: the run would hang after printing its error. Each is cancelled and woken here, the
+  way orbax's own cancellation ends them (private API, so any mismatch leaves them alone)."""
+  try:
+    from orbax.checkpoint._src.futures import future as ocp_future  # pylint: disable=g-import-not-at-top
+    import threading  # pylint: disable=g-import-not-at-top
+    for thread in threading.enumerate():
+      if isinstance(thread, ocp_future._SignalingThread) and thread.is_alive():  # pylint: disable=protected-access
+        thread.cancel()
+        ocp_future.set_signals(thread._receive_signals, operation_id=thread._operation_id)  # pylint: disable=protected-access
+  except Exception:  # pylint: disable=broad-except
+    logging.warning('Could not end orbax\'s waiting threads; the process may take minutes to exit.')
 
 
 def _key_name(k) -> str:
@@ -233,6 +285,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, keep: int = 3):
+    _quiet_closed_loop_callbacks()  # they can print before a failure is even seen
     self.root = workdir_path(workdir)
     self.latest = ocp.CheckpointManager(
         self.root / 'checkpoints', item_handlers=_handlers(),
@@ -248,7 +301,9 @@ class Checkpointer:
            force: bool = True) -> None:
     """Starts saving `state` (and the iterator state) at `step`; also as best if best_metrics
     say so. It is saved once `check_saves(wait=True)` returns."""
-    self.check_saves()
+    # Orbax waits for the previous save before starting one anyway; waiting here first makes a
+    # failure of that one its own sentence, with its own step.
+    self.check_saves(wait=True)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_state or {}))
     if self.latest.latest_step() != step:
@@ -288,6 +343,7 @@ class Checkpointer:
     """Raises the sentence for a failed save of `step`; a failure that is not the disk's or the
     bucket's (a bug) keeps its traceback."""
     self._pending.clear()
+    _release_orbax_waiters()
     reason = (cli.one_line(f'{type(error).__name__}: {error}')[:300]
               if isinstance(error, BaseException) else 'its folder was not written')
     last = self.last_intact_step(exclude=step)
@@ -304,11 +360,15 @@ class Checkpointer:
 
   def last_intact_step(self, exclude: int | None = None) -> int | None:
     """The newest step whose save completed, as the disk says."""
-    with contextlib.suppress(Exception):  # a vanished folder has none
+    _ORBAX_LOG.quiet = True  # a half-written step's missing metadata is not news here
+    try:
       self.latest.reload()
       done = [s for s in self.latest.all_steps() if s != exclude]
       return max(done) if done else None
-    return None
+    except Exception:  # pylint: disable=broad-except  (a vanished folder has none)
+      return None
+    finally:
+      _ORBAX_LOG.quiet = False
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
@@ -402,6 +462,8 @@ class Checkpointer:
             manager.close()
       finally:
         _ORBAX_LOG.quiet = False
+        if failing:
+          _release_orbax_waiters()
 
 
 class PreemptionFlag:

@@ -12,6 +12,8 @@ from etils import epath
 import jax
 import numpy as np
 
+from ait_jax import checkpointing
+
 METRICS_FILE = 'metrics.jsonl'
 
 
@@ -63,7 +65,7 @@ def write_text_atomic(path, text: str) -> None:
       if os.path.exists(tmp):
         os.remove(tmp)
   except OSError as e:
-    raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+    raise checkpointing.disk_error(e, path) from None
 
 
 def mean_of(metrics: list[dict]) -> dict:
@@ -146,7 +148,7 @@ class MetricWriter:
         with self.path.open('a') as f:
           f.write(line)
       except OSError as e:  # e.g. a full disk: name the file
-        raise OSError(e.errno, e.strerror or str(e), str(self.path)) from None
+        raise checkpointing.disk_error(e, self.path) from None
     for k, v in metrics.items():
       self.tb.add_scalar(f'{prefix}/{k}', v, step)
     self.tb.flush()

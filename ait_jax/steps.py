@@ -50,6 +50,10 @@ def _host_memory_bytes() -> int:
   return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 
+def _size(n: float) -> str:
+  return f'{n / 2 ** 30:.1f} GiB' if n >= 2 ** 30 else f'{n / 2 ** 20:.1f} MiB'
+
+
 def _check_pipeline(config: ml_collections.ConfigDict, info) -> None:
   """The input pipeline's options (`setup`): reader threads, prefetched batches, the evaluation
   batch and device_data, against this host's memory and the devices' budget."""
@@ -66,14 +70,14 @@ def _check_pipeline(config: ml_collections.ConfigDict, info) -> None:
   ready = max(int(config.prefetch), 1) * (config.batch_size // processes) * per_example
   if ready > budget:
     raise ValueError(f'prefetch={config.prefetch} batches of {config.batch_size} need '
-                     f'{ready / 2 ** 30:.1f} GiB of host memory, more than half of this host\'s '
-                     f'{2 * budget / 2 ** 30:.1f} GiB; lower prefetch.')
+                     f'{_size(ready)} of host memory, more than half of this host\'s '
+                     f'{_size(2 * budget)}; lower prefetch.')
   # A larger eval batch than the split is cut to the split (train.Trainer.eval_batch_size).
   evaluated = min(int(config.eval_batch_size), info.num_test) // processes * per_example
   if evaluated > budget:
-    raise ValueError(f'eval_batch_size={config.eval_batch_size} needs {evaluated / 2 ** 30:.1f} '
-                     f'GiB of host memory per evaluation batch, more than half of this host\'s '
-                     f'{2 * budget / 2 ** 30:.1f} GiB; lower eval_batch_size.')
+    raise ValueError(f'eval_batch_size={config.eval_batch_size} needs {_size(evaluated)} of host '
+                     f'memory per evaluation batch, more than half of this host\'s '
+                     f'{_size(2 * budget)}; lower eval_batch_size.')
   if config.get('device_data', False):
     records = info.num_train
     if info.has_question:  # one record per image, expanded to its questions of the kept types
@@ -81,9 +85,9 @@ def _check_pipeline(config: ml_collections.ConfigDict, info) -> None:
       records = info.num_train // (clevr.QUESTIONS_PER_TYPE * len(kept))
     size = -(-records // processes) * int(np.prod(info.image_shape))
     if size > device_data.MAX_BYTES:
-      raise ValueError(f'device_data=True would put {size / 2 ** 30:.1f} GiB of {info.name} '
-                       f'images on every device (at most {device_data.MAX_BYTES / 2 ** 30:.0f} '
-                       'GiB); set device_data=False for this dataset.')
+      raise ValueError(f'device_data=True would put {_size(size)} of {info.name} images on '
+                       f'every device (at most {_size(device_data.MAX_BYTES)}); set '
+                       'device_data=False for this dataset.')
 
 
 def setup(config: ml_collections.ConfigDict) -> Setup:

@@ -457,12 +457,17 @@ def _loop(trainer: 'Trainer', workdir: str, ckpt: checkpointing.Checkpointer,
     writer.log_text(f'eval_batch_size={c.eval_batch_size} is larger than the '
                     f'{s.info.num_test} {s.info.test_split} examples: they are evaluated in one '
                     f'batch of {trainer.eval_batch_size()}.')
+  last_eval = None
   if start >= s.total_steps:
     writer.log_text(f'{workdir} already holds the final step {start}; nothing to train. Use '
                     '--mode=eval to evaluate it.')
+    if not (checkpointing.workdir_path(workdir) / 'eval_final.json').exists():
+      # Stopped between the final save and eval_final.json (a kill): finish that part (its
+      # metrics row was written before the save).
+      last_eval = trainer.evaluate(state.params, state.memory)
   # Processes agree on a signal at log steps, which already wait for the device.
   preemption = checkpointing.PreemptionFlag(agree_every=c.log_every_steps)
-  pending, last_eval, summary, failure, stopped_by = [], None, {}, None, None
+  pending, summary, failure, stopped_by = [], {}, None, None
   progress = metric_writer.Progress(start, s.total_steps, c.batch_size)
   step = start
   try:
