@@ -66,14 +66,14 @@ class _OrbaxLog(py_logging.Filter):
   a traceback are dropped here and their error is kept for that sentence; while `quiet` (the
   restore walk, which warns once per skipped step) orbax's other records are dropped too."""
 
+  # A step folder without readable metadata: damaged (the restore walk warns about it once) or
+  # half-written (it is no checkpoint yet). Orbax logs it from its own threads, at any time.
+  _DAMAGED_METADATA = ('Failed to read Metadata file', 'Metadata file does not exist')
+
   def __init__(self):
     super().__init__()
     self.last_error = None
     self.quiet = False
-
-  # A step folder without readable metadata: damaged (the restore walk warns about it once) or
-  # half-written (it is no checkpoint yet). Orbax logs it from its own threads, at any time.
-  _DAMAGED_METADATA = ('Failed to read Metadata file', 'Metadata file does not exist')
 
   def filter(self, record: py_logging.LogRecord) -> bool:
     if f'{os.sep}orbax{os.sep}' not in record.pathname:
@@ -92,11 +92,10 @@ py_logging.getLogger('absl').addFilter(_ORBAX_LOG)  # absl.logging, which orbax 
 
 def _quiet_closed_loop_callbacks() -> None:
   """Installed by every Checkpointer. After a restore that failed on a damaged step, or a save
-  that failed, TensorStore still
-  completes the reads and writes it had started, and their callbacks find orbax's event loop for
-  that step closed; Python prints each such `RuntimeError: Event loop is closed` with a traceback
-  (dozens, often at exit). Only that error is dropped (the failure was reported in one sentence
-  or warning); every other one still prints."""
+  that failed, TensorStore still completes the reads and writes it had started, and their
+  callbacks find orbax's event loop for that step closed; Python prints each such
+  `RuntimeError: Event loop is closed` with a traceback (dozens, often at exit). Only that error
+  is dropped (the failure was reported in one sentence or warning); every other one prints."""
   previous = sys.unraisablehook
   if getattr(previous, 'ait_jax_quiet', False):
     return

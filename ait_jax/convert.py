@@ -200,8 +200,9 @@ def abstract_variables(model, image_shape, question_dim: int = 0, batch_size: in
 
 
 def _load_npz(path: str) -> dict:
-  """The arrays of a .npz, read without pickle: a file that is not a zip of numeric arrays (or
-  that holds pickled objects, which are never unpickled) is refused in one sentence."""
+  """The arrays of a .npz (those under 'state_dict/' when there are such, the prefix removed),
+  read without pickle: a file that is not a zip of numeric arrays (or that holds pickled
+  objects, which are never unpickled) is refused in one sentence."""
   if not zipfile.is_zipfile(path):
     with open(path, 'rb') as f:
       lone_array = f.read(6) == b'\x93NUMPY'
@@ -215,9 +216,13 @@ def _load_npz(path: str) -> dict:
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
     raise ValueError(f'{path} is not a readable .npz ({_reason(e)}); pass the reference '
                      'state_dict saved with numpy.savez, or a .pth.') from None
+  prefix = 'state_dict/'  # the project's fixtures keep other entries beside the state_dict
   arrays = {}
   with data:
-    for key in data.files:
+    keys = data.files
+    if any(k.startswith(prefix) for k in keys):
+      keys = [k for k in keys if k.startswith(prefix)]
+    for key in keys:
       try:
         value = data[key]
       except ValueError:  # object arrays need pickle, which is never used here
@@ -226,7 +231,7 @@ def _load_npz(path: str) -> dict:
       if not isinstance(value, np.ndarray) or value.dtype.kind not in 'biuf':
         raise ValueError(f'{path} holds {key!r}, which is not a numeric array; a checkpoint '
                          '.npz holds one numeric array per tensor name.')
-      arrays[key] = value
+      arrays[key.removeprefix(prefix)] = value
   if not arrays:
     raise ValueError(f'{path} holds no arrays; pass the .npz of the reference state_dict.')
   return arrays
@@ -245,11 +250,7 @@ def load_state_dict(path: str) -> dict:
   if os.path.isdir(path):
     raise ValueError(f'{path} is a folder; pass the reference checkpoint file (.pth or .npz).')
   if path.endswith('.npz'):
-    data = _load_npz(path)
-    prefix = 'state_dict/'
-    if any(k.startswith(prefix) for k in data):
-      return {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
-    return data
+    return _load_npz(path)
   if not path.endswith(('.pth', '.pt')):
     raise ValueError(f'{path} is not a checkpoint this command reads: pass a .pth (PyTorch) or a '
                      '.npz of the state_dict.')

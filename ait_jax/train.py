@@ -399,7 +399,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     lock.release()
 
 
-def _train(trainer: 'Trainer', workdir: str, changes: list[str]) -> dict:
+def _train(trainer: 'Trainer', workdir: str, changes: list[str] = ()) -> dict:
   s, c = trainer.s, trainer.s.config
   ckpt = checkpointing.Checkpointer(workdir, keep=c.keep_checkpoints)
   writer = feed = None

@@ -353,6 +353,35 @@ def test_eval_batch_larger_than_the_split_is_cut_to_it(generated_data_dir):
   assert train.Trainer(config).eval_batch_size() == 200  # 200 divides over 8 devices
 
 
+def test_bench_checks_its_paths_before_benchmarking(tmp_path, capsys, monkeypatch):
+  """A --json that cannot be written is refused before anything is compiled or timed."""
+  def never(*args, **kwargs):
+    raise AssertionError('benchmarked before checking --json')
+
+  monkeypatch.setattr(bench, 'benchmark', never)
+  monkeypatch.setattr(bench, 'collective_report', never)
+  for flags in ([], ['--collectives']):
+    code, err = _run_in_process(bench, [f'--json={tmp_path}'] + flags, capsys)
+    _assert_one_error_line(code, err, f'--json={tmp_path} is a folder; pass a file name')
+
+
+def test_full_disk_at_start_up_names_the_lock(generated_data_dir, tmp_path, capsys, monkeypatch):
+  """The lock is the first file a run writes; on a full disk (injected here, and for real in
+  tests/test_faults.py where a tmpfs can be mounted) the error names it and no empty lock is
+  left."""
+  def disk_full(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(checkpointing.json, 'dump', disk_full)
+  workdir = tmp_path / 'run'
+  code, err = _run_in_process(main_cmd, QUICK + [f'--workdir={workdir}',
+                                                 f'--config.data_dir={generated_data_dir}'],
+                              capsys)
+  _assert_one_error_line(code, err, f'Cannot write {workdir / checkpointing.LOCK_FILE}: No space '
+                         'left on device; free space on that disk')
+  assert not (workdir / checkpointing.LOCK_FILE).exists()
+
+
 def test_bug_keeps_its_traceback(capsys):
   """Only a user's mistake is shortened: an unexpected error still shows where it came from."""
   def main(fv):
