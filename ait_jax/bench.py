@@ -458,7 +458,23 @@ def _build_config(fv: flags.FlagValues, vit: bool):
   return c
 
 
+def _check_flags(fv: flags.FlagValues) -> None:
+  """The numbers and paths the user gave, before anything is compiled or timed."""
+  from ait_jax import cli  # pylint: disable=g-import-not-at-top
+  if fv.peak_tflops is not None and not fv.peak_tflops > 0:
+    raise ValueError(f'--peak_tflops={fv.peak_tflops} must be positive: the peak TFLOP/s of one '
+                     'device (e.g. 989 for an H100 or H200 in bf16), or leave it out.')
+  cli.check_output_path('json', fv.json)
+
+
+def _write_json(path: str, result: dict) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(result, f, indent=2)
+
+
 def main(fv: flags.FlagValues) -> dict:
+  _check_flags(fv)
   import jax  # pylint: disable=g-import-not-at-top
 
   all_devices = jax.devices()
@@ -482,8 +498,7 @@ def main(fv: flags.FlagValues) -> dict:
       print(format_collectives(report), flush=True)
     result = {'command': 'python -m ait_jax.bench ' + ' '.join(sys.argv[1:]), 'reports': reports}
     if fv.json:
-      with open(fv.json, 'w') as f:
-        json.dump(result, f, indent=2)
+      _write_json(fv.json, result)
     return result
   rows = []
   for vit in archs:
@@ -520,8 +535,7 @@ def main(fv: flags.FlagValues) -> dict:
     print(f"AiT/ViT throughput ratio: {result['ait_over_vit_images_per_s']:.3f} "
           f"(analytic FLOP ratio {result['ait_over_vit_analytic_flops']:.3f})")
   if fv.json:
-    with open(fv.json, 'w') as f:
-      json.dump(result, f, indent=2)
+    _write_json(fv.json, result)
   return result
 
 

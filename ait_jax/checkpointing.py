@@ -3,15 +3,19 @@
 `<workdir>/checkpoints` holds the last K saves (periodic, final, on SIGTERM/SIGINT);
 `<workdir>/best` holds the one with the best eval accuracy. Restores take abstract targets
 carrying the current shardings, so a run can resume on another device count; a damaged latest
-checkpoint is skipped for the newest intact one. `WorkdirLock` keeps two runs out of one
-workdir, and `PreemptionFlag` makes every process agree on the step at which to stop.
+checkpoint is skipped for the newest intact one, and a save that fails in orbax's background
+thread stops the run in one sentence. `WorkdirLock` keeps two runs out of one workdir, and
+`PreemptionFlag` makes every process agree on the step at which to stop.
 """
 import contextlib
+import errno
 import importlib.util
 import json
+import logging as py_logging
 import os
 import signal
 import socket
+import sys
 import time
 
 from absl import logging
@@ -25,6 +29,9 @@ from ait_jax import cli
 
 LOCK_FILE = 'run.lock'
 DAMAGED_DIR = 'damaged_checkpoints'  # where a resumed run moves the checkpoints it skipped
+# The exit status of a run stopped by SIGTERM or SIGINT after saving: sysexits.h's EX_TEMPFAIL
+# ("try again later"), which a job script or scheduler can requeue on (README, launch/README.md).
+EXIT_PREEMPTED = 75
 
 
 class IncompatibleCheckpointError(cli.UserError):
@@ -33,6 +40,73 @@ class IncompatibleCheckpointError(cli.UserError):
 
 class WorkdirBusyError(cli.UserError):
   """Another live run holds the workdir's lock."""
+
+
+class CheckpointSaveError(cli.UserError):
+  """A save failed (permissions, a full disk, a vanished bucket); the run stops at once."""
+
+
+# Signs that a save failed because of the disk or the bucket, not because of a bug: OS errors,
+# and the status names TensorStore puts in its messages.
+_ENVIRONMENT_SIGNS = ('RESOURCE_EXHAUSTED', 'PERMISSION_DENIED', 'NOT_FOUND', 'UNAVAILABLE',
+                      'DEADLINE_EXCEEDED', 'No space left', 'Permission denied',
+                      'Operation not permitted', 'Read-only file system', 'Disk quota')
+
+
+def _is_environment(error) -> bool:
+  if error is None or isinstance(error, (str, OSError)):
+    return True
+  return any(sign in str(error) for sign in _ENVIRONMENT_SIGNS)
+
+
+class _OrbaxLog(py_logging.Filter):
+  """Orbax logs the tracebacks of its own threads (a failed background save, a metadata file it
+  cannot read) and then raises, or swallows, the error. The run reports each such failure in one
+  sentence (CheckpointSaveError, the damaged-checkpoint warning), so orbax's records that carry
+  a traceback are dropped here and their error is kept for that sentence; while `quiet` (the
+  restore walk, which warns once per skipped step) orbax's other records are dropped too."""
+
+  # A step folder without readable metadata: damaged (the restore walk warns about it once) or
+  # half-written (it is no checkpoint yet). Orbax logs it from its own threads, at any time.
+  _DAMAGED_METADATA = ('Failed to read Metadata file', 'Metadata file does not exist')
+
+  def __init__(self):
+    super().__init__()
+    self.last_error = None
+    self.quiet = False
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if f'{os.sep}orbax{os.sep}' not in record.pathname:
+      return True
+    if record.exc_info and record.exc_info[1] is not None:
+      self.last_error = record.exc_info[1]
+      return False
+    if str(record.msg).startswith(self._DAMAGED_METADATA):
+      return False
+    return not self.quiet or record.levelno >= py_logging.CRITICAL
+
+
+_ORBAX_LOG = _OrbaxLog()
+py_logging.getLogger('absl').addFilter(_ORBAX_LOG)  # absl.logging, which orbax logs through
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Installed by every Checkpointer. After a restore that failed on a damaged step, or a save
+  that failed, TensorStore still completes the reads and writes it had started, and their
+  callbacks find orbax's event loop for that step closed; Python prints each such
+  `RuntimeError: Event loop is closed` with a traceback (dozens, often at exit). Only that error
+  is dropped (the failure was reported in one sentence or warning); every other one prints."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'ait_jax_quiet', False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+      previous(unraisable)
+
+  hook.ait_jax_quiet = True
+  sys.unraisablehook = hook
 
 
 def workdir_path(workdir: str) -> epath.Path:
@@ -67,6 +141,15 @@ def check_workdir(workdir: str | None, *, writable: bool = True) -> None:
                           'this user); pass a folder you can write to.')
 
 
+def disk_error(error: OSError, path) -> Exception:
+  """The one sentence for a write to `path` that failed: a full disk says so, others name the
+  path (cli.user_message completes them)."""
+  if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    return cli.UserError(f'Cannot write {path}: {error.strerror or error}; free space on that '
+                         'disk (or pass a --workdir on another one) and rerun.')
+  return OSError(error.errno, error.strerror or str(error), str(path))
+
+
 def _pid_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
@@ -97,6 +180,21 @@ class WorkdirLock:
     except (OSError, ValueError):
       return {}  # being written, or damaged: treated as a dead owner below
 
+  def busy(self) -> str | None:
+    """The sentence refusing this workdir while another live run (or another host) holds its
+    lock; None when it is free or its owner is dead."""
+    if self.path is None or not os.path.exists(self.path):
+      return None
+    owner, host = self._owner(), socket.gethostname()
+    if owner.get('host') not in (None, host):
+      return (f'{self.workdir} is in use by pid {owner.get("pid")} on host {owner["host"]}; '
+              f'wait for that run to end or pass another --workdir (if it is gone, delete '
+              f'{self.path}).')
+    if owner.get('pid') and owner['pid'] != os.getpid() and _pid_alive(int(owner['pid'])):
+      return (f'{self.workdir} is in use by pid {owner["pid"]} on this host; wait for that run '
+              'to end or pass another --workdir.')
+    return None
+
   def acquire(self) -> None:
     if self.path is None:
       return
@@ -105,34 +203,57 @@ class WorkdirLock:
       try:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
       except FileExistsError:
-        owner = self._owner()
-        if owner.get('host') not in (None, me['host']):
-          raise WorkdirBusyError(
-              f'{self.workdir} is in use by pid {owner.get("pid")} on host {owner["host"]}; '
-              f'wait for that run to end or pass another --workdir (if it is gone, delete '
-              f'{self.path}).') from None
-        if owner.get('pid') and owner['pid'] != me['pid'] and _pid_alive(int(owner['pid'])):
-          raise WorkdirBusyError(
-              f'{self.workdir} is in use by pid {owner["pid"]} on this host; wait for that run '
-              'to end or pass another --workdir.') from None
+        refusal = self.busy()
+        if refusal:
+          raise WorkdirBusyError(refusal) from None
         # The owner is dead: remove its lock and try the exclusive create again, so that of two
         # runs taking over at once only one wins.
-        logging.warning('Taking over %s from dead pid %s.', self.path, owner.get('pid'))
+        logging.warning('Taking over %s from dead pid %s.', self.path, self._owner().get('pid'))
         with contextlib.suppress(FileNotFoundError):  # another run removed it first
           os.remove(self.path)
         continue
-      with os.fdopen(fd, 'w') as f:
-        json.dump(me, f)
+      try:
+        with os.fdopen(fd, 'w') as f:
+          json.dump(me, f)
+      except OSError as e:  # a full disk: no empty lock is left behind, and the path is named
+        with contextlib.suppress(OSError):
+          os.remove(self.path)
+        raise disk_error(e, self.path) from None
       self.held = True
       return
     raise WorkdirBusyError(f'Could not take {self.path}; another run is starting in '
                            f'{self.workdir}. Pass another --workdir.')
 
   def release(self) -> None:
+    """Removes the lock; never raises, so that it cannot hide the error a run stops on (a lock
+    left behind names a dead pid, which the next run takes over)."""
     if self.held:
       self.held = False
       if self._owner().get('pid') == os.getpid():
-        os.remove(self.path)
+        try:
+          os.remove(self.path)
+        except OSError as e:
+          logging.warning('Could not remove %s (%s); the next run takes it over.', self.path,
+                          e.strerror or e)
+
+
+def _release_orbax_waiters() -> None:
+  """Ends orbax's threads that wait for a signal a failed save will never send.
+
+  A save starts threads that wait, through orbax's signaling client, for its earlier stages
+  (e.g. creating the step's folder). When such a stage fails they keep waiting until orbax's
+  coordination timeout (minutes), and as they are not daemon threads the process cannot exit
+  meanwhile: the run would hang after printing its error. Each is cancelled and woken here, the
+  way orbax's own cancellation ends them (private API, so any mismatch leaves them alone)."""
+  try:
+    from orbax.checkpoint._src.futures import future as ocp_future  # pylint: disable=g-import-not-at-top
+    import threading  # pylint: disable=g-import-not-at-top
+    for thread in threading.enumerate():
+      if isinstance(thread, ocp_future._SignalingThread) and thread.is_alive():  # pylint: disable=protected-access
+        thread.cancel()
+        ocp_future.set_signals(thread._receive_signals, operation_id=thread._operation_id)  # pylint: disable=protected-access
+  except Exception:  # pylint: disable=broad-except
+    logging.warning('Could not end orbax\'s waiting threads; the process may take minutes to exit.')
 
 
 def _key_name(k) -> str:
@@ -154,9 +275,16 @@ def _handlers():
 
 
 class Checkpointer:
-  """Saves and restores {'state': pytree, 'data': JSON} under a workdir."""
+  """Saves and restores {'state': pytree, 'data': JSON} under a workdir.
+
+  Saves run in orbax's background threads. `check_saves` (called by the loop every step, a
+  lookup while nothing is pending) turns a save that failed there into one CheckpointSaveError
+  naming the folder and the last intact checkpoint, so a failing disk stops the run at once
+  instead of when the next save waits, or never when orbax swallows the error.
+  """
 
   def __init__(self, workdir: str, keep: int = 3):
+    _quiet_closed_loop_callbacks()  # they can print before a failure is even seen
     self.root = workdir_path(workdir)
     self.latest = ocp.CheckpointManager(
         self.root / 'checkpoints', item_handlers=_handlers(),
@@ -166,21 +294,80 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m['accuracy'],
                                              best_mode='max', create=True))
     self.skipped = []  # (manager dir, step, reason) of the damaged checkpoints restore skipped
+    self._pending = {}  # manager -> the step it is saving in the background
 
   def save(self, step: int, state, data_state=None, *, best_metrics=None,
            force: bool = True) -> None:
-    """Saves `state` (and the iterator state) at `step`; also as best if best_metrics say so."""
+    """Starts saving `state` (and the iterator state) at `step`; also as best if best_metrics
+    say so. It is saved once `check_saves(wait=True)` returns."""
+    # Orbax waits for the previous save before starting one anyway; waiting here first makes a
+    # failure of that one its own sentence, with its own step.
+    self.check_saves(wait=True)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_state or {}))
     if self.latest.latest_step() != step:
-      self.latest.save(step, args=args, force=force)
+      self._start(self.latest, step, args=args, force=force)
     if best_metrics is not None:
       current = self.best.best_step()
       best = None
       if current is not None:
         best = self.best.metrics(current)  # may be None on old orbax; then save anyway
       if best is None or best_metrics['accuracy'] > best['accuracy']:
-        self.best.save(step, args=args, metrics=dict(best_metrics), force=True)
+        self._start(self.best, step, args=args, metrics=dict(best_metrics), force=True)
+
+  def _start(self, manager, step: int, **kwargs) -> None:
+    _ORBAX_LOG.last_error = None
+    try:
+      manager.save(step, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except  (creating the step folder, ...)
+      self._fail(manager, step, e)
+    self._pending[manager] = step
+
+  def check_saves(self, wait: bool = False) -> None:
+    """Raises CheckpointSaveError for a background save that failed; with `wait`, first waits
+    for those still running, so that afterwards every save so far is known to be on disk."""
+    for manager, step in list(self._pending.items()):
+      if not wait and manager.is_saving_in_progress():
+        continue
+      del self._pending[manager]
+      try:
+        manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        self._fail(manager, step, e)
+      manager.reload()  # orbax may log a failed commit and carry on: look at the disk
+      if step not in manager.all_steps():
+        self._fail(manager, step, _ORBAX_LOG.last_error)
+
+  def _fail(self, manager, step: int, error) -> None:
+    """Raises the sentence for a failed save of `step`; a failure that is not the disk's or the
+    bucket's (a bug) keeps its traceback."""
+    self._pending.clear()
+    _release_orbax_waiters()
+    reason = (cli.one_line(f'{type(error).__name__}: {error}')[:300]
+              if isinstance(error, BaseException) else 'its folder was not written')
+    last = self.last_intact_step(exclude=step)
+    where = self.root / 'checkpoints'
+    message = (f'Saving the checkpoint of step {step} into {manager.directory} failed ({reason}); '
+               'the state in memory is not saved. ' +
+               (f'The last intact checkpoint is step {last} in {where}: fix the disk (free space, '
+                'permissions, the bucket) and rerun the same command to resume from it.'
+                if last is not None else
+                'There is no intact checkpoint yet: fix the disk (free space, permissions, the '
+                'bucket) and rerun the same command to start again.'))
+    cls = CheckpointSaveError if _is_environment(error) else RuntimeError
+    raise cls(message) from (error if isinstance(error, BaseException) else None)
+
+  def last_intact_step(self, exclude: int | None = None) -> int | None:
+    """The newest step whose save completed, as the disk says."""
+    _ORBAX_LOG.quiet = True  # a half-written step's missing metadata is not news here
+    try:
+      self.latest.reload()
+      done = [s for s in self.latest.all_steps() if s != exclude]
+      return max(done) if done else None
+    except Exception:  # pylint: disable=broad-except  (a vanished folder has none)
+      return None
+    finally:
+      _ORBAX_LOG.quiet = False
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
@@ -205,7 +392,8 @@ class Checkpointer:
   def restore(self, abstract_state, *, which: str = 'latest'):
     """Returns (step, state, data_state), or None when there is nothing to restore.
 
-    A checkpoint that cannot be read is skipped (logged, kept on disk) for the next older one.
+    A checkpoint that cannot be read is skipped (one warning line, kept on disk) for the next
+    older one; orbax's own records about it are silenced meanwhile.
     """
     manager = self.latest if which == 'latest' else self.best
     if which == 'latest':
@@ -213,6 +401,7 @@ class Checkpointer:
     else:
       steps = [s for s in [manager.best_step()] if s is not None]
     for step in steps:
+      _ORBAX_LOG.quiet = True
       try:
         self._check_compatible(manager, step, abstract_state)
         restored = manager.restore(step, args=ocp.args.Composite(
@@ -225,12 +414,15 @@ class Checkpointer:
         logging.warning('Skipping the damaged checkpoint of step %d in %s (%s); trying an older '
                         'one. The damaged folder is kept.', step, manager.directory, reason)
         continue
+      finally:
+        _ORBAX_LOG.quiet = False
       return step, restored['state'], restored['data']
-    if self.skipped and which == 'latest':
+    damaged = [s for d, s, _ in self.skipped if d == manager.directory]
+    if damaged and which == 'latest':
       raise cli.UserError(
           f'Every checkpoint in {manager.directory} is damaged (steps '
-          f'{", ".join(str(s) for _, s, _ in self.skipped)}); move that folder away to start '
-          'afresh, or restore it from a copy.')
+          f'{", ".join(str(s) for s in damaged)}); move that folder away to start afresh, or '
+          'restore it from a copy.')
     return None
 
   def set_aside_skipped(self) -> list[str]:
@@ -250,12 +442,27 @@ class Checkpointer:
     return moved
 
   def wait(self) -> None:
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    """Waits for the saves in flight; raises CheckpointSaveError if one failed."""
+    self.check_saves(wait=True)
 
-  def close(self) -> None:
-    self.latest.close()
-    self.best.close()
+  def close(self, *, failing: bool = False) -> None:
+    """Waits for the saves in flight (raising CheckpointSaveError for a failed one), then closes
+    both managers, so that no orbax thread outlives the run. `failing`: the run is already
+    stopping on an error, which a save's error must not replace; nothing is reported as saved."""
+    try:
+      if not failing:
+        self.check_saves(wait=True)
+    finally:
+      self._pending.clear()
+      _ORBAX_LOG.quiet = failing  # a failed save was reported in one sentence already
+      try:
+        for manager in (self.latest, self.best):
+          with contextlib.suppress(*([Exception] if failing else [])):
+            manager.close()
+      finally:
+        _ORBAX_LOG.quiet = False
+        if failing:
+          _release_orbax_waiters()
 
 
 class PreemptionFlag:

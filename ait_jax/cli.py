@@ -284,3 +284,28 @@ def load_config(spec: str, overrides: Mapping[str, object] | Iterable[str] = ())
       raise
     raise ValueError(parse_error_message(e, given)) from None
   return fv.config
+
+
+def check_output_path(flag: str, path: str | None, *, folder: bool = False) -> None:
+  """Refuses, before any work, an output path that cannot be written: a folder where a file is
+  wanted (or a file where a folder is), a parent that is a file, or one this user cannot write.
+  Nothing is created; gs:// paths are left to their writer."""
+  if not path or '://' in str(path):
+    return
+  path = os.path.abspath(path)
+  if os.path.exists(path):
+    if folder and not os.path.isdir(path):
+      raise ValueError(f'--{flag}={path} is a file; pass a folder.')
+    if not folder and os.path.isdir(path):
+      raise ValueError(f'--{flag}={path} is a folder; pass a file name.')
+    if not os.access(path, os.W_OK):
+      raise PermissionError(f'--{flag}={path} is not writable for this user; pass another path.')
+    return
+  existing = os.path.dirname(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f'--{flag}={path} is inside {existing}, which is a file; pass another path.')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise PermissionError(f'--{flag}={path} cannot be created: {existing} is read-only for this '
+                          'user; pass another path.')

@@ -13,6 +13,7 @@ Reading a .pth needs torch (`pip install ait_jax[convert]`); a .npz of the state
 import os
 import re
 from typing import Callable, Mapping, NamedTuple
+import zipfile
 
 import jax
 import numpy as np
@@ -198,23 +199,71 @@ def abstract_variables(model, image_shape, question_dim: int = 0, batch_size: in
       jax.random.key(0), images, question)
 
 
+def _load_npz(path: str) -> dict:
+  """The arrays of a .npz (those under 'state_dict/' when there are such, the prefix removed),
+  read without pickle: a file that is not a zip of numeric arrays (or that holds pickled
+  objects, which are never unpickled) is refused in one sentence."""
+  if not zipfile.is_zipfile(path):
+    with open(path, 'rb') as f:
+      lone_array = f.read(6) == b'\x93NUMPY'
+    raise ValueError(
+        f'{path} holds one array, not a state_dict; save a .npz with one array per tensor name '
+        '(numpy.savez(path, **state_dict)).' if lone_array else
+        f'{path} is not a .npz (not a zip archive of arrays); pass the reference state_dict saved '
+        'with numpy.savez, or a .pth.')
+  try:
+    data = np.load(path, allow_pickle=False)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f'{path} is not a readable .npz ({_reason(e)}); pass the reference '
+                     'state_dict saved with numpy.savez, or a .pth.') from None
+  prefix = 'state_dict/'  # the project's fixtures keep other entries beside the state_dict
+  arrays = {}
+  with data:
+    keys = data.files
+    if any(k.startswith(prefix) for k in keys):
+      keys = [k for k in keys if k.startswith(prefix)]
+    for key in keys:
+      try:
+        value = data[key]
+      except ValueError:  # object arrays need pickle, which is never used here
+        raise ValueError(f'{path} holds pickled objects ({key}), which are not loaded; save '
+                         'plain numeric arrays (numpy.savez of tensor.numpy()).') from None
+      if not isinstance(value, np.ndarray) or value.dtype.kind not in 'biuf':
+        raise ValueError(f'{path} holds {key!r}, which is not a numeric array; a checkpoint '
+                         '.npz holds one numeric array per tensor name.')
+      arrays[key.removeprefix(prefix)] = value
+  if not arrays:
+    raise ValueError(f'{path} holds no arrays; pass the .npz of the reference state_dict.')
+  return arrays
+
+
+def _reason(error: BaseException) -> str:
+  return ' '.join(f'{type(error).__name__}: {error}'.split())[:160]
+
+
 def load_state_dict(path: str) -> dict:
   """A state_dict as numpy arrays from a .pth (needs torch) or a .npz (keys may carry the
-  'state_dict/' prefix of the project's test fixtures)."""
+  'state_dict/' prefix of the project's test fixtures). Anything else is refused in one
+  sentence; nothing is ever unpickled except by torch's weights-only loader."""
   if not os.path.exists(path):
     raise FileNotFoundError(f'No reference checkpoint at {path}.')
+  if os.path.isdir(path):
+    raise ValueError(f'{path} is a folder; pass the reference checkpoint file (.pth or .npz).')
   if path.endswith('.npz'):
-    with np.load(path) as data:
-      prefix = 'state_dict/'
-      if any(k.startswith(prefix) for k in data.files):
-        return {k[len(prefix):]: data[k] for k in data.files if k.startswith(prefix)}
-      return {k: data[k] for k in data.files}
+    return _load_npz(path)
+  if not path.endswith(('.pth', '.pt')):
+    raise ValueError(f'{path} is not a checkpoint this command reads: pass a .pth (PyTorch) or a '
+                     '.npz of the state_dict.')
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise ValueError('Reading a .pth needs PyTorch: pip install "ait_jax[convert]" (or save the '
                      'state_dict as a .npz of numpy arrays, which needs no torch).') from None
-  loaded = torch.load(path, map_location='cpu', weights_only=True)
+  try:
+    loaded = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except  (not a zip, unpickling refused, ...)
+    raise ValueError(f'{path} is not a PyTorch checkpoint of tensors torch can read safely '
+                     f'({_reason(e)}); pass the reference state_dict.') from None
   if isinstance(loaded, Mapping) and 'state_dict' in loaded and isinstance(
       loaded['state_dict'], Mapping):
     loaded = loaded['state_dict']

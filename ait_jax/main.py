@@ -1,7 +1,8 @@
 """Entry point: `python -m ait_jax.main --config=configs/cifar100.py[:variant] --workdir=DIR`.
 
 Parses flags, starts multi-host JAX when asked, then trains (resuming) or evaluates. A user's
-mistake ends in one `error:` line and exit code 2 (ait_jax/cli.py).
+mistake ends in one `error:` line and exit code 2 (ait_jax/cli.py); a run stopped by SIGTERM or
+SIGINT after saving exits with 75 (checkpointing.EXIT_PREEMPTED): rerun it to resume.
 """
 from absl import flags
 from ml_collections import config_flags
@@ -36,7 +37,9 @@ def main(fv: flags.FlagValues) -> None:
   distributed.maybe_initialize(fv.distributed)
   from ait_jax import train  # pylint: disable=g-import-not-at-top  (after distributed start-up)
   if fv.mode == 'train':
-    train.train_and_evaluate(fv.config, fv.workdir)
+    result = train.train_and_evaluate(fv.config, fv.workdir)
+    if result['preempted']:  # saved and stopped: a scheduler can requeue on this status
+      raise SystemExit(train.checkpointing.EXIT_PREEMPTED)
   else:
     result = train.evaluate(fv.config, fv.workdir, which=fv.checkpoint)
     print(eval_table(result, fv.config), flush=True)

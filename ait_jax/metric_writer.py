@@ -1,13 +1,71 @@
 """What the user sees of a run: a progress line, JSON-lines metrics and TensorBoard events.
 
-Only process 0 writes. `metrics.jsonl` holds one JSON object per log or eval step.
+Only process 0 writes. `metrics.jsonl` holds one JSON object per log or eval step; `read_metrics`
+is the one reader of it, and a resumed writer first trims what a killed run left past its step.
 """
 import json
+import os
+import sys
 import time
 
 from etils import epath
 import jax
 import numpy as np
+
+from ait_jax import checkpointing
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+def _parse_lines(data: bytes) -> tuple[list[dict], int]:
+  """The rows of a metrics.jsonl's bytes and the number of lines that are not a row (a torn last
+  line after a kill, bytes that are not UTF-8 or not JSON)."""
+  rows, bad = [], 0
+  for line in data.split(b'\n'):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line.decode('utf-8'))
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are both ValueErrors
+      bad += 1
+      continue
+    if isinstance(row, dict) and isinstance(row.get('step'), int) and 'split' in row:
+      rows.append(row)
+    else:
+      bad += 1
+  return rows, bad
+
+
+def read_metrics(path) -> list[dict]:
+  """The rows of a metrics.jsonl in file order. Lines that cannot be read are skipped with one
+  warning line on stderr, so a run killed mid-write still shows everything before."""
+  path = epath.Path(path)
+  rows, bad = _parse_lines(path.read_bytes())
+  if bad:
+    print(f'warning: skipped {bad} unreadable line(s) of {path} (a run killed while writing '
+          f'leaves a torn last line); using the other {len(rows)}.', file=sys.stderr, flush=True)
+  return rows
+
+
+def write_text_atomic(path, text: str) -> None:
+  """Writes a file so that a reader (or a kill) sees the old or the new content, never a part:
+  a temporary file next to it, then a rename. Object stores (gs://) write whole objects anyway.
+  A failing write names the file (e.g. a full disk)."""
+  path = epath.Path(path)
+  try:
+    if '://' in str(path):
+      path.write_text(text)
+      return
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+      with open(tmp, 'w') as f:
+        f.write(text)
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+  except OSError as e:
+    raise checkpointing.disk_error(e, path) from None
 
 
 def mean_of(metrics: list[dict]) -> dict:
@@ -42,18 +100,41 @@ def _format_eta(seconds: float) -> str:
 
 
 class MetricWriter:
-  """JSONL + TensorBoard + console, process 0 only."""
+  """JSONL + TensorBoard + console, process 0 only.
 
-  def __init__(self, workdir: str):
+  `resume_step`: the step the run restored (0 for a fresh start). metrics.jsonl is first trimmed
+  to the rows up to that step, dropping a torn last line and the rows a killed run wrote past its
+  last checkpoint, so that the file stays valid JSON Lines with each step once.
+  """
+
+  def __init__(self, workdir: str, resume_step: int | None = None):
     self.active = jax.process_index() == 0
-    self.path = epath.Path(workdir) / 'metrics.jsonl'
+    self.path = epath.Path(workdir) / METRICS_FILE
     # Object stores (gs://) cannot append: there the whole file is rewritten at each write.
     self.remote = '://' in str(workdir)
-    self.lines = self.path.read_text() if self.remote and self.path.exists() else ''
+    self.lines = ''
+    if self.active and resume_step is not None:
+      self.lines = self._trim(resume_step)
+    elif self.remote and self.path.exists():
+      self.lines = self.path.read_text()
     self.tb = None
     if self.active:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self.tb = SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
+
+  def _trim(self, step: int) -> str:
+    """Keeps the rows up to `step`, rewriting the file (atomically) only when something goes."""
+    if not self.path.exists():
+      return ''
+    data = self.path.read_bytes()
+    rows, bad = _parse_lines(data)
+    kept = [r for r in rows if r['step'] <= step]
+    text = ''.join(json.dumps(r) + '\n' for r in kept)
+    if bad or len(kept) < len(rows) or (data and not data.endswith(b'\n')):
+      write_text_atomic(self.path, text)
+      print(f'Trimmed {self.path} to the {len(kept)} rows up to step {step} (dropped '
+            f'{len(rows) - len(kept)} rows past it and {bad} unreadable line(s)).', flush=True)
+    return text
 
   def write(self, step: int, metrics: dict, prefix: str) -> None:
     if not self.active:
@@ -63,8 +144,11 @@ class MetricWriter:
       self.lines += line
       self.path.write_text(self.lines)
     else:
-      with self.path.open('a') as f:
-        f.write(line)
+      try:
+        with self.path.open('a') as f:
+          f.write(line)
+      except OSError as e:  # e.g. a full disk: name the file
+        raise checkpointing.disk_error(e, self.path) from None
     for k, v in metrics.items():
       self.tb.add_scalar(f'{prefix}/{k}', v, step)
     self.tb.flush()

@@ -9,6 +9,10 @@ Builds the datasets if missing, trains and evaluates every run (checkpoints unde
 --workdir_root), evaluates one checkpoint at several batch sizes with and without memory writes,
 draws its figures, and writes `summary.json`, `RESULTS.md` and each run's metrics JSONL and eval
 JSON into --out: the small artefacts to commit.
+
+Rerunning it never deletes a run: a finished run's workdir is reused, a partial one resumed, and
+one that belongs to another config, or that a live run holds, is refused before anything trains.
+Only --restart deletes the workdirs of the selected runs (never a locked one) to train afresh.
 """
 import json
 import os
@@ -34,6 +38,9 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string('workdir_root', 'workdir/reproduce',
                       'Training workdirs (checkpoints) go here; --out keeps the small files.',
                       flag_values=fv)
+  flags.DEFINE_bool('restart', False, 'Delete the selected runs\' workdirs first and train them '
+                    'afresh (a workdir a live run holds is refused); without it finished runs are '
+                    'reused and partial ones resumed.', flag_values=fv)
 
 # name -> (config file, variant, config overrides). The gpu scale differs from the paper's
 # recipe only in epochs (and Sort-of-CLEVR's model size and batch), so that all runs together fit
@@ -66,13 +73,6 @@ EVAL_BATCH_SIZES = (1, 64, 512)
 def _load_config(name: str, variant: str, overrides: dict):
   """The config `_command` prints, loaded the way the command line loads it."""
   return cli.load_config(f'{name}:{variant}', overrides)
-
-
-def _ensure_dataset(name: str, data_dir: str) -> None:
-  from ait_jax.data import builders  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(os.path.join(data_dir, name, 'full')):
-    print(f'Building {name} in {data_dir} ...', flush=True)
-    builders.prepare_generated(name, data_dir, 'full')
 
 
 def _command(name, variant, overrides, data_dir, workdir) -> str:
@@ -111,7 +111,9 @@ def batch_independence(config, workdir: str) -> list[dict]:
 def _markdown(summary: dict) -> str:
   lines = [f"# Reproduction on the generated benchmarks: scale `{summary['scale']}`", '',
            f"Hardware: {summary['hardware']}. Command: `{summary['command']}`. "
-           f"Total wall time {summary['wall_seconds'] / 60:.1f} min.", '']
+           f"Training wall time {sum(r['wall_seconds'] for r in summary['runs'].values()) / 60:.1f}"
+           f" min (all sessions of each run); this command {summary['wall_seconds'] / 60:.1f} min.",
+           '']
   if summary['scale'] == 'cpu':
     lines += ['**CPU-reduced runs**: tiny models (depth 2, width 64 for Triangle and 128 for Sort-of-CLEVR) and 3,000–4,000 steps of batch 64, '
               'not the paper\'s recipe; they show the pipeline end to end, not the paper\'s '
@@ -149,8 +151,70 @@ def selected_runs(scale: str, only: list[str]) -> dict:
 
 
 def _check_writable_folder(flag: str, path: str) -> None:
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f'--{flag}={path} is a file; pass a folder.')
+  cli.check_output_path(flag, path, folder=True)
+
+
+WALL_FILE = 'reproduce_wall_seconds.json'  # in a run's workdir: its training time so far
+
+
+def _finished(workdir: str, total_steps: int) -> bool:
+  """A workdir whose run reached its last step: eval_final.json says so, and that step's
+  checkpoint is on disk (committed: orbax renames a step's folder only once it is complete)."""
+  try:
+    with open(os.path.join(workdir, 'eval_final.json')) as f:
+      final = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return (final.get('step') == total_steps and
+          os.path.isdir(os.path.join(workdir, 'checkpoints', str(total_steps))))
+
+
+def check_workdirs(plans: dict, restart: bool) -> None:
+  """Refuses, before anything is trained or deleted, a workdir that a live run holds, or (unless
+  it is to be restarted) one whose config.json belongs to another config: one sentence naming
+  the folder."""
+  from ait_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
+  for run, (config, workdir) in plans.items():
+    if not os.path.isdir(workdir):
+      continue
+    busy = checkpointing.WorkdirLock(workdir).busy()
+    if busy:
+      raise checkpointing.WorkdirBusyError(f'Run {run}: {busy}')
+    if not restart:
+      try:
+        train.check_resume_config(config, workdir)
+      except train.ConfigMismatchError as e:
+        raise train.ConfigMismatchError(
+            f'Run {run}: {e} (reproduce reuses its workdirs; --restart deletes and retrains the '
+            'selected runs).') from None
+
+
+def _restart(workdir: str) -> None:
+  """Deletes a run's workdir under its lock, so that a run starting meanwhile is refused."""
+  from ait_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(workdir):
+    return
+  lock = checkpointing.WorkdirLock(workdir)
+  lock.acquire()
+  try:
+    for name in os.listdir(workdir):
+      if name != checkpointing.LOCK_FILE:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path):
+          shutil.rmtree(path)
+        else:
+          os.remove(path)
+  finally:
+    lock.release()
+  print(f'--restart: deleted the contents of {workdir}.', flush=True)
+
+
+def _wall_seconds(workdir: str) -> float:
+  try:
+    with open(os.path.join(workdir, WALL_FILE)) as f:
+      return float(json.load(f)['seconds'])
+  except (OSError, ValueError, KeyError, TypeError):
+    return 0.0
 
 
 def main(fv: flags.FlagValues) -> None:
@@ -160,7 +224,16 @@ def main(fv: flags.FlagValues) -> None:
     _check_writable_folder(flag, fv[flag].value)
   scale, out, data_dir, workdir_root = fv.scale, fv.out, fv.data_dir, fv.workdir_root
   import jax  # pylint: disable=g-import-not-at-top
-  from ait_jax import train, visualize  # pylint: disable=g-import-not-at-top
+  from ait_jax import checkpointing, metric_writer, steps, train, visualize  # pylint: disable=g-import-not-at-top
+  plans = {}
+  for run, (name, variant, overrides) in runs.items():
+    config = _load_config(name, variant, overrides)
+    config.data_dir = data_dir
+    plans[run] = (config, os.path.join(workdir_root, scale, run))
+  check_workdirs(plans, fv.restart)
+  if fv.restart:
+    for _, workdir in plans.values():
+      _restart(workdir)
   os.makedirs(out, exist_ok=True)
   start_all = time.time()
   summary = {'scale': scale,
@@ -170,21 +243,27 @@ def main(fv: flags.FlagValues) -> None:
                         f'--data_dir={data_dir} --out={out}',
              'runs': {}}
   for run, (name, variant, overrides) in runs.items():
-    _ensure_dataset(name, data_dir)
-    workdir = os.path.join(workdir_root, scale, run)
-    shutil.rmtree(workdir, ignore_errors=True)
-    config = _load_config(name, variant, overrides)
-    config.data_dir = data_dir
-    print(f'== {run}: {_command(name, variant, overrides, data_dir, workdir)}', flush=True)
-    start = time.time()
-    train.train_and_evaluate(config, workdir)
-    wall = time.time() - start
-    final = json.load(open(os.path.join(workdir, 'eval_final.json')))
+    config, workdir = plans[run]
+    command = _command(name, variant, overrides, data_dir, workdir)
+    if _finished(workdir, steps.setup(config).total_steps):
+      print(f'== {run}: reusing the finished run in {workdir} ({command})', flush=True)
+    else:
+      print(f'== {run}: {command}', flush=True)
+      start = time.time()
+      result = train.train_and_evaluate(config, workdir)
+      metric_writer.write_text_atomic(os.path.join(workdir, WALL_FILE), json.dumps(
+          {'seconds': _wall_seconds(workdir) + time.time() - start}))
+      if result['preempted']:
+        print(f'reproduce stopped in run {run}; rerun the same command to resume it (finished '
+              'runs are reused).', flush=True)
+        raise SystemExit(checkpointing.EXIT_PREEMPTED)
+    with open(os.path.join(workdir, 'eval_final.json')) as f:
+      final = json.load(f)
     os.makedirs(os.path.join(out, run), exist_ok=True)
     for f in ('metrics.jsonl', 'eval_final.json', 'config.json'):
       shutil.copy(os.path.join(workdir, f), os.path.join(out, run, f))
-    summary['runs'][run] = {'command': _command(name, variant, overrides, data_dir, workdir),
-                            'wall_seconds': wall, 'eval': final}
+    summary['runs'][run] = {'command': command, 'wall_seconds': _wall_seconds(workdir),
+                            'eval': final}
     if run == BATCH_INDEPENDENCE_RUN:
       summary['batch_independence'] = batch_independence(config, workdir)
       visualize.visualize(workdir, os.path.join(out, run, 'figures'), which='latest')

@@ -3,6 +3,7 @@ the schedule and optimizer, the train state, the loss and its gradients, the tra
 eval step. `train.py` compiles them once (jax.jit, state donated) and runs the loop around them.
 """
 import dataclasses
+import os
 from typing import Any
 
 import flax
@@ -45,6 +46,50 @@ class Setup:
   num_train: int
 
 
+def _host_memory_bytes() -> int:
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def _size(n: float) -> str:
+  return f'{n / 2 ** 30:.1f} GiB' if n >= 2 ** 30 else f'{n / 2 ** 20:.1f} MiB'
+
+
+def _check_pipeline(config: ml_collections.ConfigDict, info) -> None:
+  """The input pipeline's options (`setup`): reader threads, prefetched batches, the evaluation
+  batch and device_data, against this host's memory and the devices' budget."""
+  if int(config.prefetch) < 0:
+    raise ValueError(f'prefetch={config.prefetch} must be 0 (read in the training thread) or a '
+                     'positive number of batches to keep ready (default 2).')
+  most_threads = 8 * (os.cpu_count() or 1)
+  if not 1 <= int(config.read_threads) <= most_threads:
+    raise ValueError(f'read_threads={config.read_threads} must be between 1 and {most_threads} '
+                     '(8 per CPU core of this host); the default is 1.')
+  per_example = int(np.prod(info.image_shape)) + 4 * info.question_dim + 16  # uint8 image, labels
+  budget = _host_memory_bytes() // 2  # the other half: the process, grain, the eval batch
+  processes = jax.process_count()
+  ready = max(int(config.prefetch), 1) * (config.batch_size // processes) * per_example
+  if ready > budget:
+    raise ValueError(f'prefetch={config.prefetch} batches of {config.batch_size} need '
+                     f'{_size(ready)} of host memory, more than half of this host\'s '
+                     f'{_size(2 * budget)}; lower prefetch.')
+  # A larger eval batch than the split is cut to the split (train.Trainer.eval_batch_size).
+  evaluated = min(int(config.eval_batch_size), info.num_test) // processes * per_example
+  if evaluated > budget:
+    raise ValueError(f'eval_batch_size={config.eval_batch_size} needs {_size(evaluated)} of host '
+                     f'memory per evaluation batch, more than half of this host\'s '
+                     f'{_size(2 * budget)}; lower eval_batch_size.')
+  if config.get('device_data', False):
+    records = info.num_train
+    if info.has_question:  # one record per image, expanded to its questions of the kept types
+      kept = clevr.question_type_indices(tuple(config.question_types) or None)
+      records = info.num_train // (clevr.QUESTIONS_PER_TYPE * len(kept))
+    size = -(-records // processes) * int(np.prod(info.image_shape))
+    if size > device_data.MAX_BYTES:
+      raise ValueError(f'device_data=True would put {_size(size)} of {info.name} images on '
+                       f'every device (at most {_size(device_data.MAX_BYTES)}); set '
+                       'device_data=False for this dataset.')
+
+
 def setup(config: ml_collections.ConfigDict) -> Setup:
   """Validates the config (each bad value raises one ValueError naming its field)."""
   for field in ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_steps',
@@ -63,6 +108,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   if config.schedule_unit not in ('epoch', 'step'):
     raise ValueError(f"schedule_unit={config.schedule_unit!r} must be 'epoch' or 'step'.")
   info = datasets.get_info(config.dataset, tuple(config.question_types) or None)
+  _check_pipeline(config, info)
   if int(config.get('steps_per_call', 1)) < 1:
     raise ValueError(f'steps_per_call={config.get("steps_per_call")} must be a positive integer (1: one '
                      'step per call).')

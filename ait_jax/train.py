@@ -4,6 +4,7 @@
 the device mesh; the loop feeds it grain batches, logs, evaluates and saves. The host only waits on
 the device at log, eval and save steps.
 """
+import contextlib
 import functools
 import json
 import math
@@ -31,8 +32,35 @@ class NonFiniteLossError(cli.UserError, RuntimeError):
   without saving that state, and the message names the last good checkpoint."""
 
 
-class DamagedDataError(cli.UserError):
-  """A dataset file cannot be read (e.g. a truncated ArrayRecord)."""
+class ConfigMismatchError(cli.UserError):
+  """A resume with a config that changes the model, the data or the optimizer state."""
+
+
+DamagedDataError = input_pipeline.DamagedDataError  # a dataset file cannot be read
+
+CONFIG_FILE = 'config.json'
+# The one list of config fields a resumed run may change; a change is logged and config.json
+# records it. Every other field defines the run (the model, the data and its order, the
+# optimizer state), so a resume that changes it is refused (`check_resume_config`).
+RESUMABLE_FIELDS = frozenset({
+    # how long the run is, and how often it logs, evaluates and saves
+    'total_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+    'keep_checkpoints',
+    # where the data lies and how it is read: the same examples in the same order
+    'data_dir', 'prefetch', 'read_threads', 'device_data', 'steps_per_call', 'eval_batch_size',
+    # the devices: a run resumes on another device count
+    'mesh.data', 'mesh.model',
+    # the learning-rate recipe of the remaining steps (e.g. lowered after a non-finite loss)
+    'lr', 'warmup_epochs', 'warmup_init_lr', 'end_lr', 'schedule_unit', 'weight_decay',
+    # how the same parameters are computed with or evaluated
+    'model.dtype', 'model.selection', 'model.eval_writes_memory',
+})
+# What a refused field changes, for its sentence (first matching prefix).
+_FIELD_ROLES = (('model.', 'the model'), ('dataset', 'the data'), ('question_types', 'the data'),
+                ('batch_size', 'the data order'), ('seed', 'the data order and random keys'),
+                ('augment', 'the data'), ('b1', 'the optimizer state'),
+                ('b2', 'the optimizer state'), ('adam_eps', 'the optimizer state'),
+                ('grad_clip_norm', 'the optimizer state'))
 
 
 def _under_mesh(mesh, fn):
@@ -135,6 +163,13 @@ class Trainer:
                              out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
     return cache[key]
 
+  def eval_batch_size(self, split: str | None = None) -> int:
+    """config.eval_batch_size, or, for a smaller split, the split's size rounded up to the data
+    shards: a larger batch would hold only padding (and memory for it)."""
+    n = self.s.info.num_examples(split or self.s.info.test_split)
+    multiple = math.lcm(self.mesh.shape[sharding.DATA], jax.process_count())
+    return min(self.s.config.eval_batch_size, -(-n // multiple) * multiple)
+
   def evaluate(self, params, memory, split: str | None = None,
                predictions: list | None = None, limit: int | None = None) -> dict:
     """Eval metrics over every example of `split` (default: the dataset's test split, e.g.
@@ -144,7 +179,7 @@ class Trainer:
     c = self.s.config
     split = split or self.s.info.test_split
     batches = input_pipeline.make_eval_iterator(
-        c.dataset, data_dir=c.data_dir, global_batch_size=c.eval_batch_size,
+        c.dataset, data_dir=c.data_dir, global_batch_size=self.eval_batch_size(split),
         sharding=self.batch_sharding, split=split,
         question_types=tuple(c.question_types) or None, limit=limit)
     total = None
@@ -220,9 +255,57 @@ _EVAL_KEYS = ('image', 'label', 'question', 'mask', 'qtype', 'qsubtype')
 
 
 def _save_config(config, workdir: str) -> None:
+  """Writes config.json atomically (process 0): a kill leaves the old one or the new one."""
   if jax.process_index() == 0:
-    (checkpointing.workdir_path(workdir) / 'config.json').write_text(
-        config.to_json_best_effort(indent=2, sort_keys=True))
+    metric_writer.write_text_atomic(checkpointing.workdir_path(workdir) / CONFIG_FILE,
+                                    config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """Compares `config` with the workdir's config.json, the one rule for a workdir's config.
+
+  Returns the changes of RESUMABLE_FIELDS (and of fields only one side has: another version of
+  the code) as 'field old -> new'; a change of any other field raises ConfigMismatchError, one
+  sentence naming the field, the saved value and the new one. Nothing is written here.
+  """
+  path = checkpointing.workdir_path(workdir) / CONFIG_FILE
+  if not path.exists():
+    return []
+  try:
+    saved = _flat(json.loads(path.read_text()))
+  except (OSError, ValueError) as e:
+    raise ConfigMismatchError(
+        f'{path} cannot be read ({cli.one_line(e)[:120]}), so this config cannot be checked '
+        f'against the run in {workdir}: restore that file, or move it away to accept this '
+        'config.') from None
+  new = _flat(json.loads(config.to_json_best_effort()))
+  changes = []
+  missing = object()
+  for field in sorted(set(saved) | set(new)):
+    old, value = saved.get(field, missing), new.get(field, missing)
+    if old == value:
+      continue
+    if field in RESUMABLE_FIELDS or missing in (old, value):
+      changes.append(f'{field} {"(none)" if old is missing else repr(old)} -> '
+                     f'{"(none)" if value is missing else repr(value)}')
+      continue
+    role = next((r for prefix, r in _FIELD_ROLES if field.startswith(prefix)), 'that run')
+    flag = cli.override_args({field: tuple(old) if isinstance(old, list) else old})[0]
+    raise ConfigMismatchError(
+        f'{workdir} holds a run with {field}={old!r} (its {CONFIG_FILE}), but this config has '
+        f'{field}={value!r}, which changes {role}: pass {flag} to resume that run, or another '
+        '--workdir for a new one.')
+  return changes
 
 
 def _non_finite(summary: dict) -> list[str]:
@@ -242,20 +325,17 @@ def _last_good_sentence(ckpt: checkpointing.Checkpointer, workdir: str) -> str:
 
 def check_dataset_files(s: steps.Setup) -> None:
   """Opens the train and test splits and reads their first and last example, so a missing or
-  truncated file fails now, in one sentence, not inside a reader thread after compiling."""
+  truncated file fails now, in one sentence, not after compiling.
+
+  Damage in the middle of a file is left to the reader, which raises the same sentence when it
+  meets it (any split, any time, `input_pipeline.DamagedDataError`): reading every record here
+  would cost a full pass over the data at every start (gigabytes for ImageNet-100), and a file
+  damaged after the start would still only be found by the reader."""
   c = s.config
   for split in (s.info.train_split, s.info.test_split):
     source = input_pipeline.ExampleSource(s.info, split, c.data_dir,
                                           tuple(c.question_types) or None)
-    try:
-      source[0]
-      source[len(source) - 1]
-    except Exception as e:  # pylint: disable=broad-except  (Riegeli, decode errors, ...)
-      raise DamagedDataError(
-          f'The {split} split of {c.dataset} in {c.data_dir} cannot be read ({type(e).__name__}: '
-          f'{str(e).splitlines()[0][:120]}); its files are truncated or damaged: delete that '
-          f'dataset folder and run python -m ait_jax.data.prepare --dataset={c.dataset} '
-          f'--data_dir={c.data_dir}.') from None
+    source.read([0, len(source) - 1])
 
 
 def _take_lock(workdir: str) -> checkpointing.WorkdirLock:
@@ -297,45 +377,81 @@ def _write_result(workdir: str, name: str, result: dict) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from the workdir if it holds a checkpoint).
 
-  Everything that can be checked is checked before the workdir is touched: the config, the
-  workdir itself, the dataset files and the workdir lock; config.json is written only once the
-  checkpoint (if any) restored. Returns the last eval metrics, the last logged train loss
-  ('train_loss') and the step the run stopped at ('step').
+  Everything that can be checked is checked before the workdir is touched: the config (also
+  against the workdir's config.json, `check_resume_config`), the workdir itself, the dataset
+  files and the workdir lock; config.json is rewritten only once the checkpoint (if any)
+  restored. Returns the last eval metrics, the last logged train loss ('train_loss'), the step
+  the run stopped at ('step') and 'preempted': the signal that stopped it after saving, or None
+  (`python -m ait_jax.main` then exits with checkpointing.EXIT_PREEMPTED).
   """
   checkpointing.check_workdir(workdir)
   trainer = Trainer(config)
   s = trainer.s
+  changes = check_resume_config(s.config, workdir)
   prepare.ensure_prepared(s.info, s.config.data_dir)  # Triangle, Sort-of-CLEVR: one command
   check_dataset_files(s)
-  checkpointing.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
+  root = checkpointing.workdir_path(workdir)
+  try:
+    root.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise checkpointing.disk_error(e, root) from None
   lock = _take_lock(workdir)
   try:
-    return _train(trainer, workdir)
+    return _train(trainer, workdir, changes)
   finally:
     lock.release()
 
 
-def _train(trainer: 'Trainer', workdir: str) -> dict:
+def _train(trainer: 'Trainer', workdir: str, changes: list[str] = ()) -> dict:
   s, c = trainer.s, trainer.s.config
   ckpt = checkpointing.Checkpointer(workdir, keep=c.keep_checkpoints)
+  writer = feed = None
   try:
     restored = ckpt.restore(trainer.abstract_with_shardings())
     moved = ckpt.set_aside_skipped() if ckpt.skipped else []
+    start = 0 if restored is None else int(restored[0])
+    _save_config(c, workdir)  # accepted: the checkpoint restored and the config matches
+    writer = metric_writer.MetricWriter(workdir, resume_step=start)
+    for (_, step, reason), path in zip(ckpt.skipped, moved or [None] * len(ckpt.skipped)):
+      writer.log_text(f'Skipped the damaged checkpoint of step {step} ({reason}); kept it as '
+                      f'{path}.')
+    if changes:
+      writer.log_text(f'Resuming with a changed config ({"; ".join(changes)}); '
+                      f'{checkpointing.workdir_path(workdir) / CONFIG_FILE} records it.')
+    if restored is None:
+      state, data_state = trainer.init(trainer.rng), None
+    else:
+      _, state, data_state = restored
+      data_state = data_state or None
+      writer.log_text(f'Resumed from step {start} in {workdir}.')
+    feed = trainer.train_feed(data_state)
+    result = _loop(trainer, workdir, ckpt, writer, feed, state, start)
   except BaseException:
-    ckpt.close()
+    # Stopping on an error: nothing more is saved or reported as saved, and no orbax or grain
+    # thread is left to print at exit.
+    ckpt.close(failing=True)
+    for part in (writer, feed):
+      if part is not None:
+        with contextlib.suppress(Exception):
+          part.close()
     raise
-  _save_config(c, workdir)
-  writer = metric_writer.MetricWriter(workdir)
-  for (_, step, reason), path in zip(ckpt.skipped, moved or [None] * len(ckpt.skipped)):
-    writer.log_text(f'Skipped the damaged checkpoint of step {step} ({reason}); kept it as '
-                    f'{path}.')
-  if restored is None:
-    state, data_state = trainer.init(trainer.rng), None
-    start = 0
-  else:
-    start, state, data_state = restored
-    data_state = data_state or None
-    writer.log_text(f'Resumed from step {start} in {workdir}.')
+  ckpt.close()
+  writer.close()
+  feed.close()
+  if result['step'] == s.total_steps and 'accuracy' in result and jax.process_index() == 0:
+    _write_result(workdir, 'eval_final.json',
+                  {'step': result['step'], **_without(result, 'train_loss', 'step', 'preempted')})
+  return result
+
+
+def _without(d: dict, *keys) -> dict:
+  return {k: v for k, v in d.items() if k not in keys}
+
+
+def _loop(trainer: 'Trainer', workdir: str, ckpt: checkpointing.Checkpointer,
+          writer: metric_writer.MetricWriter, feed, state, start: int) -> dict:
+  """Steps from `start` to the last step (or a signal), logging, evaluating and saving."""
+  s, c = trainer.s, trainer.s.config
   # Name the preset only with the sizes that run: `quick` overrides them.
   changed = [f'{k} {getattr(s.model, k)}' for k, v in models.PRESETS[c.model.preset].items()
              if getattr(s.model, k) != v]
@@ -345,19 +461,28 @@ def _train(trainer: 'Trainer', workdir: str) -> dict:
                   f' on {c.dataset}: {s.total_steps} steps, '
                   f'{s.steps_per_epoch} per epoch, batch {c.batch_size}, mesh '
                   f'{dict(trainer.mesh.shape)}, {jax.process_count()} process(es).')
+  if trainer.eval_batch_size() < c.eval_batch_size:
+    writer.log_text(f'eval_batch_size={c.eval_batch_size} is larger than the '
+                    f'{s.info.num_test} {s.info.test_split} examples: they are evaluated in one '
+                    f'batch of {trainer.eval_batch_size()}.')
+  last_eval = None
   if start >= s.total_steps:
     writer.log_text(f'{workdir} already holds the final step {start}; nothing to train. Use '
                     '--mode=eval to evaluate it.')
-  feed = trainer.train_feed(data_state)
+    if not (checkpointing.workdir_path(workdir) / 'eval_final.json').exists():
+      # Stopped between the final save and eval_final.json (a kill): finish that part (its
+      # metrics row was written before the save).
+      last_eval = trainer.evaluate(state.params, state.memory)
   # Processes agree on a signal at log steps, which already wait for the device.
   preemption = checkpointing.PreemptionFlag(agree_every=c.log_every_steps)
-  pending, last_eval, summary, failure = [], None, {}, None
+  pending, summary, failure, stopped_by = [], {}, None, None
   progress = metric_writer.Progress(start, s.total_steps, c.batch_size)
   step = start
   try:
     while step < s.total_steps:
       k = _calls_end(step, c, s) - step
       state, metrics = feed.run(state, k)
+      ckpt.check_saves()  # a save that failed in the background stops the run now
       first = step == start
       step += k
       if first:  # keep compilation out of the images/s and ETA figures
@@ -393,22 +518,21 @@ def _train(trainer: 'Trainer', workdir: str) -> dict:
       if evaluated:
         progress.restart(step)  # images/s counts training steps only
       if stop:
-        writer.log_text(f'{preemption.raised or "A signal to another process"}: saved step '
-                        f'{step} and stopped; rerun the same command to resume.')
+        ckpt.wait()  # on disk before it is reported as saved
+        stopped_by = preemption.raised or 'A signal to another process'
+        writer.log_text(f'{stopped_by}: saved step {step} and stopped; rerun the same command '
+                        f'to resume (exit status {checkpointing.EXIT_PREEMPTED}).')
         break
+    if failure:
+      ckpt.wait()  # the last good checkpoint is the last one on disk
+      raise NonFiniteLossError(
+          f'{failure} {_last_good_sentence(ckpt, workdir)}: lower lr or set model.dtype=float32 '
+          'and rerun, or start a new --workdir with grad_clip_norm > 0.')
+    ckpt.wait()  # the final save is on disk before eval_final.json says the run finished
   finally:
     preemption.restore_handler()
-    ckpt.wait()
-    last_good = _last_good_sentence(ckpt, workdir) if failure else ''
-    ckpt.close()
-    writer.close()
-    feed.close()
-  if failure:
-    raise NonFiniteLossError(f'{failure} {last_good}: lower lr, set grad_clip_norm, or try '
-                             'dtype=float32.')
-  if last_eval is not None and step == s.total_steps and jax.process_index() == 0:
-    _write_result(workdir, 'eval_final.json', {'step': step, **last_eval})
-  return {**(last_eval or {}), 'train_loss': summary.get('loss'), 'step': step}
+  return {**(last_eval or {}), 'train_loss': summary.get('loss'), 'step': step,
+          'preempted': stopped_by}
 
 
 def _scalars(d: dict) -> dict:
@@ -423,11 +547,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, which: str = 'b
   A read-only workdir is fine: the result then goes to a temp file and stdout."""
   checkpointing.check_workdir(workdir, writable=False)
   trainer = Trainer(config)
+  check_resume_config(trainer.s.config, workdir)  # the same model and data as the run
   split = split or trainer.s.info.test_split
   step, state = trainer.restore(workdir, which)
   result = {'step': step, 'checkpoint': which, 'split': split,
             'eval_writes_memory': bool(config.model.eval_writes_memory),
-            'eval_batch_size': config.eval_batch_size,
+            'eval_batch_size': trainer.eval_batch_size(split),
             **trainer.evaluate(state.params, state.memory, split)}
   if jax.process_index() == 0:
     _write_result(workdir, f'eval_{which}.json', result)

@@ -23,6 +23,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from ait_jax import cli  # pylint: disable=wrong-import-position
+from ait_jax import metric_writer  # pylint: disable=wrong-import-position
 from ait_jax import train  # pylint: disable=wrong-import-position
 from ait_jax import workspace  # pylint: disable=wrong-import-position
 from ait_jax.data import augment  # pylint: disable=wrong-import-position
@@ -73,15 +74,12 @@ def load_config(workdir: str, config: ml_collections.ConfigDict | None = None
 
 def read_metrics(workdir: str) -> dict[str, dict[int, dict]]:
   """metrics.jsonl as {split: {step: record}}; a resumed run's repeated steps keep the last."""
-  path = os.path.join(workdir, 'metrics.jsonl')
+  path = os.path.join(workdir, metric_writer.METRICS_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f'No metrics.jsonl in {workdir}; train first with the same --workdir.')
   out = {'train': {}, 'eval': {}}
-  with open(path) as f:
-    for line in f:
-      if line.strip():
-        record = json.loads(line)
-        out.setdefault(record['split'], {})[record['step']] = record
+  for record in metric_writer.read_metrics(path):  # skips a torn or undecodable line, warning once
+    out.setdefault(record['split'], {})[record['step']] = record
   if not out['train']:
     raise ValueError(f'{path} holds no training metrics; train for at least log_every_steps.')
   return out

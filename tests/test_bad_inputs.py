@@ -10,17 +10,22 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 
+import numpy as np
 import pytest
 
 from ait_jax import bench
 from ait_jax import checkpointing
 from ait_jax import cli
+from ait_jax import convert
 from ait_jax import main as main_cmd
 from ait_jax import reproduce
+from ait_jax import steps
 from ait_jax import train
 from ait_jax import visualize
 from ait_jax.data import benchmark
+from ait_jax.data import device_data
 from ait_jax.data import prepare
 from ait_jax.data import show
 from conftest import ROOT
@@ -125,6 +130,12 @@ MAIN_ROWS = {
     'gs:// without gcsfs': (QUICK + ['--workdir=gs://bucket/run'], 'needs gcsfs'),
     'eval without checkpoint': (QUICK + ['--mode=eval', '--workdir={w}'],
                                 'No checkpoint in'),
+    'prefetch=-1': (QUICK + ['--config.prefetch=-1', '--workdir={w}'],
+                    'prefetch=-1 must be 0 (read in the training thread) or a positive number'),
+    'read_threads=0': (QUICK + ['--config.read_threads=0', '--workdir={w}'],
+                       'read_threads=0 must be between 1 and'),
+    'read_threads=10**6': (QUICK + ['--config.read_threads=1000000', '--workdir={w}'],
+                           'read_threads=1000000 must be between 1 and'),
 }
 
 
@@ -190,14 +201,25 @@ def test_distributed_start_up_errors(generated_data_dir, tmp_path, capsys, monke
 
 
 @pytest.mark.parametrize('mode', ['eval', 'train'])
-def test_other_width_is_refused_and_config_json_kept(trained, generated_data_dir, mode, capsys):
-  before = _snapshot(trained)
+@pytest.mark.parametrize('config_json', [True, False])
+def test_other_width_is_refused_and_config_json_kept(trained, generated_data_dir, mode,
+                                                     config_json, capsys, tmp_path):
+  """config.json names the field (the one rule for a workdir's config); without it (a workdir
+  of an older version) the checkpoint's shapes still refuse it."""
+  workdir = trained
+  if not config_json:
+    workdir = tmp_path / 'run'
+    shutil.copytree(trained, workdir)
+    (workdir / 'config.json').unlink()
+  before = _snapshot(workdir)
   code, err = _run_in_process(main_cmd, QUICK + [
-      f'--workdir={trained}', f'--mode={mode}', '--checkpoint=latest',
+      f'--workdir={workdir}', f'--mode={mode}', '--checkpoint=latest',
       '--config.model.width=128', f'--config.data_dir={generated_data_dir}'], capsys)
-  _assert_one_error_line(code, err, 'was saved by a different model')
+  _assert_one_error_line(code, err, 'holds a run with model.width=64 (its config.json), but this '
+                         'config has model.width=128' if config_json else
+                         'was saved by a different model')
   assert 'Event loop is closed' not in err
-  assert _snapshot(trained) == before  # config.json, metrics, checkpoints: untouched
+  assert _snapshot(workdir) == before  # config.json, metrics, checkpoints: untouched
 
 
 def test_busy_workdir_is_refused(trained, generated_data_dir, capsys):
@@ -245,6 +267,12 @@ OTHER_ROWS = {
                               "Unknown model variant 'huge'"),
     'bench unknown field': (bench, ['--config.model.foo=1'], "flag 'config.model.foo'"),
     'bench too many devices': (bench, ['--devices=64', '--depth=1'], 'devices JAX sees'),
+    'bench peak_tflops=-5': (bench, ['--peak_tflops=-5'], '--peak_tflops=-5.0 must be positive'),
+    'bench peak_tflops=0': (bench, ['--peak_tflops=0'], '--peak_tflops=0.0 must be positive'),
+    'bench --json is a folder': (bench, ['--json={t}'], 'is a folder; pass a file name'),
+    'bench --json inside a file': (bench, ['--json={f}/out.json'], 'which is a file'),
+    'reproduce workdir_root is a file': (reproduce, ['--out={o}', '--workdir_root={f}'],
+                                         'is a file; pass a folder'),
 }
 
 
@@ -259,6 +287,104 @@ def test_other_commands_user_errors(row, trained, tmp_path, capsys):
   assert not out.exists() and not pathlib.Path(f'{out}.png').exists()
   assert afile.read_text() == 'not a folder'
   assert _snapshot(trained) == before
+
+
+def _pickled_npz(path):
+  np.savez(path, **{'mlp_head.1.weight': np.array([{'not': 'an array'}], dtype=object)})
+
+
+def _not_a_zip(path):
+  path.write_bytes(b'\x80\x04\x95 pickled bytes, not a zip')
+
+
+def _zip_without_arrays(path):
+  with zipfile.ZipFile(path, 'w') as z:
+    z.writestr('README.txt', 'no arrays here')
+
+
+CONVERT_ROWS = {
+    'pickled objects': ('ref.npz', _pickled_npz, 'holds pickled objects (mlp_head.1.weight), '
+                        'which are not loaded'),
+    'not a zip': ('ref.npz', _not_a_zip, 'is not a .npz (not a zip archive of arrays)'),
+    'zip without arrays': ('ref.npz', _zip_without_arrays, "holds 'README.txt', which is not a "
+                           'numeric array'),
+    'not an npz or pth': ('ref.txt', lambda p: p.write_text('weights'),
+                          'is not a checkpoint this command reads'),
+}
+
+
+@pytest.mark.parametrize('row', sorted(CONVERT_ROWS))
+def test_convert_refuses_what_is_not_a_checkpoint(row, tmp_path, capsys):
+  """Never unpickled (np.load(allow_pickle=False)); one sentence naming the file; no workdir."""
+  name, make, expected = CONVERT_ROWS[row]
+  reference = tmp_path / name
+  make(reference)
+  workdir = tmp_path / 'ported'
+  code, err = _run_in_process(convert, [f'--reference={reference}', f'--workdir={workdir}',
+                                        '--config=configs/cifar10.py:model=small'], capsys)
+  line = _assert_one_error_line(code, err, expected)
+  assert str(reference) in line
+  assert not workdir.exists()
+
+
+def test_device_data_and_memory_budgets(generated_data_dir, tmp_path, capsys, monkeypatch):
+  """device_data beyond its device budget, and an eval batch or prefetched batches beyond this
+  host's memory (shrunk here so that the sizes stay small), are refused by the config check."""
+  argv = QUICK + [f'--workdir={tmp_path / "run"}', f'--config.data_dir={generated_data_dir}']
+  monkeypatch.setattr(device_data, 'MAX_BYTES', 2 ** 20)
+  _assert_one_error_line(*_run_in_process(main_cmd, argv + ['--config.device_data=True'], capsys),
+                         'device_data=True would put 2.0 MiB of triangle/small images on every '
+                         'device (at most 1.0 MiB)')
+  monkeypatch.setattr(steps, '_host_memory_bytes', lambda: 3 * 2 ** 19)  # 1.5 MiB
+  _assert_one_error_line(*_run_in_process(main_cmd, argv, capsys),
+                         'eval_batch_size=256 needs 0.8 MiB of host memory per evaluation batch')
+  monkeypatch.setattr(steps, '_host_memory_bytes', lambda: 2 ** 30)
+  _assert_one_error_line(*_run_in_process(main_cmd, argv + ['--config.prefetch=3000'], capsys),
+                         'prefetch=3000 batches of 64 need 752.9 MiB of host memory, more than '
+                         "half of this host's 1.0 GiB")
+  assert not (tmp_path / 'run').exists()
+
+
+def test_eval_batch_larger_than_the_split_is_cut_to_it(generated_data_dir):
+  """--config.eval_batch_size=1000000000 once tried to allocate 3.73 TiB; a batch larger than
+  the split now holds the split (rounded up to the data shards), and the memory check counts
+  that."""
+  config = cli.load_config(str(ROOT / 'configs/triangle.py:quick'), QUICK[1:] + [
+      f'--config.data_dir={generated_data_dir}', '--config.eval_batch_size=1000000000'])
+  trainer = train.Trainer(config)
+  assert trainer.eval_batch_size() == 200  # triangle/small's 200 test examples
+  config.mesh.data = 8
+  config.eval_batch_size = 200 * 8
+  assert train.Trainer(config).eval_batch_size() == 200  # 200 divides over 8 devices
+
+
+def test_bench_checks_its_paths_before_benchmarking(tmp_path, capsys, monkeypatch):
+  """A --json that cannot be written is refused before anything is compiled or timed."""
+  def never(*args, **kwargs):
+    raise AssertionError('benchmarked before checking --json')
+
+  monkeypatch.setattr(bench, 'benchmark', never)
+  monkeypatch.setattr(bench, 'collective_report', never)
+  for flags in ([], ['--collectives']):
+    code, err = _run_in_process(bench, [f'--json={tmp_path}'] + flags, capsys)
+    _assert_one_error_line(code, err, f'--json={tmp_path} is a folder; pass a file name')
+
+
+def test_full_disk_at_start_up_names_the_lock(generated_data_dir, tmp_path, capsys, monkeypatch):
+  """The lock is the first file a run writes; on a full disk (injected here, and for real in
+  tests/test_faults.py where a tmpfs can be mounted) the error names it and no empty lock is
+  left."""
+  def disk_full(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(checkpointing.json, 'dump', disk_full)
+  workdir = tmp_path / 'run'
+  code, err = _run_in_process(main_cmd, QUICK + [f'--workdir={workdir}',
+                                                 f'--config.data_dir={generated_data_dir}'],
+                              capsys)
+  _assert_one_error_line(code, err, f'Cannot write {workdir / checkpointing.LOCK_FILE}: No space '
+                         'left on device; free space on that disk')
+  assert not (workdir / checkpointing.LOCK_FILE).exists()
 
 
 def test_bug_keeps_its_traceback(capsys):

@@ -5,6 +5,7 @@ The host only reads and stacks uint8 arrays; augmentation and normalisation run 
 (`augment.py`). No TensorFlow is needed here.
 """
 from collections.abc import Iterator, Sequence
+import contextlib
 import io
 from typing import Any
 import zlib
@@ -16,6 +17,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
+from ait_jax import cli
 from ait_jax.data import builders
 from ait_jax.data import datasets
 from ait_jax.data import imagenet100 as inet
@@ -36,6 +38,20 @@ def require_data_dir(data_dir: str | None) -> None:
     raise ValueError('The data_dir is empty (--config.data_dir= or --data_dir=; is the shell '
                      'variable in it set?); pass the folder that holds the datasets, e.g. '
                      '--config.data_dir=~/tensorflow_datasets (it is created if missing).')
+
+
+class DamagedDataError(cli.UserError):
+  """A dataset file cannot be read (a truncated ArrayRecord, bytes damaged mid-file)."""
+
+
+def damaged_data_error(name: str, split: str, data_dir: str | None,
+                       error: BaseException) -> DamagedDataError:
+  """The one sentence for a split whose records cannot be read, at start-up or mid-run."""
+  first = (str(error).splitlines() or [''])[0][:120]
+  return DamagedDataError(
+      f'The {split} split of {name} in {data_dir} cannot be read ({type(error).__name__}: '
+      f'{first}); its files are truncated or damaged: delete that dataset folder and run '
+      f'{prepare_command(name, data_dir)}.')
 
 
 def open_tfds(info: DatasetInfo, split: str, data_dir: str | None):
@@ -82,6 +98,7 @@ class ExampleSource:
                question_types: Sequence[str] | None = None):
     self.info = info
     self.split = split
+    self._data_dir = data_dir
     self._source = open_tfds(info, split, data_dir)
     self._index = None
     self._subset, self._label_map = None, None
@@ -114,8 +131,24 @@ class ExampleSource:
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     return {k: v[0] for k, v in self.read([i]).items()}
 
+  @contextlib.contextmanager
+  def _reading(self):
+    """Turns any failure to read or parse records (Riegeli hash mismatches, protobuf or zlib
+    errors from damaged bytes) into the sentence of the start-up check, wherever it happens: in
+    grain's threads, at an evaluation, while loading device data."""
+    try:
+      yield
+    except DamagedDataError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise damaged_data_error(self.info.name, self.split, self._data_dir, e) from None
+
   def read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
     """The examples at `indices`, stacked: a local batch."""
+    with self._reading():
+      return self._read(indices)
+
+  def _read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
     indices = np.asarray(indices, np.int64)
     if self._subset is not None:  # positions in the class subset -> record indices
       indices = self._subset[indices]
@@ -136,7 +169,8 @@ class ExampleSource:
 
   def _raw_labels(self, keys: np.ndarray) -> list[int]:
     """The stored labels of records `keys`, without decoding their images (for the subset index)."""
-    return [self._stored_label(r) for r in self._records(np.asarray(keys, np.int64))]
+    with self._reading():
+      return [self._stored_label(r) for r in self._records(np.asarray(keys, np.int64))]
 
   @staticmethod
   def _stored_label(record) -> int:
@@ -182,6 +216,10 @@ class ExampleSource:
     Sort-of-CLEVR's examples share their image (one per question), so the images are kept per
     record rather than per example; everything else equals `read(keys)`.
     """
+    with self._reading():
+      return self._columns(keys, chunk)
+
+  def _columns(self, keys: Sequence[int], chunk: int) -> dict[str, np.ndarray]:
     keys = np.asarray(keys, np.int64)
     if self._index is None:
       parts = [self.read(keys[i:i + chunk]) for i in range(0, len(keys), chunk)]
