@@ -12,7 +12,6 @@ with --config.<field>=value; --model, --batch, --dtype, --scope, --depth, --widt
 import json
 import math
 import os
-import pathlib
 import platform
 import re
 import statistics
@@ -22,13 +21,13 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from ait_jax import cli
 
 
 def define_flags(fv: flags.FlagValues) -> None:
   """The command's flags (ait_jax/cli.py: defined only when this module runs as a command)."""
   config_flags.DEFINE_config_file(
-      'config', str(_ROOT / 'configs' / 'cifar10.py') + ':model=small',
+      'config', cli.config_file('cifar10') + ':model=small',
       'A configs/*.py file with its variant, as for ait_jax.main (default '
       'configs/cifar10.py:model=small); its dataset fixes the input shape. Override any field '
       'with --config.<field>=value, e.g. --config.model.width=64 --config.model.dtype=bfloat16.',
@@ -430,5 +429,4 @@ def main(fv: flags.FlagValues) -> dict:
 
 
 if __name__ == '__main__':
-  from ait_jax import cli  # pylint: disable=g-import-not-at-top
   cli.run(define_flags, main)

@@ -18,7 +18,11 @@ from ml_collections import config_flags
 
 EXIT_USER_ERROR = 2
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_CONFIGS_DIR = os.path.join(os.path.dirname(_PACKAGE_DIR), 'configs')
+# The configs ship inside the wheel as ait_jax/configs (setup.cfg maps the repository's configs/
+# there); a checkout or an editable install has them beside the package.
+_CONFIGS_DIR = os.path.join(_PACKAGE_DIR, 'configs')
+if not os.path.isdir(_CONFIGS_DIR):
+  _CONFIGS_DIR = os.path.join(os.path.dirname(_PACKAGE_DIR), 'configs')
 # OS errors about the user's paths (missing, not a folder, not writable, full disk).
 _USER_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
                 errno.EROFS, errno.EEXIST, errno.ENOSPC, errno.EDQUOT}
@@ -38,6 +42,45 @@ def _innermost(error: BaseException) -> BaseException:
   while error.__cause__ is not None or error.__context__ is not None:
     error = error.__cause__ or error.__context__
   return error
+
+
+def config_names() -> list[str]:
+  """The configs that ship with the package, by name: ['cifar10', 'cifar100', ...]."""
+  if not os.path.isdir(_CONFIGS_DIR):
+    return []
+  return sorted(f[:-3] for f in os.listdir(_CONFIGS_DIR)
+                if f.endswith('.py') and not f.startswith('_'))
+
+
+def config_file(name: str) -> str:
+  """The path of the shipped config `name` (e.g. 'cifar100'), whatever the current folder."""
+  return os.path.join(_CONFIGS_DIR, f'{name}.py')
+
+
+def resolve_config(spec: str) -> str:
+  """`--config`'s value with its file made loadable: a file that exists is kept; otherwise a
+  shipped config's name (`cifar100:quick`) or the README's `configs/cifar100.py:quick` run from
+  another folder is the shipped file. Anything else is left for the loader to refuse."""
+  path, colon, variant = spec.partition(':')
+  if os.path.isfile(path):
+    return spec
+  head, base = os.path.split(path)
+  name = base[:-3] if base.endswith('.py') else base
+  if head.rstrip('/') in ('', 'configs') and name in config_names():
+    return config_file(name) + colon + variant
+  return spec
+
+
+def _resolve_config_args(argv: list[str]) -> list[str]:
+  """argv with `--config=X` (or `--config X`) resolved by `resolve_config`."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith(('--config=', '-config=')):
+      flag, value = arg.split('=', 1)
+      out[i] = f'{flag}={resolve_config(value)}'
+    elif arg in ('--config', '-config') and i + 1 < len(out):
+      out[i + 1] = resolve_config(out[i + 1])
+  return out
 
 
 def _config_arg(argv: Iterable[str]) -> str | None:
@@ -61,7 +104,8 @@ def parse_error_message(error: BaseException, argv: list[str]) -> str:
   if isinstance(inner, OSError) and 'config file' in str(inner):
     reason = [l for l in str(inner).splitlines() if l.strip()][-1].strip()
     return (f'Cannot load the config file of --config={spec} ({reason}); pass an existing '
-            'file such as --config=configs/triangle.py:quick.')
+            f'file, or a shipped config by name ({", ".join(config_names())}; the files are in '
+            f'{_CONFIGS_DIR}), e.g. --config=triangle:quick.')
   if isinstance(inner, (ValueError, TypeError)) and 'Error whilst parsing config file' in str(inner):
     # ml_collections folds the config's own error into a traceback; its last line is the sentence.
     last = [l for l in str(inner).splitlines() if l.strip()][-1].strip()
@@ -128,6 +172,7 @@ def parse_flags(define_flags: Callable[[flags.FlagValues], None],
   fv = flags.FlagValues()
   fv.append_flag_values(flags.FLAGS)  # shared Flag objects: --verbosity etc. still take effect
   define_flags(fv)
+  given, argv = argv, _resolve_config_args(argv)
   if any(a.split('=')[0] in _HELP for a in argv[1:]):
     print(fv.get_help(include_special_flags=False))
     raise SystemExit(0)
@@ -142,7 +187,7 @@ def parse_flags(define_flags: Callable[[flags.FlagValues], None],
   except Exception as e:  # pylint: disable=broad-except
     if not isinstance(e, (flags.Error, ValueError, TypeError, OSError, AttributeError, KeyError)):
       raise
-    fail(parse_error_message(e, argv))
+    fail(parse_error_message(e, given))
   if len(rest) > 1:
     fail(f'Unexpected arguments {rest[1:]}; every option is a --flag=value.')
   if not flags.FLAGS.is_parsed():
@@ -192,11 +237,13 @@ def override_args(overrides: Mapping[str, object] | Iterable[str]) -> list[str]:
 
 
 def load_config(spec: str, overrides: Mapping[str, object] | Iterable[str] = ()):
-  """`configs/x.py:variant` plus overrides, parsed exactly as `--config=... --config.k=v` are.
+  """`configs/x.py:variant` (or `x:variant`) plus overrides, parsed exactly as `--config=...
+  --config.k=v` are.
 
   Raises ValueError with the same sentence the command line would print.
   """
-  argv = ['load_config', f'--config={spec}', *override_args(overrides)]
+  given = ['load_config', f'--config={spec}', *override_args(overrides)]
+  argv = _resolve_config_args(given)
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, 'config', flag_values=fv, lock_config=True,
                                   sys_argv=argv)
@@ -206,5 +253,5 @@ def load_config(spec: str, overrides: Mapping[str, object] | Iterable[str] = ())
   except Exception as e:  # pylint: disable=broad-except
     if not isinstance(e, (flags.Error, ValueError, TypeError, OSError, AttributeError, KeyError)):
       raise
-    raise ValueError(parse_error_message(e, argv)) from None
+    raise ValueError(parse_error_message(e, given)) from None
   return fv.config

@@ -59,6 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.log_every_steps = 50
   c.eval_every_steps = -1  # -1: once per epoch
+  # Train-split examples (the first ones, eval preprocessing, the test evaluation's memory rule)
+  # scored beside the test split at every evaluation, so that memorisation shows in the curves:
+  # -1: as many as the test split, at most 10,000; 0: none.
+  c.eval_train_examples = -1
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.mesh = ml_collections.ConfigDict({'data': -1, 'model': 1})
@@ -96,5 +100,6 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
     c.lr = 1e-3
     c.log_every_steps = 10
     c.eval_every_steps = 30
+    c.eval_train_examples = 256  # one evaluation batch
     c.checkpoint_every_steps = 30
   return c

@@ -8,10 +8,13 @@ from ml_collections import config_flags
 
 from ait_jax import cli
 
+MAX_CLASS_ROWS = 20  # more classes (CIFAR-100, ImageNet-100): the weakest and strongest only
+
 
 def define_flags(fv: flags.FlagValues) -> None:
   config_flags.DEFINE_config_file(
-      'config', None, 'A configs/*.py file, optionally with :variant (e.g. :model=base,quick).',
+      'config', None, 'A configs/*.py file or a shipped config by name (e.g. cifar100), '
+      'optionally with :variant (e.g. :model=base,quick).',
       lock_config=True, flag_values=fv)
   flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs go here.', flag_values=fv)
   flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
@@ -36,7 +39,39 @@ def main(fv: flags.FlagValues) -> None:
     train.train_and_evaluate(fv.config, fv.workdir)
   else:
     result = train.evaluate(fv.config, fv.workdir, which=fv.checkpoint)
-    print({k: v for k, v in result.items() if not isinstance(v, list)}, flush=True)
+    print(eval_table(result, fv.config), flush=True)
+
+
+def eval_table(result: dict, config) -> str:
+  """`--mode=eval`'s summary: overall accuracy, then per question type and subtype (Sort-of-CLEVR)
+  or per class; every figure is also in eval_<checkpoint>.json."""
+  from ait_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from ait_jax.data import sort_of_clevr as clevr  # pylint: disable=g-import-not-at-top
+  info = datasets.get_info(config.dataset, tuple(config.question_types) or None)
+  pct = lambda a: '     n/a' if a is None else f'{100 * a:7.2f}%'
+  rows = [('overall', result['accuracy'])]
+  if info.has_question:
+    for t, tname in enumerate(clevr.QUESTION_TYPES):
+      if f'accuracy_{tname}' in result:
+        rows.append((tname, result[f'accuracy_{tname}']))
+        rows += [(f'  {sub}', result[f'accuracy_{tname}_{i}'])
+                 for i, sub in enumerate(clevr.SUBTYPES[t]) if f'accuracy_{tname}_{i}' in result]
+  else:
+    names = info.label_names or [str(i) for i in range(info.num_classes)]
+    per_class = list(zip(names, result['per_class_accuracy']))
+    if len(per_class) > MAX_CLASS_ROWS:
+      ranked = sorted((a, n) for n, a in per_class if a is not None)
+      rows += [(f'class {n} (weakest)', a) for a, n in ranked[:3]]
+      rows += [(f'class {n} (strongest)', a) for a, n in ranked[-3:]]
+    else:
+      rows += [(f'class {n}', a) for n, a in per_class]
+  width = max(len(name) for name, _ in rows)
+  head = (f'{result["checkpoint"].capitalize()} checkpoint (step {result["step"]}) on '
+          f'{config.dataset} {result["split"]}: {result["num_examples"]:,} examples, loss '
+          f'{result["loss"]:.4f}; all figures in eval_{result["checkpoint"]}.json')
+  lines = [head, f'  {"":{width}}  accuracy']
+  lines += [f'  {name:{width}}  {pct(a)}' for name, a in rows]
+  return '\n'.join(lines)
 
 
 if __name__ == '__main__':

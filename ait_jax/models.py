@@ -73,6 +73,8 @@ class GlobalWorkspace(nn.Module):
   (r, balance_loss) with r the retrieved priors per token. The memory is written when training, or at
   evaluation only with `eval_writes_memory` (the reference protocol, which makes predictions batch
   dependent). Every field here is also a field of a config's `model`, under the same name.
+  `token_mask` [B, N] bool, False for the tokens of an evaluation batch's padding, keeps them out
+  of the write (docs/model.md#batch-dependence).
   """
   memory_slots: int = 32  # M
   memory_dim: int = 32  # Dm
@@ -94,7 +96,7 @@ class GlobalWorkspace(nn.Module):
   param_dtype: Dtype = 'float32'
 
   @nn.compact
-  def __call__(self, s, *, train: bool):
+  def __call__(self, s, *, train: bool, token_mask=None):
     b, n, d = s.shape
     m, dm, hm = self.memory_slots, self.memory_dim, self.memory_heads
     memory = self.variable(
@@ -120,8 +122,9 @@ class GlobalWorkspace(nn.Module):
       # Init only needs shapes (and may run outside any mesh): every selection gives the same.
       selection = ('full' if self.is_initializing() else
                    workspace.resolve_selection(self.selection, groups, per_group, top_k))
+      mask = None if token_mask is None else token_mask.reshape(groups, per_group)
       out = workspace.bottleneck_attention(q.reshape(m, hm, dm).transpose(1, 0, 2), split(k),
-                                           split(v), top_k, selection)
+                                           split(v), top_k, selection, token_mask=mask)
       read = out.read.transpose(1, 0, 2).reshape(m, hm * dm)
       y = nn.Dense(dm, name='out', **kw)(read)
       y = nn.Dropout(self.write_dropout)(y, deterministic=not train)
@@ -169,7 +172,7 @@ class Block(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, *, train: bool, token_mask=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if self.self_attention:
       x = x + SelfAttention(self.num_heads, name='attn', **kw)(_layer_norm('norm1', **kw)(x))
@@ -177,7 +180,8 @@ class Block(nn.Module):
     if not self.use_workspace:
       return x + h, jnp.zeros((), jnp.float32)
     s = _layer_norm('ffn_norm', **kw)(h)
-    r, balance = GlobalWorkspace(name='workspace', **self.workspace, **kw)(s, train=train)
+    r, balance = GlobalWorkspace(name='workspace', **self.workspace, **kw)(
+        s, train=train, token_mask=token_mask)
     return x + s + r, balance
 
 
@@ -188,6 +192,8 @@ class AiT(nn.Module):
   aux['balance_loss'] the sum over layers of the bottleneck balance loss
   (docs/model.md#balance-loss). `workspace` holds the GlobalWorkspace fields. A config's `model`
   has the fields of both modules, flat and under the same names (`create_model` splits them).
+  `example_mask` [B] bool, False on the padding of an evaluation batch, keeps every token of those
+  images out of a memory write (docs/model.md#batch-dependence); they are still computed.
   """
   num_classes: int
   patch_size: int = 4
@@ -204,7 +210,7 @@ class AiT(nn.Module):
   param_dtype: Dtype = 'float32'
 
   @nn.compact
-  def __call__(self, images, question=None, *, train: bool = False):
+  def __call__(self, images, question=None, *, train: bool = False, example_mask=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, hh, ww, c = images.shape
     p = self.patch_size
@@ -226,11 +232,13 @@ class AiT(nn.Module):
       cls = self.param('cls', nn.initializers.zeros, (1, 1, self.width), self.param_dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(self.dtype), x], 1)
 
+    token_mask = (None if example_mask is None else  # the question and CLS tokens too
+                  jnp.broadcast_to(jnp.asarray(example_mask, bool)[:, None], x.shape[:2]))
     balance = jnp.zeros((), jnp.float32)
     for i in range(self.depth):
       x, layer_balance = Block(self.num_heads, self.mlp_dim, not self.vit,
                                self.self_attention, dict(self.workspace), name=f'block{i}',
-                               **kw)(x, train=train)
+                               **kw)(x, train=train, token_mask=token_mask)
       balance = balance + layer_balance
 
     if self.head == 'flatten':  # docs/model.md#backbone: LayerNorm over the whole token grid

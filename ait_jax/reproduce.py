@@ -65,9 +65,7 @@ EVAL_BATCH_SIZES = (1, 64, 512)
 
 def _load_config(name: str, variant: str, overrides: dict):
   """The config `_command` prints, loaded the way the command line loads it."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-                      f'{name}.py')
-  return cli.load_config(f'{path}:{variant}', overrides)
+  return cli.load_config(f'{name}:{variant}', overrides)
 
 
 def _ensure_dataset(name: str, data_dir: str) -> None:

@@ -82,6 +82,21 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
                total_steps, eval_every, info.num_train)
 
 
+TRAIN_EVAL_MAX = 10_000  # the default train-split subset: min(test split, this)
+
+
+def train_eval_examples(s: Setup) -> int:
+  """How many train-split examples each evaluation also scores (`config.eval_train_examples`);
+  raises one ValueError for a value other than -1, 0 or a positive whole number."""
+  n = s.config.get('eval_train_examples', -1)
+  if not isinstance(n, int) or isinstance(n, bool) or n < -1:
+    raise ValueError(f'eval_train_examples={n!r} must be -1 (as many as the test split, at most '
+                     f'{TRAIN_EVAL_MAX:,}), 0 (none) or a positive whole number.')
+  if n == -1:
+    n = min(s.info.num_test, TRAIN_EVAL_MAX)
+  return min(n, s.num_train)
+
+
 def learning_rate_fn(s: Setup) -> optax.Schedule:
   """Linear warm-up from warmup_init_lr, then cosine to end_lr (docs/training.md#schedule).
 
@@ -101,13 +116,54 @@ def learning_rate_fn(s: Setup) -> optax.Schedule:
   return lr
 
 
+# The workspace's submodules that reach the loss only through the stop-gradient memory write of
+# gradient_mode 'reference' (models.GlobalWorkspace, docs/model.md#gradient-flow).
+WRITE_ONLY = ('value', 'out', 'write_norm')
+
+
+def weight_decay_mask(model: models.AiT):
+  """AdamW's decay mask as the published code has it, or None when every parameter decays.
+
+  torch.optim.AdamW skips a parameter whose gradient is None, so in gradient_mode 'reference' the
+  published code never decays the workspace's `WRITE_ONLY` parameters, which get no gradient
+  (docs/training.md#recipe). With `learned_write` they learn and decay; the ViT has no workspace.
+  The mask is a function of the parameter tree, by module name: True where AdamW decays.
+  """
+  if model.vit or models.GlobalWorkspace(**dict(model.workspace)).gradient_mode != 'reference':
+    return None
+
+  def decays(path) -> bool:
+    names = [getattr(k, 'key', None) for k in path]
+    return not (len(names) >= 3 and names[-3] == 'workspace' and names[-2] in WRITE_ONLY)
+
+  return lambda params: jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)
+
+
+def adamw(learning_rate, *, b1: float, b2: float, eps: float, weight_decay: float,
+          model: models.AiT) -> optax.GradientTransformation:
+  """optax.adamw with `weight_decay_mask(model)`, and the same optimizer state in every mode.
+
+  optax's own `mask=` wraps the decay's state (optax.masked), which would make the checkpoints
+  written before the mask existed unreadable; this decay keeps optax.EmptyState.
+  """
+  mask = weight_decay_mask(model) or (lambda params: jax.tree.map(lambda _: True, params))
+
+  def decay(updates, state, params):  # optax.add_decayed_weights where the mask is True
+    return jax.tree.map(lambda u, p, d: u + weight_decay * p if d else u, updates, params,
+                        mask(params)), state
+
+  return optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                     optax.GradientTransformation(lambda _: optax.EmptyState(), decay),
+                     optax.scale_by_learning_rate(learning_rate))
+
+
 def make_optimizer(s: Setup) -> optax.GradientTransformation:
   c = s.config
-  adamw = optax.adamw(learning_rate_fn(s), b1=c.b1, b2=c.b2, eps=c.adam_eps,
-                      weight_decay=c.weight_decay)
+  tx = adamw(learning_rate_fn(s), b1=c.b1, b2=c.b2, eps=c.adam_eps,
+             weight_decay=c.weight_decay, model=s.model)
   if c.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), adamw)
-  return adamw
+    return optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), tx)
+  return tx
 
 
 def _dummy_inputs(s: Setup, batch: int):
@@ -208,8 +264,9 @@ def eval_step(s: Setup, params, memory, batch):
   images, question = _model_inputs(s, batch, None, train=False)
   variables = {'params': params, 'memory': memory}
   if s.config.model.eval_writes_memory and not s.config.model.vit:
+    # The padding of the last batch stays out of the write (docs/model.md#batch-dependence).
     (logits, _), new_vars = s.model.apply(variables, images, question, train=False,
-                                          mutable=['memory'])
+                                          mutable=['memory'], example_mask=batch['mask'])
     memory = new_vars['memory']
   else:
     logits, _ = s.model.apply(variables, images, question, train=False)

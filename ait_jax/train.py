@@ -19,6 +19,7 @@ import numpy as np
 from ait_jax import checkpointing
 from ait_jax import cli
 from ait_jax import metric_writer
+from ait_jax import models
 from ait_jax import sharding
 from ait_jax import steps
 from ait_jax.data import device_data
@@ -55,6 +56,7 @@ class Trainer:
     sharding.check_batch_size(c.batch_size, self.mesh, 'batch_size')
     sharding.check_batch_size(c.eval_batch_size, self.mesh, 'eval_batch_size')
     self.tx = steps.make_optimizer(self.s)
+    self.train_eval_examples = steps.train_eval_examples(self.s)  # checked before any workdir
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     rng = jax.random.PRNGKey(c.seed)
     self.abstract_state = jax.eval_shape(functools.partial(steps.init_state, self.s, self.tx), rng)
@@ -134,16 +136,17 @@ class Trainer:
     return cache[key]
 
   def evaluate(self, params, memory, split: str | None = None,
-               predictions: list | None = None) -> dict:
+               predictions: list | None = None, limit: int | None = None) -> dict:
     """Eval metrics over every example of `split` (default: the dataset's test split, e.g.
-    ImageNet's 'validation'); appends the predicted classes of the real examples to `predictions`
-    when given (a host transfer per batch, so only when asked)."""
+    ImageNet's 'validation'), or over its first `limit`, read in order with eval preprocessing;
+    appends the predicted classes of the real examples to `predictions` when given (a host
+    transfer per batch, so only when asked)."""
     c = self.s.config
     split = split or self.s.info.test_split
     batches = input_pipeline.make_eval_iterator(
         c.dataset, data_dir=c.data_dir, global_batch_size=c.eval_batch_size,
         sharding=self.batch_sharding, split=split,
-        question_types=tuple(c.question_types) or None)
+        question_types=tuple(c.question_types) or None, limit=limit)
     total = None
     for batch in batches:
       batch = {k: v for k, v in batch.items() if k in _EVAL_KEYS}
@@ -333,8 +336,13 @@ def _train(trainer: 'Trainer', workdir: str) -> dict:
     start, state, data_state = restored
     data_state = data_state or None
     writer.log_text(f'Resumed from step {start} in {workdir}.')
-  writer.log_text(f'{"ViT" if c.model.vit else "AiT"}-{c.model.preset} (depth {s.model.depth}, '
-                  f'width {s.model.width}) on {c.dataset}: {s.total_steps} steps, '
+  # Name the preset only with the sizes that run: `quick` overrides them.
+  changed = [f'{k} {getattr(s.model, k)}' for k, v in models.PRESETS[c.model.preset].items()
+             if getattr(s.model, k) != v]
+  arch = 'ViT' if c.model.vit else 'AiT'
+  writer.log_text((f'{arch} (preset {c.model.preset}, overridden: {", ".join(changed)})' if changed
+                   else f'{arch}-{c.model.preset} (depth {s.model.depth}, width {s.model.width})') +
+                  f' on {c.dataset}: {s.total_steps} steps, '
                   f'{s.steps_per_epoch} per epoch, batch {c.batch_size}, mesh '
                   f'{dict(trainer.mesh.shape)}, {jax.process_count()} process(es).')
   if start >= s.total_steps:
@@ -375,6 +383,10 @@ def _train(trainer: 'Trainer', workdir: str) -> dict:
       if evaluated:
         last_eval = trainer.evaluate(state.params, state.memory)
         writer.write(step, _scalars(last_eval), prefix='eval')
+        if trainer.train_eval_examples:  # beside the test accuracy: memorisation shows
+          writer.write(step, _scalars(trainer.evaluate(
+              state.params, state.memory, s.info.train_split, limit=trainer.train_eval_examples)),
+                       prefix='eval_train')
       if save:
         ckpt.save(step, state, feed.get_state(),
                   best_metrics=_scalars(last_eval) if evaluated else None)

@@ -158,9 +158,9 @@ def collect(trainer, state) -> dict:
           'layers': layers}
 
 
-def _new_figure(rows: int, cols: int):
-  fig, axes = plt.subplots(rows, cols, figsize=FIGSIZE, dpi=DPI, squeeze=False,
-                           layout='constrained')
+def _new_figure(rows: int, cols: int, layout: str = 'constrained'):
+  # 'compressed' suits grids of images: it closes the gaps that their fixed aspect leaves.
+  fig, axes = plt.subplots(rows, cols, figsize=FIGSIZE, dpi=DPI, squeeze=False, layout=layout)
   return fig, axes
 
 
@@ -200,13 +200,15 @@ def _show_image(ax, image: np.ndarray) -> None:
 def plot_bottleneck_selection(config, data: dict, path: str, num_images: int,
                               step: int) -> str:
   """Rows: test images. Per layer, the number of (head, slot) pairs whose top-k holds each patch,
-  then (for shallow models) the gates of the most selective individual slots, outlined."""
+  then (for shallow models) the most selective individual slots: their selected patches outlined,
+  coloured by gate weight relative to the uniform 1/k, the value in the patch's corner."""
   patch = config.model.patch_size
+  k = config.model.bottleneck_k
   h, w = data['images'].shape[1:3]
   gh, gw = h // patch, w // patch
   depth = len(data['layers'])
   slots = SLOTS_SHOWN if depth <= MAX_LAYERS_WITH_SLOTS else 0
-  fig, axes = _new_figure(num_images, depth * (1 + slots))
+  fig, axes = _new_figure(num_images, depth * (1 + slots), layout='compressed')
   hm, m = data['layers'][0]['selections'].shape[:2]
   for layer, d in enumerate(data['layers']):
     n = d['selections'].shape[-1]
@@ -223,8 +225,7 @@ def plot_bottleneck_selection(config, data: dict, path: str, num_images: int,
       if gh * gw <= MAX_ANNOTATED_PATCHES:
         for r in range(gh):
           for q in range(gw):
-            ax.text((q + 0.5) * patch, (r + 0.5) * patch, f'{int(grid[r, q])}', ha='center',
-                    va='center', color='white', fontsize=9, fontweight='bold')
+            _corner_label(ax, q * patch, r * patch, f'{int(grid[r, q])}')
       if extra:
         ax.set_xlabel(f'non-patch tokens: {int(counts[i, :extra].sum())} selections',
                       fontsize=7)
@@ -233,34 +234,56 @@ def plot_bottleneck_selection(config, data: dict, path: str, num_images: int,
       if i == 0:
         ax.set_title(f'layer {layer}: selections per patch\n(of {hm} heads × {m} slots)',
                      fontsize=9)
-    fig.colorbar(im, ax=axes[:, col], shrink=0.6, label='(head, slot) pairs selecting the patch')
+    _colorbar(fig, im, axes[:, col], '(head, slot) pairs selecting the patch')
     # The (head, slot) pairs with the most gate mass on the shown patches.
     mass = d['gates'][:, :, :num_images, extra:].sum(axis=(2, 3)).reshape(-1)
     for j, flat in enumerate(np.argsort(-mass, kind='stable')[:slots]):
       head, slot = divmod(int(flat), m)
-      gates = d['gates'][head, slot, :num_images]
-      gmax = max(float(gates[:, extra:].max()), 1e-12)
+      # The softmax over a slot's k winners is close to uniform, so weights are shown as
+      # multiples of 1/k, coloured over this slot's own range on the shown images.
+      relative = d['gates'][head, slot, :num_images, extra:] * k
+      selected = d['selections'][head, slot, :num_images, extra:] > 0
+      lo, hi = ((float(relative[selected].min()), float(relative[selected].max()))
+                if selected.any() else (1.0, 1.0))
+      colours = matplotlib.colors.Normalize(lo, hi if hi > lo else lo + 1e-6)
       for i in range(num_images):
         ax = axes[i, col + 1 + j]
         _show_image(ax, data['images'][i])
-        for t in np.nonzero(d['selections'][head, slot, i, extra:])[0]:
+        for t in np.nonzero(selected[i])[0]:
           r, q = divmod(int(t), gw)
-          weight = float(gates[i, extra + t])
+          colour = plt.cm.autumn(colours(relative[i, t]))  # red to yellow: both show on black
           ax.add_patch(mpatches.Rectangle(
-              (q * patch, r * patch), patch, patch, fill=True, facecolor=(1, 0.2, 0, 0.15),
-              edgecolor=plt.cm.autumn(1 - weight / gmax), linewidth=1 + 3 * weight / gmax))
+              (q * patch, r * patch), patch, patch, fill=True, facecolor=(*colour[:3], 0.15),
+              edgecolor=colour, linewidth=3))
           if gh * gw <= MAX_ANNOTATED_PATCHES:
-            ax.text((q + 0.5) * patch, (r + 0.5) * patch, f'{weight:.3f}', ha='center',
-                    va='center', color='yellow', fontsize=8)
-        ax.set_xlabel(f'patches selected: {int(d["selections"][head, slot, i, extra:].sum())}',
-                      fontsize=7)
+            _corner_label(ax, q * patch, r * patch, f'{relative[i, t]:.3f}')
+        ax.set_xlabel(f'patches selected: {int(selected[i].sum())}', fontsize=7)
         if i == 0:
-          ax.set_title(f'layer {layer}, head {head}, slot {slot}:\nselected patches, gate '
-                       'weight', fontsize=9)
-  fig.suptitle(f'Bottleneck selection: top-k = {config.model.bottleneck_k} per slot over '
-               f'the tokens of a test batch of {data["images"].shape[0]} '
-               f'(bottleneck_scope {config.model.bottleneck_scope!r}), step {step}; the first {num_images} images')
+          ax.set_title(f'layer {layer}, head {head}, slot {slot}: selected patches,\n'
+                       f'gate × k (1 = uniform), {lo:.3f} to {hi:.3f}', fontsize=9)
+      _colorbar(fig, matplotlib.cm.ScalarMappable(colours, 'autumn'), axes[:, col + 1 + j],
+                'gate weight × k', fmt='%.3f')
+  fig.suptitle(f'Bottleneck selection: top-k = {k} per slot over the tokens of a test batch '
+               f'of {data["images"].shape[0]} (bottleneck_scope '
+               f'{config.model.bottleneck_scope!r}), step {step}; the first {num_images} images')
   return _save(fig, path)
+
+
+def _colorbar(fig, mappable, axes, label: str, fmt: str | None = None) -> None:
+  """A slim colourbar beside `axes`, half their height, with few ticks."""
+  bar = fig.colorbar(mappable, ax=axes, shrink=0.5, aspect=30, pad=0.01, format=fmt)
+  bar.locator = matplotlib.ticker.MaxNLocator(5)
+  bar.update_ticks()
+  bar.ax.tick_params(labelsize=7)
+  bar.set_label(label, fontsize=8)
+
+
+def _corner_label(ax, x: float, y: float, text: str) -> None:
+  """`text` in the top-left corner of the patch at (x, y), on a dark box: off the patch's centre,
+  where the objects usually are."""
+  ax.annotate(text, (x, y), xytext=(2, -2), textcoords='offset points', ha='left', va='top',
+              color='white', fontsize=7, bbox=dict(boxstyle='square,pad=0.15', facecolor='black',
+                                                   alpha=0.6, linewidth=0))
 
 
 def memory_similarity(slots: np.ndarray) -> np.ndarray:
@@ -304,7 +327,17 @@ def plot_hopfield_energy(data: dict, path: str, step: int) -> str:
     ax, hist = axes.flat[2 * layer], axes.flat[2 * layer + 1]
     ax.scatter(before, after, s=6, alpha=0.5, label=f'{before.size} tokens')
     lo, hi = min(before.min(), after.min()), max(before.max(), after.max())
-    ax.plot([lo, hi], [lo, hi], 'k--', linewidth=1, label='y = x (no change)')
+    # The axes follow the tokens, not y = x: retrieval can lower the energy by orders of
+    # magnitude, and a diagonal spanning both ranges squashes the tokens into a strip.
+    ax.set_xlim(*_padded(before))
+    ax.set_ylim(*_padded(after))
+    x0, x1 = ax.get_xlim()
+    y0, y1 = ax.get_ylim()
+    if max(x0, y0) < min(x1, y1):  # some of y = x lies inside the axes
+      ax.plot([x0, x1], [x0, x1], 'k--', linewidth=1, label='y = x (no change)')
+    else:
+      ax.plot([], [], ' ', label='y = x lies ' + ('above' if y1 <= x0 else 'below') +
+              ' these axes')
     ax.set_xlabel('energy before retrieval E(s)')
     ax.set_ylabel('energy after retrieval E(r)')
     ax.set_title(f'layer {layer}: mean {before.mean():.3f} → {after.mean():.3f}\n'
@@ -326,20 +359,35 @@ def plot_hopfield_energy(data: dict, path: str, step: int) -> str:
   return _save(fig, path)
 
 
+def _padded(values: np.ndarray, margin: float = 0.05) -> tuple[float, float]:
+  """The range of `values` widened by `margin` of its span (a tiny span gets a tiny margin)."""
+  lo, hi = float(values.min()), float(values.max())
+  pad = margin * (hi - lo) or margin * max(abs(lo), 1e-6)
+  return lo - pad, hi + pad
+
+
 def plot_training_curves(metrics: dict, path: str) -> str:
-  """2×2: loss, accuracy (train and eval), learning rate, balance loss against step."""
+  """2×2: loss, accuracy, learning rate, balance loss against step. Loss and accuracy show the
+  training batches, the evaluation of the train-split subset (split 'eval_train': a gap to the
+  test split is memorisation) and the test split."""
   fig, axes = _new_figure(2, 2)
   panels = (('loss', [('train', 'loss', 'train loss (CE + balance)'),
-                      ('train', 'ce_loss', 'train CE loss'), ('eval', 'loss', 'eval CE loss')]),
-            ('accuracy', [('train', 'accuracy', 'train'), ('eval', 'accuracy', 'eval')]),
+                      ('train', 'ce_loss', 'train CE loss'),
+                      ('eval_train', 'loss', 'train split, evaluated: CE loss'),
+                      ('eval', 'loss', 'test split: CE loss')]),
+            ('accuracy', [('train', 'accuracy', 'training batches'),
+                          ('eval_train', 'accuracy', 'train split, evaluated'),
+                          ('eval', 'accuracy', 'test split')]),
             ('learning rate', [('train', 'learning_rate', 'learning rate')]),
             ('balance loss', [('train', 'balance_loss', 'balance loss (sum over layers)')]))
+  colors = {'train': 'C0', 'eval_train': 'C1', 'eval': 'C2'}  # one colour per split in each panel
   for ax, (title, series) in zip(axes.flat, panels):
     for split, key, label in series:
       points = sorted((s, r[key]) for s, r in metrics.get(split, {}).items() if key in r)
       if points:
         steps, values = zip(*points)
-        ax.plot(steps, values, marker='o', markersize=3, label=label)
+        ax.plot(steps, values, marker='o', markersize=3, label=label, color=colors[split],
+                linestyle='--' if key == 'ce_loss' else '-')
     ax.set_title(title)
     ax.set_xlabel('step')
     ax.set_ylabel(title)

@@ -44,7 +44,8 @@ class BottleneckOutput(NamedTuple):
 
 def bottleneck_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
                          top_k: int | None, selection: str = 'full',
-                         num_chunks: int | None = None, mesh=None) -> BottleneckOutput:
+                         num_chunks: int | None = None, mesh=None,
+                         token_mask: jax.Array | None = None) -> BottleneckOutput:
   """Bottleneck attention read: memory slots attend to their top-k tokens only (docs/model.md#memory-write).
 
   Args:
@@ -59,6 +60,11 @@ def bottleneck_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
       all give the same tokens. 'sharded' and 'threshold' need G = 1 and a mesh with a 'data'
       axis (`mesh`, or the one set by `jax.set_mesh`).
     num_chunks: chunks of 'chunked' (default `default_chunks`); must divide n.
+    token_mask: optional [G, n] bool, False for tokens that take no part in the write (the zero
+      padding of an evaluation batch). See `_logits` and `_gates`: they are never preferred to a
+      real token, get no gate, and the reads are averaged over the groups that hold real tokens,
+      so the read equals that of the real tokens alone. The balance loss is not corrected: its
+      importance and load still span all T tokens.
 
   Logits are q·kᵀ/√Dh; selection and softmax run in float32 whatever the input dtype, so bf16 runs
   pick the same tokens as float32 ones up to rounding of the logits.
@@ -66,8 +72,9 @@ def bottleneck_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
   num_groups, num_heads, n, head_dim = keys.shape
   num_slots = queries.shape[1]
   if top_k is None:
-    logits = _logits(queries, keys)
-    gates = jax.nn.softmax(logits, axis=-1) / num_groups  # [G, Hm, M, n]
+    logits = _logits(queries, keys, token_mask)
+    gates = _gates(logits, _averaged_groups(num_groups, token_mask),
+                   token_mask is not None)  # [G, Hm, M, n]
     read = jnp.einsum('ghmn,ghnd->hmd', gates.astype(values.dtype), values)
     importance = gates.sum(axis=2)  # [G, Hm, n]
     load = jnp.full_like(importance, num_slots)
@@ -80,16 +87,16 @@ def bottleneck_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
   if selection not in SELECTIONS[1:]:
     raise ValueError(f'selection={selection!r} must be one of {SELECTIONS[1:]}.')
   if selection == 'sharded':
-    return sharded_bottleneck_attention(queries, keys, values, top_k, mesh)
+    return sharded_bottleneck_attention(queries, keys, values, top_k, mesh, token_mask)
   if selection == 'threshold':
-    return threshold_bottleneck_attention(queries, keys, values, top_k, mesh)
-  logits = _logits(queries, keys)
+    return threshold_bottleneck_attention(queries, keys, values, top_k, mesh, token_mask)
+  logits = _logits(queries, keys, token_mask)
   if selection == 'chunked':
     chunks = default_chunks(n, top_k) if num_chunks is None else num_chunks
     kept, indices = chunked_top_k(logits, top_k, chunks)
   else:
     kept, indices = jax.lax.top_k(logits, top_k)  # [G, Hm, M, k]; exactly k even with ties
-  weights = jax.nn.softmax(kept, axis=-1) / num_groups
+  weights = _gates(kept, _averaged_groups(num_groups, token_mask), token_mask is not None)
   read, importance, load = jax.vmap(_read_own_tokens, in_axes=(0, 0, 0, None))(
       weights, indices, values, n)
   to_tokens = lambda a: jnp.moveaxis(a, 0, 1).reshape(num_heads, num_groups * n)
@@ -97,11 +104,34 @@ def bottleneck_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
                           to_tokens(importance), jax.lax.stop_gradient(to_tokens(load)))
 
 
-def _logits(queries: jax.Array, keys: jax.Array) -> jax.Array:
-  """[G, Hm, M, n] float32 logits q·kᵀ/√Dh."""
+def _logits(queries: jax.Array, keys: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
+  """[G, Hm, M, n] float32 logits q·kᵀ/√Dh; -inf for the tokens `token_mask` [G, n] leaves out,
+  so that every selection ranks them below any real token."""
   head_dim = keys.shape[-1]
-  return jnp.einsum('hmd,ghnd->ghmn', queries, keys,
-                    preferred_element_type=jnp.float32) / jnp.sqrt(head_dim).astype(jnp.float32)
+  logits = jnp.einsum('hmd,ghnd->ghmn', queries, keys,
+                      preferred_element_type=jnp.float32) / jnp.sqrt(head_dim).astype(jnp.float32)
+  if token_mask is None:
+    return logits
+  return jnp.where(token_mask[:, None, None, :], logits, -jnp.inf)
+
+
+def _averaged_groups(num_groups: int, token_mask: jax.Array | None):
+  """How many group reads are averaged: all G, or with a token mask those holding a real token
+  (a padded image in scope 'example' holds none)."""
+  if token_mask is None:
+    return num_groups
+  return jnp.maximum(jnp.sum(jnp.any(token_mask, axis=-1)), 1).astype(jnp.float32)
+
+
+def _gates(logits: jax.Array, divisor, masked: bool) -> jax.Array:
+  """Softmax over the last axis, divided by `divisor`. With a token mask (`masked`), the -inf
+  logits of masked tokens (kept when fewer than k real tokens exist) get gate 0, and a row with
+  no real token gets 0 everywhere; no NaN arises, in value or gradient."""
+  if not masked:
+    return jax.nn.softmax(logits, axis=-1) / divisor
+  real = jnp.isfinite(logits)
+  lowest = jnp.finfo(logits.dtype).min  # exp(lowest - max) is 0 beside any real logit
+  return jax.nn.softmax(jnp.where(real, logits, lowest), axis=-1) * real / divisor
 
 
 def _read_own_tokens(weights, indices, values, n_own: int):
@@ -207,7 +237,8 @@ def _data_shards(keys, mesh, selection: str):
   return found, shards
 
 
-def sharded_bottleneck_attention(queries, keys, values, top_k: int, mesh=None) -> BottleneckOutput:
+def sharded_bottleneck_attention(queries, keys, values, top_k: int, mesh=None,
+                                 token_mask=None) -> BottleneckOutput:
   """`bottleneck_attention` of one group (scope 'batch') with its tokens split over 'data'.
 
   Each device takes the top-k of its own tokens, the devices all-gather these candidates' values
@@ -216,22 +247,24 @@ def sharded_bottleneck_attention(queries, keys, values, top_k: int, mesh=None) -
   Each device then reads, and counts importance and load for, the winners that are its own
   tokens; the partial reads are summed (psum [Hm, M, Dh]). Importance and load stay
   split over 'data' like the tokens; the balance loss's means and variances over them reduce
-  [Hm]-sized partial sums. No communication grows with the batch.
+  [Hm]-sized partial sums. No communication grows with the batch. `token_mask` [1, n] is split
+  like the tokens (see `bottleneck_attention`).
   """
   found, shards = _data_shards(keys, mesh, 'sharded')
   n = keys.shape[2]
   n_own = n // shards
   local_k = min(top_k, n_own)
 
-  def per_device(q, k, v):  # k, v: [1, Hm, n_own, Dh], this device's tokens
+  def per_device(q, k, v, *mask):  # k, v: [1, Hm, n_own, Dh], mask: [1, n_own], this device's
     me = jax.lax.axis_index(DATA_AXIS)
     q = jax.lax.pcast(q, DATA_AXIS, to='varying')  # float32: see the note below
-    vals, idx = jax.lax.top_k(_logits(q, k)[0], local_k)  # [Hm, M, local_k]
+    own_mask = mask[0] if mask else None
+    vals, idx = jax.lax.top_k(_logits(q, k, own_mask)[0], local_k)  # [Hm, M, local_k]
     # Only the candidate values travel. The tiled gather concatenates the devices in order, so
     # equal values sit in global token order and the top-k's ties go to the lower token index.
     all_vals = jax.lax.all_gather(vals, DATA_AXIS, axis=2, tiled=True, to='invarying')
     kept, pos = jax.lax.top_k(all_vals, top_k)  # [Hm, M, k], pos in [0, shards·local_k)
-    weights = jax.nn.softmax(kept, axis=-1)
+    weights = _gates(kept, 1, own_mask is not None)
     own = jnp.take_along_axis(idx, pos % local_k, axis=-1)
     own = jnp.where(pos // local_k == me, own, -1)  # -1: another device's token
     read, importance, load = _read_own_tokens(weights, own, v[0], n_own)
@@ -241,23 +274,24 @@ def sharded_bottleneck_attention(queries, keys, values, top_k: int, mesh=None) -
     indices = jnp.take_along_axis(all_idx, pos, axis=-1)
     return jax.lax.psum(read, DATA_AXIS), indices[None], weights[None], importance, load
 
-  return _over_data(per_device, found, queries, keys, values)
+  return _over_data(per_device, found, queries, keys, values, token_mask)
 
 
-def _over_data(per_device, mesh, queries, keys, values) -> BottleneckOutput:
-  """Runs `per_device(q, k, v) -> (read, indices, weights, importance, load)` with the tokens
-  split over 'data' (shard_map); read, indices and weights come out replicated, importance and
-  load split like the tokens."""
+def _over_data(per_device, mesh, queries, keys, values, token_mask) -> BottleneckOutput:
+  """Runs `per_device(q, k, v[, mask]) -> (read, indices, weights, importance, load)` with the
+  tokens (and `token_mask` [1, n], when given) split over 'data' (shard_map); read, indices and
+  weights come out replicated, importance and load split like the tokens."""
   tokens = P(None, None, DATA_AXIS, None)
   # The queries enter as float32, marked per-device before use: products of bfloat16 numbers are
   # exact in float32, so the logits are those of the other selections, and each device's part of
   # the queries' gradient stays float32 until the psum (one bfloat16 rounding, as with 'full').
   # Summing bfloat16 parts instead would round twice, and XLA:CPU (jax 0.10.2) aborts promoting
   # such a bfloat16 all-reduce.
+  masks = () if token_mask is None else (token_mask,)
   read, indices, weights, importance, load = jax.shard_map(
-      per_device, mesh=mesh, in_specs=(P(), tokens, tokens),
+      per_device, mesh=mesh, in_specs=(P(), tokens, tokens) + (P(None, DATA_AXIS),) * len(masks),
       out_specs=(P(), P(), P(), P(None, DATA_AXIS), P(None, DATA_AXIS)),
-      axis_names={DATA_AXIS})(queries.astype(jnp.float32), keys, values)
+      axis_names={DATA_AXIS})(queries.astype(jnp.float32), keys, values, *masks)
   return BottleneckOutput(read.astype(values.dtype), indices, weights, importance,
                           jax.lax.stop_gradient(load))
 
@@ -300,8 +334,8 @@ def radix_select(words, top_k: int, widths, count_sum=lambda c: c) -> jax.Array:
   return kept | alive  # the one entry equal to the threshold key
 
 
-def threshold_bottleneck_attention(queries, keys, values, top_k: int,
-                                   mesh=None) -> BottleneckOutput:
+def threshold_bottleneck_attention(queries, keys, values, top_k: int, mesh=None,
+                                   token_mask=None) -> BottleneckOutput:
   """`bottleneck_attention` of one group (scope 'batch') with its tokens split over 'data',
   communicating per-row counts only.
 
@@ -310,37 +344,46 @@ def threshold_bottleneck_attention(queries, keys, values, top_k: int,
   hold the k largest keys in 8 + ⌈log2 T / 4⌉ rounds, each a psum of [Hm, M, 16] counts; each
   device keeps its own tokens among them. The softmax's max and normaliser are a pmax and a psum
   of [Hm, M]; the read is a psum of [Hm, M, Dh]; importance and load stay split over 'data', as
-  with 'sharded'. None of these grows with the batch or with the devices.
+  with 'sharded'. None of these grows with the batch or with the devices. `token_mask` [1, n] is
+  split like the tokens (see `bottleneck_attention`).
   """
   found, shards = _data_shards(keys, mesh, 'threshold')
   n = keys.shape[2]
   n_own = n // shards
   index_bits = max(n - 1, 0).bit_length()
 
-  def per_device(q, k, v):  # k, v: [1, Hm, n_own, Dh], this device's tokens
+  def per_device(q, k, v, *mask):  # k, v: [1, Hm, n_own, Dh], mask: [1, n_own], this device's
     me = jax.lax.axis_index(DATA_AXIS)
     q = jax.lax.pcast(q, DATA_AXIS, to='varying')
-    logits = _logits(q, k)[0]  # [Hm, M, n_own] float32
+    logits = _logits(q, k, mask[0] if mask else None)[0]  # [Hm, M, n_own] float32
     token = me * n_own + jnp.arange(n_own)
     inverted = jnp.broadcast_to((n - 1 - token).astype(jnp.uint32), logits.shape)
     kept = radix_select([order_key(jax.lax.stop_gradient(logits)), inverted], top_k,
                         [32, index_bits], lambda c: jax.lax.psum(c, DATA_AXIS))
-    masked = jnp.where(kept, logits, -jnp.inf)
-    top = jax.lax.pmax(jax.lax.stop_gradient(masked.max(-1)), DATA_AXIS)  # no gradient: a shift
-    e = jnp.where(kept, jnp.exp(logits - top[..., None]), 0.0)
-    gates = e / jax.lax.psum(e.sum(-1), DATA_AXIS)[..., None]  # [Hm, M, n_own]
+    # Masked tokens (-inf) are kept only when fewer than k real ones exist; they get no gate,
+    # and a row without any real token reads nothing (no NaN in value or gradient).
+    real = kept & jnp.isfinite(logits)
+    lowest = jnp.finfo(jnp.float32).min
+    top = jax.lax.pmax(jax.lax.stop_gradient(jnp.where(real, logits, lowest).max(-1)),
+                       DATA_AXIS)[..., None]  # no gradient: softmax ignores a shift
+    e = jnp.where(real, jnp.exp(jnp.where(real, logits, top) - top), 0.0)
+    total = jax.lax.psum(e.sum(-1), DATA_AXIS)[..., None]
+    gates = e / jnp.where(total > 0, total, 1.0)  # [Hm, M, n_own]
     read = jnp.einsum('hmn,hnd->hmd', gates.astype(v.dtype), v[0],
                       preferred_element_type=jnp.float32)
     importance, load = gates.sum(1), kept.sum(1).astype(jnp.float32)  # [Hm, n_own]
     # The kept tokens in top-k order are an output only (figures, tests): XLA drops these gathers
-    # when unused. They come from the mask, so a wrong mask shows as other indices.
-    all_masked = jax.lax.all_gather(masked, DATA_AXIS, axis=2, tiled=True, to='invarying')
-    _, indices = jax.lax.top_k(all_masked, top_k)
+    # when unused. They come from `kept`, so a wrong selection shows as other indices; the keys
+    # as int32 keep their order, and every token not kept ranks below every kept one.
+    rank = jax.lax.bitcast_convert_type(order_key(logits) ^ jnp.uint32(1 << 31), jnp.int32)
+    rank = jnp.where(kept, rank, jnp.iinfo(jnp.int32).min)
+    all_rank = jax.lax.all_gather(rank, DATA_AXIS, axis=2, tiled=True, to='invarying')
+    _, indices = jax.lax.top_k(all_rank, top_k)
     all_gates = jax.lax.all_gather(gates, DATA_AXIS, axis=2, tiled=True, to='invarying')
     weights = jnp.take_along_axis(all_gates, indices, axis=-1)
     return (jax.lax.psum(read, DATA_AXIS), indices[None], weights[None], importance, load)
 
-  return _over_data(per_device, found, queries, keys, values)
+  return _over_data(per_device, found, queries, keys, values, token_mask)
 
 
 def dense_gates(out: BottleneckOutput) -> jax.Array:

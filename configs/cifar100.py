@@ -1,7 +1,7 @@
 r"""AiT on CIFAR-100 with the reference recipe (docs/training.md#recipe): AdamW 1e-4, batch 512, 100 epochs.
 
-Command:
-  python -m ait_jax.data.prepare --dataset=cifar100 --data_dir=$TFDS_DATA_DIR   # once
+Command (the first run downloads cifar-100-binary.tar.gz, 161 MiB, into
+config.data_dir and builds the dataset; docs/data.md#preparation):
   python -m ait_jax.main --config=configs/cifar100.py:model=base --workdir=workdir/cifar100_base
 
 Variants (after the colon, comma separated): model=small|medium|base|large|vit_base|...,

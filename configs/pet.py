@@ -1,8 +1,8 @@
 r"""AiT on Oxford-IIIT Pet (37 breeds), batch 128 and M = 128 memory slots as the paper
 (docs/training.md#configs).
 
-Command:
-  python -m ait_jax.data.prepare --dataset=oxford_iiit_pet --data_dir=$TFDS_DATA_DIR   # once
+Command (the first run downloads images.tar.gz and annotations.tar.gz, 774 MiB, into
+config.data_dir and builds the dataset; docs/data.md#preparation):
   python -m ait_jax.main --config=configs/pet.py --workdir=workdir/pet
 
 The JPEGs are decoded and resized to 224x224 on the host as they are read (see

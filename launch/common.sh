@@ -2,7 +2,7 @@
 # Helpers sourced by tpu_vm.sh and gpu.sh: errors, shell quoting and the --dry-run command runner.
 # Not meant to be run on its own.
 
-# The jax release the package pins in setup.cfg; the accelerator builds must match it.
+# The jax release CI tests (constraints.txt); the accelerator builds must match it.
 # shellcheck disable=SC2034  # used by the scripts that source this file
 AIT_JAX_VERSION=0.10.2
 

@@ -5,6 +5,7 @@ replaced by small fakes on PATH that run the remote command lines locally.
 """
 import os
 import pathlib
+import re
 import shutil
 import stat
 import subprocess
@@ -81,10 +82,10 @@ def test_strict_mode(script):
     assert 'set -euo pipefail' in text
 
 
-def test_jax_version_matches_setup_cfg():
+def test_jax_version_matches_constraints():
   common = (LAUNCH / 'common.sh').read_text()
-  assert 'jax==0.10.2' in (ROOT / 'setup.cfg').read_text()
-  assert 'AIT_JAX_VERSION=0.10.2' in common, 'keep launch/common.sh in step with setup.cfg'
+  (pinned,) = re.findall(r'^jax==(\S+)$', (ROOT / 'constraints.txt').read_text(), re.M)
+  assert f'AIT_JAX_VERSION={pinned}' in common, 'keep launch/common.sh in step with constraints.txt'
 
 
 def test_tpu_help_shows_defaults():

@@ -1,7 +1,8 @@
 """The README's commands work: its model snippet, and its runnable shell blocks.
 
-Blocks fenced as ```bash runnable run in order in a scratch directory (with configs/ linked),
-which is the quickstart a newcomer follows: prepare Triangle, train `quick`, evaluate, visualise.
+Blocks fenced as ```bash runnable run in order in an empty scratch directory, which is the
+quickstart a newcomer follows: prepare Triangle, train `quick`, evaluate, visualise. Their
+`--config=configs/...` finds the shipped config although the folder has no configs/.
 """
 import json
 import os
@@ -35,15 +36,21 @@ def test_runnable_blocks(tmp_path):
   commands = [line for block in _blocks('bash runnable') for line in block.splitlines()
               if line.strip() and not line.startswith('#')]
   assert any('ait_jax.main' in c and ':quick' in c for c in commands)
-  (tmp_path / 'configs').symlink_to(ROOT / 'configs')
   env = dict(os.environ, XLA_FLAGS=xla_flags(1))  # one device, as a user's CPU has
   env['PYTHONPATH'] = str(ROOT)
   # `python` is this interpreter, as in the venv the README installs into.
   env['PATH'] = os.path.dirname(sys.executable) + os.pathsep + env.get('PATH', '')
+  outputs = {}
   for command in commands:
     out = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, f'{command}\n{out.stdout}\n{out.stderr}'
+    outputs[command] = out.stdout
+  assert not (tmp_path / 'configs').exists()
+  (train_out,) = [o for c, o in outputs.items() if 'ait_jax.main' in c and '--mode=eval' not in c]
+  (eval_out,) = [o for c, o in outputs.items() if 'ait_jax.main' in c and '--mode=eval' in c]
+  assert 'AiT (preset small, overridden: depth 1, width 64' in train_out  # what runs
+  assert '  class equilateral' in eval_out  # --mode=eval's table
   workdir = tmp_path / 'workdir' / 'triangle_quick'
   final = json.loads((workdir / 'eval_final.json').read_text())
   print(f'quick Triangle eval accuracy: {final["accuracy"]:.4f}')
@@ -52,7 +59,7 @@ def test_runnable_blocks(tmp_path):
   assert final['accuracy'] > 0.53
   assert any((workdir / 'checkpoints').iterdir()) and any((workdir / 'best').iterdir())
   train_lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  assert {l['split'] for l in train_lines} == {'train', 'eval'}
+  assert {l['split'] for l in train_lines} == {'train', 'eval', 'eval_train'}
   assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
   assert json.loads((workdir / 'config.json').read_text())['dataset'] == 'triangle'
   assert json.loads((workdir / 'eval_best.json').read_text())['num_examples'] == 10_000

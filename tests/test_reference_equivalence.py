@@ -21,6 +21,7 @@ import pytest
 
 from ait_jax import convert
 from ait_jax import models
+from ait_jax import steps
 
 DATA = pathlib.Path(__file__).resolve().parent / 'data'
 FIXTURES = ('cifar_tiny', 'clevr_tiny')
@@ -177,18 +178,13 @@ def test_gradients_that_the_reference_leaves_at_zero_are_zero(name):
     assert np.any(np.asarray(ws['query']['kernel'])) and np.any(np.asarray(ws['key']['kernel']))
 
 
-def _decays(grads):
-  # torch.optim.AdamW skips parameters whose .grad is None, so no weight decay reaches Wv, Wo and
-  # the write's LayerNorm in the reference; they are the parameters with an all-zero gradient.
-  return jax.tree.map(lambda g: bool(np.any(np.asarray(g))), grads)
-
-
 @pytest.mark.parametrize('name', FIXTURES)
 def test_logits_after_one_adamw_step_match(name):
+  # The project's AdamW, whose decay skips what the reference's torch AdamW skips.
   p = port(name)
   variables = ported(p)
   out, grads = train_step(p, variables)
-  tx = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, mask=_decays(grads))
+  tx = steps.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, model=p.model)
   params = jax.jit(lambda prm, g: optax.apply_updates(prm, tx.update(g, tx.init(prm), prm)[0]))(
       variables['params'], grads)
   next_logits = lambda prm: train_step(p, {'params': prm, 'memory': out['memory']}, batch=1)[0][
@@ -210,6 +206,72 @@ def test_published_query_gradient_differs_from_the_true_one(name):
                        'w_qs.weight'].T
     rel = np.linalg.norm(ours - published) / np.linalg.norm(ours)
     assert 0.03 < rel < 0.5, rel
+
+
+# --- Weight decay as the published code has it (docs/training.md#recipe). ---------------------
+
+def _quick_setup(**model) -> steps.Setup:
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  config = load_config('triangle', 'quick')
+  config.model.update(model)
+  return steps.setup(config)
+
+
+def _leaves(tree, keep) -> set[str]:
+  return {jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(tree) if keep(v)}
+
+
+WRITE_ONLY_LEAVES = {f"['block0']['workspace']['{m}']['{p}']" for m, p in (
+    ('value', 'kernel'), ('out', 'kernel'), ('write_norm', 'scale'), ('write_norm', 'bias'))}
+
+
+@pytest.mark.parametrize('model,undecayed', [
+    ({}, WRITE_ONLY_LEAVES),
+    ({'bottleneck': False}, WRITE_ONLY_LEAVES),
+    ({'retrieval': 'cross_attention'}, WRITE_ONLY_LEAVES),  # its own 'query' and 'out' decay
+    ({'memory_reset': True}, WRITE_ONLY_LEAVES),
+    ({'vit': True}, set()),
+    ({'gradient_mode': 'learned_write'}, set())],
+    ids=['reference', 'no_bottleneck', 'no_hopfield', 'memory_reset', 'vit', 'learned_write'])
+def test_weight_decay_skips_the_parameters_that_get_no_gradient(model, undecayed):
+  # torch's AdamW skips a parameter whose gradient is None: in gradient_mode 'reference' these are
+  # the workspace's value and output projections and write LayerNorm (the test above shows their
+  # gradient is zero). With learned_write they learn; the ViT has no workspace.
+  s = _quick_setup(**model)
+  params = jax.eval_shape(functools.partial(steps.init_state, s, steps.make_optimizer(s)),
+                          jax.random.PRNGKey(0)).params
+  mask = steps.weight_decay_mask(s.model)
+  decays = mask(params) if mask else jax.tree.map(lambda _: True, params)
+  assert _leaves(decays, lambda d: not d) == undecayed
+  assert _leaves(params, lambda _: True) >= undecayed
+  # The optimizer state is laid out as optax.adamw's, so checkpoints of every mode restore.
+  state = jax.eval_shape(steps.make_optimizer(s).init, params)
+  schedule = optax.adamw(steps.learning_rate_fn(s))
+  assert jax.tree.structure(state) == jax.tree.structure(jax.eval_shape(schedule.init, params))
+
+
+@pytest.mark.parametrize('mode', ['reference', 'learned_write'])
+def test_several_adamw_steps_leave_the_write_parameters_exactly_at_init(mode):
+  # The project's optimizer and train step: in reference mode the write's parameters get neither
+  # a gradient nor decay, so they keep their initial values bit for bit; every other parameter
+  # moves. With learned_write they move too.
+  from ait_jax import train  # pylint: disable=g-import-not-at-top
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  config = load_config('triangle', 'quick')
+  config.model.gradient_mode = mode
+  config.mesh.data = 1
+  trainer = train.Trainer(config, devices=jax.devices()[:1])
+  s = trainer.s
+  assert s.config.weight_decay > 0
+  state = trainer.init(trainer.rng)
+  start = jax.device_get(state.params)
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    batch = {'image': rng.integers(0, 256, (s.config.batch_size,) + s.info.image_shape, np.uint8),
+             'label': rng.integers(0, s.info.num_classes, (s.config.batch_size,), np.int32)}
+    state, _ = trainer.train_step(state, jax.device_put(batch, trainer.batch_sharding))
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(state.params), start)
+  assert _leaves(moved, lambda m: not m) == (WRITE_ONLY_LEAVES if mode == 'reference' else set())
 
 
 # --- The equivalence check can fail: perturb the mapping one tensor at a time. ----------------

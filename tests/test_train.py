@@ -170,6 +170,38 @@ def test_eval_mode_writes_metrics_json(uninterrupted):
   assert saved['accuracy'] == out['accuracy'] and len(saved['per_class_accuracy']) == 2
 
 
+def test_train_split_is_scored_beside_the_test_split(uninterrupted):
+  """Every evaluation also scores the first training examples (256 of 512 in the quick config),
+  in order and without augmentation, with the evaluation's memory rule: split 'eval_train'."""
+  config, workdir, _ = uninterrupted
+  assert config.eval_train_examples == 256
+  evals, train_evals = _read_metrics(workdir, 'eval'), _read_metrics(workdir, 'eval_train')
+  assert sorted(train_evals) == sorted(evals) == [12, 24]
+  assert all(r['num_examples'] == 256 for r in train_evals.values())
+  trainer = train.Trainer(config)
+  _, state = trainer.restore(workdir, 'latest')
+  assert train_evals[24]['accuracy'] == trainer.evaluate(
+      state.params, state.memory, 'train', limit=256)['accuracy']
+  predictions = []  # a limit that ends inside a batch: the first 50 examples, in order
+  result = trainer.evaluate(state.params, state.memory, 'train', predictions, limit=50)
+  truth = input_pipeline.ExampleSource(trainer.s.info, 'train', config.data_dir).read(
+      np.arange(50))['label']
+  assert result['num_examples'] == len(predictions) == 50
+  assert result['accuracy'] == pytest.approx(np.mean(np.asarray(predictions) == truth))
+
+
+def test_train_split_subset_size(generated_data_dir, monkeypatch):
+  sizes = {}
+  for n in (-1, 0, 30, 10 ** 9):
+    s = steps.setup(quick_config(generated_data_dir, eval_train_examples=n))
+    sizes[n] = steps.train_eval_examples(s)
+  assert sizes == {-1: 200, 0: 0, 30: 30, 10 ** 9: 512}  # the test split's 200; the whole split
+  assert steps.train_eval_examples(steps.setup(load_config('sort_of_clevr'))) == 2_000
+  monkeypatch.setattr(steps, 'TRAIN_EVAL_MAX', 100)  # no dataset's test split exceeds 10,000
+  assert steps.train_eval_examples(steps.setup(quick_config(generated_data_dir,
+                                                           eval_train_examples=-1))) == 100
+
+
 def test_sort_of_clevr_reports_question_types(generated_data_dir):
   """Per question type and subtype accuracies equal a NumPy count over the predictions."""
   c = load_config('sort_of_clevr', 'quick')
@@ -200,6 +232,7 @@ def test_sort_of_clevr_reports_question_types(generated_data_dir):
     ('--config.model.bottleneck_k=100000', 'model.bottleneck_k=100000'),
     ('--config.model.patch_size=5', 'model.patch_size=5 must divide'),
     ('--config.model.preset=huge', "model.preset='huge'"),
+    ('--config.eval_train_examples=-2', 'eval_train_examples=-2 must be -1'),
     ('--config.dataset=imagenet', "Unknown dataset 'imagenet'"),
 ])
 def test_bad_config_fails_fast(generated_data_dir, override, message, capsys, tmp_path):
@@ -218,9 +251,10 @@ def test_bad_config_fails_fast(generated_data_dir, override, message, capsys, tm
 
 
 def test_missing_catalog_dataset_names_prepare_command(tmp_path):
-  c = load_config('cifar10', 'quick')
+  c = load_config('imagenet100', 'quick')  # CIFAR would be downloaded (test_data_download.py)
   c.data_dir = str(tmp_path / 'empty')
-  with pytest.raises(FileNotFoundError, match='python -m ait_jax.data.prepare --dataset=cifar10'):
+  with pytest.raises(FileNotFoundError,
+                     match='python -m ait_jax.data.prepare --dataset=imagenet100'):
     train.train_and_evaluate(c, str(tmp_path / 'work'))
   assert not (tmp_path / 'work').exists()
 

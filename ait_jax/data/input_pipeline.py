@@ -16,6 +16,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
+from ait_jax.data import builders
 from ait_jax.data import datasets
 from ait_jax.data import imagenet100 as inet
 from ait_jax.data import sort_of_clevr as clevr
@@ -28,8 +29,23 @@ def prepare_command(name: str, data_dir: str | None) -> str:
   return f'python -m ait_jax.data.prepare --dataset={name} --data_dir={data_dir}'
 
 
+def require_data_dir(data_dir: str | None) -> None:
+  """An empty data_dir (`--config.data_dir=` with an unset shell variable) is refused: TFDS would
+  read and write datasets in the current folder."""
+  if data_dir == '':
+    raise ValueError('The data_dir is empty (--config.data_dir= or --data_dir=; is the shell '
+                     'variable in it set?); pass the folder that holds the datasets, e.g. '
+                     '--config.data_dir=~/tensorflow_datasets (it is created if missing).')
+
+
 def open_tfds(info: DatasetInfo, split: str, data_dir: str | None):
+  """The TFDS ArrayRecord source of one split; our builders (builders.BUILDERS) read their own
+  datasets, so reading needs neither the TFDS catalog nor TensorFlow."""
+  require_data_dir(data_dir)
+  base, _, config = info.tfds_name.partition('/')
   try:
+    if base in builders.BUILDERS:
+      return builders.make(base, data_dir, config or None).as_data_source(split)
     return tfds.data_source(info.tfds_name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # TFDS raises several types here, all meaning "not prepared".
     data_dir = data_dir or tfds.core.constants.DATA_DIR
@@ -314,9 +330,10 @@ def eval_indices(num_examples: int, global_batch_size: int, process_index: int,
 
 
 def make_eval_iterator(name: str, *, data_dir: str | None, global_batch_size: int, sharding,
-                       split: str = 'test', question_types: Sequence[str] | None = None
-                       ) -> Iterator[dict[str, jax.Array]]:
-  """Every example of `split` exactly once, in order; the last batch is zero-padded.
+                       split: str = 'test', question_types: Sequence[str] | None = None,
+                       limit: int | None = None) -> Iterator[dict[str, jax.Array]]:
+  """Every example of `split` (or its first `limit`) exactly once, in order; the last batch is
+  zero-padded.
 
   Adds 'mask' bool [B], False on padding, which metrics must use as weights.
   """
@@ -326,8 +343,8 @@ def make_eval_iterator(name: str, *, data_dir: str | None, global_batch_size: in
   pad = source.zeros()
 
   def batches():
-    for idx in eval_indices(len(source), global_batch_size, jax.process_index(),
-                            jax.process_count()):
+    count = len(source) if limit is None else min(limit, len(source))
+    for idx in eval_indices(count, global_batch_size, jax.process_index(), jax.process_count()):
       mask = idx >= 0
       batch = {k: np.zeros((len(idx), *v.shape), v.dtype) for k, v in pad.items()}
       if mask.any():

@@ -1,23 +1,36 @@
-"""Prepares a dataset as ArrayRecord in --data_dir, the only step that downloads or generates data.
+"""Prepares a dataset as ArrayRecord in --data_dir: the one step that downloads or generates data,
+which a training run also takes first for a dataset of ours that its data_dir lacks.
 
 Usage: python -m ait_jax.data.prepare --dataset=cifar100 --data_dir=DIR
-Catalog datasets need TensorFlow (`pip install -e .[prepare]`); generated ones (triangle,
-sort_of_clevr, optionally with a config such as triangle/small) do not. ImageNet-100 is built from
-ImageNet archives the user downloads by hand (the command says which and where); it also writes the
-class-subset index.
+Triangle and Sort-of-CLEVR (optionally with a config such as triangle/small) are generated.
+CIFAR-10, CIFAR-100 and Oxford-IIIT Pet are built from their published archives, downloaded and
+checksummed, or put by hand into DIR/downloads/manual/. ImageNet-100 is built by the TFDS catalog
+(with TensorFlow, `pip install -e .[prepare]`) from archives the user downloads by hand; prepare
+also writes its class-subset index. Every build is written into a temporary folder of DIR and
+renamed into place once whole, and an existing dataset is read back before it counts as prepared.
 """
+import contextlib
 import importlib.util
 import os
+import pathlib
+import shutil
+import socket
 import sys
 import time
 
 from absl import flags
+from etils import epath
+import numpy as np
 import tensorflow_datasets as tfds
 
 from ait_jax import cli
 from ait_jax.data import builders
 from ait_jax.data import datasets
+from ait_jax.data import downloads
 from ait_jax.data import input_pipeline
+from ait_jax.data import integrity
+
+_SCRATCH_PREFIX = '.incomplete.'
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -28,7 +41,15 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def check_data_dir(data_dir: str) -> None:
-  """A data_dir that is, or lies inside, a file is refused before anything is generated."""
+  """An empty data_dir, one that is, or lies inside, a file, and a bucket that cannot be read are
+  refused before anything is written."""
+  input_pipeline.require_data_dir(data_dir)
+  if '://' in data_dir:
+    if data_dir.startswith('gs://') and not any(importlib.util.find_spec(m)
+                                                for m in ('gcsfs', 'tensorflow')):
+      raise ValueError(f'The data_dir {data_dir} is on Google Cloud Storage, which needs gcsfs: '
+                       'pip install -e .[gcs] (or pip install gcsfs), or use a local folder.')
+    return
   existing = os.path.abspath(data_dir)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
@@ -38,75 +59,191 @@ def check_data_dir(data_dir: str) -> None:
                      'missing).')
 
 
-def prepare(name: str, data_dir: str) -> str:
-  """Downloads (catalog) or generates (triangle, sort_of_clevr) `name`; returns its directory."""
+def dataset_dir(info: datasets.DatasetInfo, data_dir: str) -> epath.Path:
+  """The folder TFDS keeps `info`'s dataset in: <data_dir>/<name>[/<config>]/<version>."""
+  base, _, config = info.tfds_name.partition('/')
+  cls = builders.BUILDERS.get(base) or tfds.builder_cls(base)
+  if cls.BUILDER_CONFIGS and not config:
+    config = cls.BUILDER_CONFIGS[0].name
+  return epath.Path(data_dir).joinpath(base, *([config] if config else []), str(cls.VERSION))
+
+
+def _say(text: str) -> None:
+  print(text, file=sys.stderr, flush=True)
+
+
+def prepare(name: str, data_dir: str, read_all: bool = True) -> tuple[str, bool]:
+  """Makes `name` prepared in data_dir; returns (its folder, whether it was built now).
+
+  A folder already there counts only when whole: its dataset_info.json, shard files and record
+  counts, and with read_all every record read back. One of ours that is not whole is rebuilt
+  with a line saying so; a catalog dataset (ImageNet) is refused with the folder to delete.
+  """
   info = datasets.get_info(name)
   check_data_dir(data_dir)
-  base, _, config = name.partition('/')
-  if base in builders.GENERATED:
-    return builders.prepare_generated(base, data_dir, config or 'full')
-  builder = tfds.builder(info.tfds_name, data_dir=data_dir, file_format='array_record')
-  manual_dir = os.path.join(data_dir, 'downloads', 'manual')
-  missing = [f for f in info.manual_download if not os.path.exists(os.path.join(manual_dir, f))]
-  if missing and not os.path.exists(os.path.join(builder.data_dir, 'dataset_info.json')):
+  path = dataset_dir(info, data_dir)
+  base, _, config = info.tfds_name.partition('/')
+  ours = base in builders.BUILDERS
+  if path.exists():
+    problem = integrity.problem(path, read_all=read_all)
+    if problem is None:
+      _index_subset(info, data_dir)
+      return str(path), False
+    if not ours:
+      raise cli.UserError(f'{path} {problem}, so {name} is incomplete or damaged; delete that '
+                          f'folder and run `{input_pipeline.prepare_command(name, data_dir)}` '
+                          'again.')
+    _say(f'{name} in {path} is incomplete or damaged (the folder {problem}); rebuilding it.')
+  if '://' in data_dir:  # a bucket has no atomic rename
+    raise cli.UserError(f'{name} is not prepared in {data_dir}, and prepare writes only into a '
+                        f'local folder: run `{input_pipeline.prepare_command(name, "DIR")}` with '
+                        f'a local DIR, then copy DIR/{base} to {data_dir}/{base} (gcloud storage '
+                        'rsync -r).')
+  if not ours:
+    _check_catalog_needs(info, name, data_dir)
+  path = pathlib.Path(path)
+  with _scratch(data_dir, name) as scratch:
+    if ours:
+      archives = {a: str(downloads.fetch(a, data_dir, scratch))
+                  for a in getattr(builders.BUILDERS[base], 'ARCHIVES', ())}
+      if not path.exists():
+        source = (f'building it from {" and ".join(archives)}' if archives else
+                  'generating it (nothing to download)')
+        _say(f'{name} is not prepared in {data_dir}; {source}.')
+      built = builders.build(base, str(scratch), config or None, archives)
+    else:
+      builder = tfds.builder(info.tfds_name, data_dir=str(scratch), file_format='array_record')
+      builder.download_and_prepare(download_dir=str(downloads.downloads_dir(data_dir)))
+      built = str(builder.data_dir)
+    _move_into_place(pathlib.Path(built), path, scratch, pathlib.Path(data_dir, base))
+  problem = integrity.problem(path)
+  if problem is not None:  # a whole build was just written: a bug, not the user's doing
+    raise RuntimeError(f'{path} {problem} right after it was built')
+  _index_subset(info, data_dir)
+  return str(path), True
+
+
+def _check_catalog_needs(info: datasets.DatasetInfo, name: str, data_dir: str) -> None:
+  """ImageNet: the archives downloaded by hand, and TensorFlow for TFDS's catalog builder."""
+  manual = downloads.manual_dir(data_dir)
+  missing = [f for f in info.manual_download if not (manual / f).exists()]
+  if missing:
     raise cli.UserError(f'{name!r} cannot be downloaded automatically: put {" and ".join(missing)} '
-                       f'(ImageNet: from image-net.org, after registering) in {manual_dir} and run '
-                       'this command again.')
+                        f'(ImageNet: from image-net.org, after registering) in {manual} and run '
+                        'this command again.')
   # The TFDS catalog builders serialise through TensorFlow and probe importlib_resources.
-  missing = [m for m in ('tensorflow', 'importlib_resources') if importlib.util.find_spec(m) is None]
+  missing = [m for m in ('tensorflow', 'importlib_resources')
+             if importlib.util.find_spec(m) is None]
   if missing:
     raise cli.UserError(f'Preparing {name!r} needs {" and ".join(missing)}; install them with '
-                       f'`pip install -e .[prepare] importlib_resources` and run again.')
-  builder.download_and_prepare()
+                        f'`pip install -e .[prepare] importlib_resources` and run again.')
+
+
+def _index_subset(info: datasets.DatasetInfo, data_dir: str) -> None:
   if info.tfds_classes:  # index the class subset now, so that training starts at once
     for split in (info.train_split, info.test_split):
       input_pipeline.ExampleSource(info, split, data_dir)
-  return str(builder.data_dir)
+
+
+@contextlib.contextmanager
+def _scratch(data_dir: str, name: str):
+  """A temporary folder inside data_dir (the same filesystem, so the final rename is atomic),
+  removed on exit with every folder this build created that is left empty: a failed or
+  interrupted build leaves nothing that looks prepared. Remains of a build of the same dataset
+  killed on this host (its process gone) are removed first."""
+  root = pathlib.Path(data_dir)
+  created = [p for p in (root, *root.parents, downloads.downloads_dir(data_dir))
+             if not p.exists()]
+  tag = f'{_SCRATCH_PREFIX}{name.replace("/", "_")}.{socket.gethostname()}.'
+  for stale in root.glob(f'{tag}*') if root.exists() else ():
+    if not _alive(stale.name[len(tag):]):
+      shutil.rmtree(stale, ignore_errors=True)
+  scratch = root / f'{tag}{os.getpid()}'
+  scratch.mkdir(parents=True)
+  try:
+    yield scratch
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+    for folder in sorted(created, key=lambda p: len(p.parts), reverse=True):
+      with contextlib.suppress(OSError):  # not empty: something else lives there
+        folder.rmdir()
+
+
+def _alive(pid: str) -> bool:
+  try:
+    os.kill(int(pid), 0)
+  except (ValueError, ProcessLookupError):
+    return False
+  except PermissionError:
+    return True
+  return int(pid) != os.getpid()
+
+
+def _move_into_place(built: pathlib.Path, path: pathlib.Path, scratch: pathlib.Path,
+                     dataset_root: pathlib.Path) -> None:
+  """Renames the built version folder to `path`; a damaged one there goes into scratch first,
+  to be removed with it. TFDS's default-config file comes along if the data_dir lacks it."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if path.exists():
+    os.rename(path, scratch / 'replaced')
+  os.rename(built, path)
+  config_file = pathlib.Path(scratch, dataset_root.name, '.config')
+  if config_file.is_dir() and not (dataset_root / '.config').exists():
+    shutil.copytree(config_file, dataset_root / '.config')
 
 
 def ensure_prepared(info: datasets.DatasetInfo, data_dir: str) -> None:
-  """Builds a generated dataset (Triangle, Sort-of-CLEVR) that data_dir lacks, so training is one
-  command; catalog datasets need a download, so their absence stays an error (run prepare).
+  """Prepares a dataset of ours (generated, or built from its published archives) that data_dir
+  lacks or holds incomplete, so that training is one command; ImageNet, built by hand with
+  `prepare`, is left to the input pipeline's message.
 
-  Process 0 builds while the others wait, then any process that still lacks it (a data_dir on a
-  host-local disk) builds its own byte-identical copy.
+  Process 0 prepares while the others wait; if it fails, they all stop. Then any process that
+  still lacks the dataset (a data_dir on a host-local disk) builds its own byte-identical copy.
   """
-  if not info.generated or _is_prepared(info, data_dir):
+  check_data_dir(data_dir)
+  if info.tfds_name.partition('/')[0] not in builders.BUILDERS:
     return
   import jax  # pylint: disable=g-import-not-at-top  (the command itself needs no JAX)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  def whole() -> bool:
+    return integrity.problem(dataset_dir(info, data_dir)) is None
 
   def build():
-    check_data_dir(data_dir)
-    print(f'{info.name} is not prepared in {data_dir}; generating it now (no download, '
-          'under 30 s on 2 CPU cores)...', file=sys.stderr, flush=True)
     start = time.time()
-    path = prepare(info.name, data_dir)
-    print(f'Prepared {info.name} in {path} in {time.time() - start:.1f} s.', file=sys.stderr,
-          flush=True)
+    path, _ = prepare(info.name, data_dir, read_all=False)
+    _say(f'Prepared {info.name} in {path} in {time.time() - start:.1f} s.')
 
-  if jax.process_index() == 0:
-    build()
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f'prepare {info.name}')
-    if not _is_prepared(info, data_dir):
+  if jax.process_count() == 1:
+    if not whole():
       build()
-
-
-def _is_prepared(info: datasets.DatasetInfo, data_dir: str) -> bool:
-  try:
-    input_pipeline.open_tfds(info, info.train_split, data_dir)
-  except FileNotFoundError:
-    return False
-  return True
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  error = None
+  if jax.process_index() == 0 and not whole():
+    try:
+      build()
+    except Exception as e:  # pylint: disable=broad-except  (re-raised once the others know)
+      error = e
+  failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+  if error is not None:
+    raise error
+  if failed:
+    raise cli.UserError(f'Process 0 could not prepare {info.name} in {data_dir} (its error line '
+                        'says why); fix that and run again.')
+  if not whole():
+    build()
 
 
 def main(fv: flags.FlagValues) -> None:
   cli.require(fv, 'dataset', hint=f'NAME (one of {", ".join(sorted(datasets.DATASETS))})')
   cli.require(fv, 'data_dir', hint='DIR (where the dataset is written)')
   start = time.time()
-  path = prepare(fv.dataset, fv.data_dir)
-  print(f'Prepared {fv.dataset} in {path} in {time.time() - start:.1f} s.')
+  path, built = prepare(fv.dataset, fv.data_dir)
+  if built:
+    print(f'Prepared {fv.dataset} in {path} in {time.time() - start:.1f} s.')
+  else:
+    print(f'{fv.dataset} is already prepared in {path}: every record read back intact '
+          f'({time.time() - start:.1f} s).')
 
 
 if __name__ == '__main__':

@@ -15,6 +15,8 @@ from ait_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top,w
 from ait_jax.data import sort_of_clevr as clevr  # pylint: disable=wrong-import-position
 from ait_jax.data import triangle as tri  # pylint: disable=wrong-import-position
 
+FRAME_COLOUR = '#606060'  # the border drawn around each example's image
+FRAME_WIDTH = 1.5  # points
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -70,11 +72,16 @@ def save_grid(items: list[tuple[np.ndarray, str]], path: str) -> None:
   cols = min(4, len(items))
   rows = -(-len(items) // cols)
   fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
-  for ax in axes.flat:
+  for ax in axes.flat[len(items):]:
     ax.axis('off')
   for ax, (image, caption) in zip(axes.flat, items):
     ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap='gray', vmin=0, vmax=255)
     ax.set_title(caption, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    # A frame on every image: white-background images would otherwise run into each other.
+    for spine in ax.spines.values():
+      spine.set(visible=True, color=FRAME_COLOUR, linewidth=FRAME_WIDTH)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

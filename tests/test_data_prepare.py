@@ -1,0 +1,189 @@
+"""`prepare` and the first run's build: an interrupted build leaves nothing that looks prepared, a
+half-written or damaged dataset is found and rebuilt (ours) or named (the catalog's), an empty
+data_dir is refused, and generating prints one line and a progress bar, nothing of TFDS's."""
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ait_jax import cli
+from ait_jax import main as main_cmd
+from ait_jax.data import datasets
+from ait_jax.data import input_pipeline as ip
+from ait_jax.data import prepare
+from ait_jax.data import triangle
+from conftest import ROOT
+
+SMALL = 'triangle/small'
+
+
+def _copy(generated_data_dir, tmp_path) -> pathlib.Path:
+  data_dir = tmp_path / 'data'
+  shutil.copytree(pathlib.Path(generated_data_dir) / 'triangle', data_dir / 'triangle')
+  return data_dir
+
+
+def _version_dir(data_dir) -> pathlib.Path:
+  return pathlib.Path(data_dir) / 'triangle' / 'small' / '1.1.0'
+
+
+def _record_files(data_dir) -> dict[str, bytes]:
+  return {p.name: p.read_bytes() for p in sorted(_version_dir(data_dir).glob('*.array_record*'))}
+
+
+def _run(module, argv, capfd) -> tuple[int, str, str]:
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(module.define_flags, module.main, [module.__name__, *argv])
+  out, err = capfd.readouterr()
+  return exit_info.value.code, out, err
+
+
+def _text_lines(err: str) -> list[str]:
+  """stderr without progress-bar updates (tqdm redraws its bar after carriage returns)."""
+  lines = [part for line in err.split('\n') for part in line.split('\r')]
+  return [l for l in lines if l.strip() and 'Writing triangle/small' not in l]
+
+
+def test_interrupted_build_leaves_nothing_and_the_rerun_builds(tmp_path, monkeypatch):
+  """Ctrl-C while the test split is written: the train split was already written, yet nothing is
+  left in data_dir (not TFDS's `.config` or `downloads/` either), and a rerun builds it whole."""
+  data_dir = tmp_path / 'data'
+  generate = triangle.generate
+  calls = []
+
+  def interrupted(num_images, seed):
+    calls.append(seed)
+    if seed[1] == 1:  # [config seed, split 1 (test), chunk start]
+      raise KeyboardInterrupt
+    return generate(num_images, seed)
+
+  monkeypatch.setattr(triangle, 'generate', interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    prepare.prepare(SMALL, str(data_dir))
+  assert [s[1] for s in calls] == [0, 1]  # the train split was generated before the interrupt
+  assert not data_dir.exists(), sorted(str(p) for p in data_dir.rglob('*'))
+  monkeypatch.setattr(triangle, 'generate', generate)
+  _, built = prepare.prepare(SMALL, str(data_dir))
+  assert built and len(ip.ExampleSource(datasets.get_info(SMALL), 'test', str(data_dir))) == 200
+
+
+_KILLED_DRIVER = """
+import os, signal, sys
+from ait_jax import cli
+from ait_jax.data import prepare, triangle
+generate = triangle.generate
+def killed(num_images, seed):
+  if seed[1] == 1:  # kill -9 while the test split is generated
+    os.kill(os.getpid(), signal.SIGKILL)
+  return generate(num_images, seed)
+triangle.generate = killed
+cli.run(prepare.define_flags, prepare.main, ['prepare', '--dataset=triangle/small',
+                                             '--data_dir=' + sys.argv[1]])
+"""
+
+
+def test_kill_9_mid_build_leaves_nothing_that_looks_prepared(tmp_path, capfd):
+  data_dir = tmp_path / 'data'
+  killed = subprocess.run([sys.executable, '-c', _KILLED_DRIVER, str(data_dir)], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                          timeout=300, check=False)
+  assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+  assert not (data_dir / 'triangle').exists()  # only the build's temporary folder is left
+  leftovers = [p.name for p in data_dir.iterdir()]
+  assert len(leftovers) == 1 and leftovers[0].startswith('.incomplete.triangle_small.')
+  with pytest.raises(FileNotFoundError, match='is not prepared'):
+    ip.ExampleSource(datasets.get_info(SMALL), 'train', str(data_dir))
+  # The same command again: the dead build's folder is removed, the dataset built whole.
+  code, out, _ = _run(prepare, [f'--dataset={SMALL}', f'--data_dir={data_dir}'], capfd)
+  assert code == 0 and 'Prepared triangle/small' in out
+  assert sorted(p.name for p in data_dir.iterdir()) == ['triangle']
+
+
+def test_half_written_dataset_info_is_rebuilt_by_the_first_run(generated_data_dir, tmp_path,
+                                                              capfd):
+  data_dir = _copy(generated_data_dir, tmp_path)
+  original = _record_files(data_dir)
+  info_file = _version_dir(data_dir) / 'dataset_info.json'
+  text = info_file.read_text()
+  info_file.write_text(text[:len(text) // 2])  # what a kill during the write leaves
+  prepare.ensure_prepared(datasets.get_info(SMALL), str(data_dir))
+  err = capfd.readouterr().err
+  assert (f'triangle/small in {_version_dir(data_dir)} is incomplete or damaged (the folder has '
+          'a dataset_info.json that does not parse') in err and 'rebuilding it.' in err
+  assert 'Traceback' not in err
+  assert info_file.read_text() == text and _record_files(data_dir) == original
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'overwritten mid-file'])
+def test_prepare_reads_back_and_rebuilds_a_damaged_dataset(generated_data_dir, tmp_path, capfd,
+                                                           damage):
+  data_dir = _copy(generated_data_dir, tmp_path)
+  original = _record_files(data_dir)
+  train_file, = _version_dir(data_dir).glob('*train.array_record*')
+  size = train_file.stat().st_size
+  with open(train_file, 'r+b') as f:
+    if damage == 'truncated':
+      f.truncate(size * 2 // 3)
+    else:  # passes a check of the footer and the first and last records
+      f.seek(size // 2)
+      f.write(np.random.default_rng(0).integers(0, 256, 64, dtype=np.uint8).tobytes())
+  code, out, err = _run(prepare, [f'--dataset={SMALL}', f'--data_dir={data_dir}'], capfd)
+  assert code == 0 and 'Traceback' not in err
+  assert f'has a damaged {train_file.name} (' in err and 'rebuilding it.' in err
+  assert 'Prepared triangle/small' in out
+  assert _record_files(data_dir) == original  # the damage is gone, the same bytes rebuilt
+
+
+def test_damaged_catalog_dataset_names_the_folder_to_delete(tmp_path, capfd):
+  version_dir = tmp_path / 'imagenet2012' / '5.1.0'
+  version_dir.mkdir(parents=True)
+  (version_dir / 'dataset_info.json').write_text('{"name": "imagenet2012", "spl')
+  code, _, err = _run(prepare, ['--dataset=imagenet100', f'--data_dir={tmp_path}'], capfd)
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert code == 2 and len(lines) == 1 and 'Traceback' not in err, err
+  assert lines[0].startswith(f'error: {version_dir} has a dataset_info.json that does not parse')
+  assert f'delete that folder and run `python -m ait_jax.data.prepare --dataset=imagenet100 ' \
+         f'--data_dir={tmp_path}` again.' in lines[0]
+  assert (version_dir / 'dataset_info.json').exists()  # a catalog dataset is not deleted here
+
+
+def test_empty_data_dir_is_refused_with_one_sentence(tmp_path, monkeypatch, capfd):
+  monkeypatch.chdir(tmp_path)  # where TFDS would otherwise write the dataset
+  code, _, err = _run(main_cmd, ['--config=' + str(ROOT / 'configs/triangle.py:quick'),
+                                 '--config.dataset=triangle/small', '--config.data_dir=',
+                                 f'--workdir={tmp_path / "work"}'], capfd)
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert code == 2 and len(lines) == 1, err
+  assert lines[0].startswith('error: The data_dir is empty (--config.data_dir=')
+  assert list(tmp_path.iterdir()) == []
+  code, _, err = _run(prepare, [f'--dataset={SMALL}', '--data_dir='], capfd)
+  assert code == 2 and err.strip() == ('error: --data_dir is empty (is the shell variable in it '
+                                       'set?); pass --data_dir=DIR (where the dataset is '
+                                       'written).')
+  with pytest.raises(ValueError, match='The data_dir is empty'):
+    prepare.prepare(SMALL, '')
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_generating_prints_one_line_and_a_progress_bar(tmp_path, capfd):
+  """The first run's build of a generated dataset: one line saying what happens, the progress
+  bar, the result; no TFDS banner ("Downloading and preparing dataset ... (download: ...)") and
+  no warning about a variant folder without dataset_info.json."""
+  data_dir = tmp_path / 'data'
+  prepare.ensure_prepared(datasets.get_info(SMALL), str(data_dir))
+  out, err = capfd.readouterr()
+  assert out == ''
+  intro, result = _text_lines(err)
+  assert intro == (f'triangle/small is not prepared in {data_dir}; generating it (nothing to '
+                   'download).')
+  assert re.fullmatch(rf'Prepared triangle/small in {re.escape(str(_version_dir(data_dir)))} in '
+                      r'\d+\.\d s\.', result), result
+  assert 'Writing triangle/small: 100%' in err and '712/712' in err
+  assert sorted(p.name for p in data_dir.iterdir()) == ['triangle']
+  prepare.ensure_prepared(datasets.get_info(SMALL), str(data_dir))  # prepared: silent
+  assert capfd.readouterr() == ('', '')
