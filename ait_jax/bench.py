@@ -131,16 +131,29 @@ def _xla_flops(compiled, num_devices: int):
   return float(cost['flops']) * num_devices
 
 
-def _xla_memory(compiled):
-  """Bytes XLA plans for one device: arguments + outputs + temporaries − donated aliases."""
+def memory_breakdown(compiled) -> dict | None:
+  """Bytes XLA plans for one device, by kind, and their total: arguments + outputs + temporaries
+  + generated code − aliases (outputs that reuse a donated argument's buffer); None if
+  unknown."""
   try:
     m = compiled.memory_analysis()
   except Exception:  # pylint: disable=broad-except
     return None
   if m is None:
     return None
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes + m.generated_code_size_in_bytes)
+  out = {'arguments': m.argument_size_in_bytes, 'temporaries': m.temp_size_in_bytes,
+         'outputs': m.output_size_in_bytes, 'aliases': m.alias_size_in_bytes,
+         'generated_code': m.generated_code_size_in_bytes}
+  out = {k: int(v) for k, v in out.items()}
+  out['total'] = (out['arguments'] + out['outputs'] + out['temporaries'] - out['aliases']
+                  + out['generated_code'])
+  return out
+
+
+def _xla_memory(compiled):
+  """Bytes XLA plans for one device (memory_breakdown's total), or None."""
+  breakdown = memory_breakdown(compiled)
+  return breakdown and breakdown['total']
 
 
 def _peak_memory(devices):
@@ -239,13 +252,17 @@ def benchmark(config, *, devices, steps: int, warmup: int, peak_tflops=None,
 
 
 _HLO_COLLECTIVE = re.compile(
-    r'^\s*%?[\w.\-]+ = (?P<shape>.+?) (?P<op>all-gather|all-reduce|reduce-scatter|all-to-all|'
-    r'collective-permute|collective-broadcast)(?P<start>-start)?\(')
+    r'^\s*(?:ROOT )?%?(?P<name>[\w.\-]+) = (?P<shape>.+?) (?P<op>all-gather|all-reduce|'
+    r'reduce-scatter|all-to-all|ragged-all-to-all|collective-permute|collective-broadcast)'
+    r'(?P<start>-start)?\((?P<operands>[^)]*)\)')
+_HLO_DEFINITION = re.compile(
+    r'^\s*(?:ROOT )?%(?P<name>[\w.\-]+) = .*?op_name="(?P<op_name>[^"]*)"')
 _HLO_ARRAY = re.compile(
     r'\b(?P<dtype>pred|[sub]\d+|f8\w*|bf16|f16|f32|f64|c64|c128)\[(?P<dims>[\d,]*)\]')
 _HLO_SCOPE = re.compile(r'(block\d+)(/workspace)?')
-_MAX_LAYER_TUPLE = 4  # a combined all-reduce of more arrays is the gradients' one
+_HLO_CHAIN = re.compile(r'chain_id="(\d+)"')
 _DTYPE_BYTES = {'pred': 1, 'bf16': 2, 'f16': 2, 'f32': 4, 'f64': 8, 'c64': 8, 'c128': 16}
+GRADIENTS = 'parameter gradients'
 
 
 def _array_bytes(dtype: str, dims: str) -> int:
@@ -253,58 +270,137 @@ def _array_bytes(dtype: str, dims: str) -> int:
   return size * math.prod(int(d) for d in dims.split(',') if d)
 
 
-def collectives(hlo_text: str) -> list:
-  """Every collective of an optimised HLO module: op, result shape, bytes and model scope.
+def _scope(op_name: str, dims: tuple, param_sizes: set) -> str:
+  """'parameter gradients' for the partitioner's sum of a parameter's gradient (backward pass,
+  a parameter's size, not an explicit collective of the workspace's shard_map), else the model
+  scope in the op's name: 'block<i>/workspace', 'block<i>' or 'other'. Sizes, not shapes: XLA
+  may sum a gradient in another shape (f32[64,768] for a LayerNorm scale of 49,152)."""
+  if math.prod(dims) in param_sizes and 'transpose(' in op_name and (
+      'shard_map' not in op_name):
+    return GRADIENTS
+  scope = _HLO_SCOPE.search(op_name)
+  return scope[0] if scope else 'other'
 
-  bytes is the size of the op's result on one device (for an all-gather, the gathered array;
-  for an async '-start' op, its last tuple element); scope is 'block<i>/workspace', 'block<i>'
-  or 'other' from the op's metadata, or 'parameter gradients' for the combined all-reduce of the
-  gradients (a tuple of more than 4 arrays).
+
+def _result_arrays(op: str, start: bool, shape: str) -> list:
+  """The (dtype, dims) of what the op delivers on one device. An async '-start' op of an
+  all-gather returns (operands, results); of a collective-permute (operand, result, contexts)."""
+  arrays = _HLO_ARRAY.findall(shape)
+  if start and op == 'all-gather':
+    return arrays[len(arrays) // 2:]
+  if start and op == 'collective-permute':
+    return arrays[1:2]
+  return arrays
+
+
+def collectives(hlo_text: str, param_shapes=None) -> list:
+  """Every collective of an optimised HLO module, split by model scope: op, bytes, scope.
+
+  One entry per (collective op, scope): `name` is the op's HLO instruction (the same for the
+  parts of one op, so counting distinct names counts ops, i.e. rounds of communication), `bytes`
+  the size on one device of what it delivers (an all-gather's gathered array, an all-reduce's
+  arrays), `shape` those arrays. XLA combines several all-reduces into one: each array goes to the
+  scope of the op that produced it ('block<i>/workspace', 'block<i>', 'other', or 'parameter
+  gradients' when `param_shapes`, the set of parameter shapes, holds its size; see _scope).
+  XLA:TPU's async collective fusion splits one collective into a start, steps and a done, each
+  holding a copy of the op with the same chain_id: the chain counts once. An op inside a loop
+  body counts once.
   """
-  out = []
-  for line in hlo_text.splitlines():
+  lines = hlo_text.splitlines()
+  param_sizes = {math.prod(shape) for shape in param_shapes or ()}
+  op_names = {}
+  for line in lines:
+    d = _HLO_DEFINITION.match(line)
+    if d:
+      op_names[d['name']] = d['op_name']
+  out, chains = [], set()
+  for line in lines:
     m = _HLO_COLLECTIVE.match(line)
     if not m:
       continue
-    arrays = _HLO_ARRAY.findall(m['shape'])
-    if m['start']:
-      arrays = arrays[-1:]
-    name = re.search(r'op_name="([^"]*)"', line)
-    scope = _HLO_SCOPE.search(name[1]) if name else None
-    scope = scope[0] if scope else 'other'
-    if len(arrays) > _MAX_LAYER_TUPLE and m['op'] == 'all-reduce':
-      # XLA combines the parameters' gradient sums into one all-reduce named after one of them.
-      scope = 'parameter gradients'
-    out.append({'op': m['op'], 'shape': m['shape'],
-                'bytes': sum(_array_bytes(t, d) for t, d in arrays), 'scope': scope})
+    chain = _HLO_CHAIN.search(line)
+    if chain:
+      key = (m['op'], chain[1])
+      if key in chains:
+        continue
+      chains.add(key)
+    arrays = _result_arrays(m['op'], bool(m['start']), m['shape'])
+    own = op_names.get(m['name'], '')
+    operands = re.sub(r'/\*.*?\*/', '', m['operands']).split(',')  # drop /*index=5*/
+    operands = [o.strip().lstrip('%') for o in operands]
+    sources = operands if len(operands) == len(arrays) else [m['name']] * len(arrays)
+    parts = {}
+    for (dtype, dims), source in zip(arrays, sources):
+      shape = tuple(int(x) for x in dims.split(',') if x)
+      scope = _scope(op_names.get(source) or own, shape, param_sizes)
+      part = parts.setdefault(scope, {'op': m['op'], 'name': m['name'], 'shape': [], 'bytes': 0,
+                                      'scope': scope})
+      part['shape'].append(f'{dtype}[{dims}]')
+      part['bytes'] += _array_bytes(dtype, dims)
+    for part in parts.values():
+      part['shape'] = ', '.join(part['shape'])
+      out.append(part)
   return out
 
 
-def compile_train_step(config, devices):
-  """The compiled train step of `config` on abstract inputs (nothing is run or allocated)."""
+def collective_totals(parts: list, key: str) -> dict:
+  """{value of `key` ('op' or 'scope'): {'bytes', 'ops' (distinct ops)}} over collectives()."""
+  totals, names = {}, {}
+  for part in parts:
+    t = totals.setdefault(part[key], {'bytes': 0, 'ops': 0})
+    t['bytes'] += part['bytes']
+    names.setdefault(part[key], set()).add(part['name'])
+    t['ops'] = len(names[part[key]])
+  return totals
+
+
+def param_shapes(trainer) -> set:
+  """Shapes of the trainer's parameters, whole and as one device holds them (mesh.model > 1)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  shapes = set()
+  for leaf, sh in zip(jax.tree.leaves(trainer.abstract_state.params),
+                      jax.tree.leaves(trainer.state_sharding.params)):
+    shapes.add(tuple(leaf.shape))
+    shapes.add(tuple(sh.shard_shape(leaf.shape)))
+  return shapes
+
+
+def abstract_batch(trainer, batch_size: int, eval_batch: bool = False) -> dict:
+  """ShapeDtypeStructs, with the batch sharding, of what the train (or eval) step is fed."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ait_jax import train  # pylint: disable=g-import-not-at-top
-
-  trainer = train.Trainer(config, devices=devices)
-  s, b = trainer.s, config.batch_size
+  s, b = trainer.s, batch_size
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding)
   batch = {'image': spec((b,) + tuple(s.info.image_shape), np.uint8), 'label': spec((b,), np.int32)}
   if s.question_dim:
     batch['question'] = spec((b, s.question_dim), np.float32)
-  return trainer.train_step.lower(trainer.abstract_with_shardings(), batch).compile()
+  if eval_batch:  # train.Trainer.evaluate feeds these keys (train._EVAL_KEYS)
+    batch['mask'] = spec((b,), np.bool_)
+    if s.question_dim:
+      batch['qtype'] = spec((b,), np.int32)
+      batch['qsubtype'] = spec((b,), np.int32)
+  return batch
+
+
+def compile_train_step(config, devices):
+  """(trainer, the compiled train step of `config` on abstract inputs); nothing is run."""
+  from ait_jax import train  # pylint: disable=g-import-not-at-top
+  trainer = train.Trainer(config, devices=devices)
+  batch = abstract_batch(trainer, config.batch_size)
+  return trainer, trainer.train_step.lower(trainer.abstract_with_shardings(), batch).compile()
 
 
 def collective_report(config, devices) -> dict:
   """Compiles the train step of `config` and lists its collectives, with bytes per scope."""
-  ops = collectives(compile_train_step(config, devices).as_text())
-  per_scope = {}
-  for op in ops:
-    per_scope[op['scope']] = per_scope.get(op['scope'], 0) + op['bytes']
+  trainer, compiled = compile_train_step(config, devices)
+  ops = collectives(compiled.as_text(), param_shapes(trainer))
+  per_scope = collective_totals(ops, 'scope')
   c = config.model
   return {'selection': c.selection, 'batch': config.batch_size, 'devices': len(devices),
-          'depth': c.depth, 'collectives': ops, 'bytes_per_scope': per_scope,
-          'total_bytes': sum(per_scope.values())}
+          'depth': c.depth, 'collectives': ops,
+          'bytes_per_scope': {k: v['bytes'] for k, v in per_scope.items()},
+          'ops_per_scope': {k: v['ops'] for k, v in per_scope.items()},
+          'total_bytes': sum(v['bytes'] for v in per_scope.values())}
 
 
 def format_collectives(report: dict) -> str:
@@ -316,7 +412,8 @@ def format_collectives(report: dict) -> str:
     lines.append(f"  {op['scope']:<18} {op['op']:<15} {op['bytes'] / mib:>10.3f} MiB  "
                  f"{op['shape'][:90]}")
   for scope, n in sorted(report['bytes_per_scope'].items()):
-    lines.append(f'  total {scope:<18} {n / mib:>10.3f} MiB')
+    ops = report['ops_per_scope'][scope]
+    lines.append(f'  total {scope:<18} {n / mib:>10.3f} MiB in {ops} ops')
   return '\n'.join(lines)
 
 

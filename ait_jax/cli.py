@@ -8,6 +8,7 @@ process: each run gets fresh flags, so it can be called any number of times.
 """
 import contextlib
 import errno
+import importlib.util
 import os
 import sys
 from typing import Callable, Iterable, Mapping
@@ -195,11 +196,39 @@ def parse_flags(define_flags: Callable[[flags.FlagValues], None],
   return fv
 
 
+def skip_absent_tpu(force_cpu: bool = False) -> None:
+  """Runs JAX on the CPU when this host has no TPU chip (nor GPU) but libtpu is installed.
+
+  JAX starts libtpu on every host where it is installed (the `tpu` extra, for ait_jax.compile);
+  on a host without TPU chips libtpu then prints warnings about TPU_ACCELERATOR_TYPE and
+  TPU_WORKER_HOSTNAMES on stderr and holds /tmp/libtpu_lockfile, before JAX falls back to the CPU
+  anyway. `force_cpu`: the host's accelerator is not wanted (ait_jax.compile only compiles). A
+  JAX_PLATFORMS set by the user wins. Child processes inherit the choice.
+  """
+  if 'JAX_PLATFORMS' in os.environ:
+    return
+  if not force_cpu:
+    if importlib.util.find_spec('libtpu') is None:
+      return
+    try:  # the check JAX itself makes at import (cloud_tpu_init), so new TPU generations count
+      from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+      chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+      gpu = hardware_utils.has_visible_nvidia_gpu() or os.path.exists('/dev/kfd')
+    except Exception:  # pylint: disable=broad-except  (a jax without it: leave JAX's choice)
+      return
+    if chips or gpu:
+      return
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_platforms', 'cpu')  # jax may be imported already; backends start later
+
+
 def run(define_flags: Callable[[flags.FlagValues], None],
         main: Callable[[flags.FlagValues], None], argv: list[str] | None = None) -> None:
   """Parses `argv` (default sys.argv), runs `main(flags)`, exits 0, or 2 on a user's error."""
   argv = list(sys.argv if argv is None else argv)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  skip_absent_tpu()
   fv = parse_flags(define_flags, argv)
   logging.use_absl_handler()
   logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO

@@ -6,6 +6,7 @@ large kernels are split along their output dimension. The memory state is small 
 import math
 
 import jax
+from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -31,6 +32,12 @@ def make_mesh(data: int = -1, model: int = 1, devices=None) -> jax.sharding.Mesh
     raise ValueError(f'mesh.data={data} × mesh.model={model} exceeds the {n} devices; '
                      'set mesh.data=-1 to use them all.')
   devices = devices[:data * model]
+  slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  if slices > 1:  # multi-slice: 'data' spans the slices over the data-center network
+    if data % slices:
+      raise ValueError(f'mesh.data={data} must be a multiple of the {slices} slices.')
+    grid = mesh_utils.create_hybrid_device_mesh((data // slices, model), (slices, 1), devices)
+    return jax.sharding.Mesh(grid, (DATA, MODEL), axis_types=(AxisType.Auto,) * 2)
   return jax.make_mesh((data, model), (DATA, MODEL), axis_types=(AxisType.Auto,) * 2,
                        devices=devices)
 
@@ -58,10 +65,12 @@ def param_sharding(mesh, abstract_tree):
   return jax.tree.map(spec, abstract_tree)
 
 
-def check_batch_size(batch_size: int, mesh, name: str = 'batch_size') -> None:
-  """Global batches must split evenly over the data axis and over processes."""
+def check_batch_size(batch_size: int, mesh, name: str = 'batch_size',
+                     processes: int | None = None) -> None:
+  """Global batches must split evenly over the data axis and over the processes (default: this
+  run's; ait_jax.compile passes the target slice's hosts)."""
   shards = mesh.shape[DATA]
-  if batch_size % shards or batch_size % jax.process_count():
+  processes = processes or jax.process_count()
+  if batch_size % shards or batch_size % processes:
     raise ValueError(f'{name}={batch_size} must be divisible by the {shards} data shards and the '
-                     f'{jax.process_count()} processes; pick a multiple of '
-                     f'{np.lcm(shards, jax.process_count())}.')
+                     f'{processes} processes; pick a multiple of {np.lcm(shards, processes)}.')

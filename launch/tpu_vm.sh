@@ -43,12 +43,16 @@ ASSUME_YES=${ASSUME_YES:-0}
 
 usage() {
   cat <<EOF
-Usage: $PROG <subcommand> [flags] [-- extra flags for python -m ait_jax.main]
+Usage: $PROG <subcommand> [flags] [-- extra flags for python -m ait_jax.main (or .compile)]
 
 Runs ait_jax on a Cloud TPU VM with gcloud. On the VM, every worker holds the code in ~/ait_jax,
 a virtualenv in ~/ait_venv and its training log in ~/ait_logs/worker-<hostname>.log.
 
 Subcommands:
+  compile   here, before create (no TPU and no gcloud needed): python -m ait_jax.compile
+            --config=CONFIG --topology=ACCELERATOR_TYPE [extra], i.e. the train and eval steps
+            compiled for that slice by libtpu (pip install -e '.[tpu]'), HBM per chip and whether
+            it fits; exit status 1 when it does not
   create    gcloud compute tpus tpu-vm create (name, zone, accelerator type, runtime version)
   install   put the code on every worker (scp of the local git tree, or git clone of --repo), then
             install tmux, a venv, jax[tpu]==$AIT_JAX_VERSION and the package (pip install -e)
@@ -73,7 +77,8 @@ Flags (environment variable, default):
   --python PYTHON           PYTHON             ($D_PYTHON; jax $AIT_JAX_VERSION needs Python >= 3.11,
                                                 installed with apt if missing)
   --extras EXTRAS           EXTRAS             (none; e.g. prepare, to run the data preparation there)
-  --config CONFIG           CONFIG             (required by train; e.g. configs/cifar100.py:model=base)
+  --config CONFIG           CONFIG             (required by train and compile; e.g.
+                                                configs/cifar100.py:model=base)
   --workdir DIR             WORKDIR            (required by train; a gs:// path on a pod, so that all
                                                 workers write checkpoints to one place)
   --data-dir DIR            DATA_DIR           (none: the config's data_dir; e.g. gs://BUCKET/tfds)
@@ -88,6 +93,7 @@ Flags (environment variable, default):
   -h, --help                this help
 
 Example (a v4-32 pod: 4 workers):
+  $PROG compile --accelerator-type v4-32 --config configs/cifar100.py:model=base
   $PROG create  --name ait-v4 --zone us-central2-b --accelerator-type v4-32
   $PROG install --name ait-v4
   $PROG train   --name ait-v4 --config configs/cifar100.py:model=base \\
@@ -140,10 +146,12 @@ while (($#)); do
 done
 
 [[ -n $SUBCOMMAND ]] || { usage >&2; die "no subcommand given."; }
-require "$TPU_NAME" --name TPU_NAME
-require "$ZONE" --zone ZONE
-if [[ $DRY_RUN != 1 ]] && ! command -v gcloud >/dev/null; then
-  die "gcloud not found: install the Google Cloud CLI (https://cloud.google.com/sdk) or use --dry-run."
+if [[ $SUBCOMMAND != compile ]]; then  # compile runs here and needs no VM
+  require "$TPU_NAME" --name TPU_NAME
+  require "$ZONE" --zone ZONE
+  if [[ $DRY_RUN != 1 ]] && ! command -v gcloud >/dev/null; then
+    die "gcloud not found: install the Google Cloud CLI (https://cloud.google.com/sdk) or use --dry-run."
+  fi
 fi
 
 GCLOUD_FLAGS=("--zone=$ZONE")
@@ -153,6 +161,14 @@ TPU=(gcloud compute tpus tpu-vm)
 # ssh_workers WORKER COMMAND: run a shell line on one worker or on all of them.
 ssh_workers() {
   run "${TPU[@]}" ssh "$TPU_NAME" "${GCLOUD_FLAGS[@]}" "--worker=$1" --command "$2"
+}
+
+cmd_compile() {
+  require "$CONFIG" --config CONFIG
+  local args=("--config=$CONFIG" "--topology=$ACCELERATOR_TYPE")
+  args+=(${EXTRA[@]+"${EXTRA[@]}"})
+  cd "$ROOT"  # the config path is relative to the checkout, as for train
+  run python -m ait_jax.compile "${args[@]}"
 }
 
 cmd_create() {
@@ -238,6 +254,6 @@ cmd_delete() {
 }
 
 case $SUBCOMMAND in
-  create | install | check | train | status | logs | copy | delete) "cmd_$SUBCOMMAND" ;;
-  *) die "unknown subcommand '$SUBCOMMAND': use create, install, check, train, status, logs, copy or delete." ;;
+  compile | create | install | check | train | status | logs | copy | delete) "cmd_$SUBCOMMAND" ;;
+  *) die "unknown subcommand '$SUBCOMMAND': use compile, create, install, check, train, status, logs, copy or delete." ;;
 esac

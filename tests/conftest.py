@@ -17,6 +17,9 @@ def xla_flags(devices: int) -> str:
 
 os.environ.setdefault('XLA_FLAGS', xla_flags(8))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# Tests run on the CPU. With libtpu installed (the tpu extra, for tests/test_compile.py) JAX
+# would otherwise start it in every test process, where it warns on stderr and holds its lock file.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Many tests run `python -m ait_jax.<command>` in a subprocess that compiles the same small steps:
 # one compilation cache for the whole run (shared by pytest-xdist's workers) lets the later ones
 # load instead of compile (about 9 of 21 s for a quick Triangle run on 2 cores).
@@ -59,8 +62,9 @@ def generated_data_dir(tmp_path_factory) -> str:
 
 # Files whose tests run whole commands or multi-device steps (tens of seconds each) go first, so
 # that pytest-xdist's workers do not end with one of them alone at the tail of the run.
-_SLOW_FIRST = ('test_readme.py', 'test_train.py', 'test_checkpointing.py', 'test_bench.py',
-               'test_fast_loop.py', 'test_selection.py', 'test_data_imagenet100.py')
+_SLOW_FIRST = ('test_readme.py', 'test_train.py', 'test_compile.py', 'test_checkpointing.py',
+               'test_bench.py', 'test_fast_loop.py', 'test_selection.py',
+               'test_data_imagenet100.py')
 
 
 def pytest_collection_modifyitems(items):

@@ -159,3 +159,47 @@ def test_collectives_parser_reads_shapes_bytes_and_scopes():
   assert [(o['op'], o['bytes'], o['scope']) for o in ops] == [
       ('all-gather', 8 * 32 * 4096 * 4, 'block3/workspace'),
       ('all-reduce', 8 * 4 + 2 * 2 * 2, 'block0'), ('reduce-scatter', 64, 'other')]
+
+
+# Lines of the train step of configs/triangle.py:quick compiled by libtpu 0.0.42.1 for v5e-4
+# (backend_config cut), and two async ops in XLA's text syntax.
+TPU_HLO = '''
+%fused_computation.685 (param_0.2287: f32[8,32,64]) -> (f32[8,32,64], f32[8,32,256]) {
+  %all-gather.5 = f32[8,32,256]{1,2,0:T(8,128)} all-gather(%param_0.2287), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={2}, use_global_device_ids=true, frontend_attributes={chain_id="0"}, metadata={op_name="jit(train_step)/jvp(AiT)/block0/workspace/shard_map/all_gather_invariant" stack_frame_id=174}
+  ROOT %custom-call.9 = (f32[8,32,64]{1,2,0:T(8,128)S(1)}, f32[8,32,256]{1,2,0:T(8,128)S(1)}) custom-call(%all-gather.5), custom_call_target="AsyncCollectiveStart"
+}
+%async_collective_fusion.355 (param_0.2291: f32[8,32,64]) -> f32[8,32,256] {
+  ROOT %all-gather.7 = f32[8,32,256]{1,2,0:T(8,128)S(1)} all-gather(%param_0.2291), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={2}, use_global_device_ids=true, frontend_attributes={chain_id="0"}, metadata={op_name="jit(train_step)/jvp(AiT)/block0/workspace/shard_map/all_gather_invariant" stack_frame_id=174}
+}
+%fused_computation.687 (param_0.2293: f32[8,32,64]) -> f32[8,32,256] {
+  %all-gather.9 = f32[8,32,256]{1,2,0:T(8,128)} all-gather(%param_0.2293), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={2}, use_global_device_ids=true, frontend_attributes={chain_id="0"}, metadata={op_name="jit(train_step)/jvp(AiT)/block0/workspace/shard_map/all_gather_invariant" stack_frame_id=174}
+  ROOT %custom-call.11 = f32[8,32,256]{1,2,0:T(8,128)S(1)} custom-call(%param_0.2293, %all-gather.9), custom_call_target="AsyncCollectiveDone"
+}
+ENTRY %main.1_spmd (param: f32[3072,64]) -> f32[] {
+  %reduce.382 = f32[8]{0:T(128)S(1)} reduce(%reshape.569, %constant.292.clone), dimensions={1}, to_apply=%region_68.72, metadata={op_name="jit(train_step)/jvp(AiT)/block0/workspace/jit(_var)/reduce_sum" stack_frame_id=210}
+  %fusion.71 = f32[3072,64]{0,1:T(8,128)S(1)} fusion(%param.1, %param.2), kind=kOutput, calls=%fused_computation.70, metadata={op_name="jit(train_step)/transpose(jvp(AiT))/patch_embed/dot_general" stack_frame_id=309}
+  %all-reduce.37 = (f32[3072,64]{0,1:T(8,128)S(1)}, /*index=1*/f32[8]{0:T(128)S(1)}) all-reduce(%fusion.71, /*index=1*/%reduce.382), channel_id=3, replica_groups={{0,1,2,3}}, use_global_device_ids=true, to_apply=%region_33.36, metadata={op_name="jit(train_step)/transpose(jvp(AiT))/patch_embed/dot_general" stack_frame_id=309}
+  %ags = (f32[4,8]{1,0}, f32[16,8]{1,0}) all-gather-start(%x), replica_groups={{0,1,2,3}}, dimensions={0}
+  %agd = f32[16,8]{1,0} all-gather-done(%ags)
+  %cps = (f32[8]{0}, f32[8]{0}, u32[], u32[]) collective-permute-start(%y), source_target_pairs={{0,1},{1,0}}
+  ROOT %cpd = f32[8]{0} collective-permute-done(%cps)
+}
+'''
+
+
+def test_collectives_parser_reads_tpu_async_chains_and_combined_all_reduces():
+  # A parameter of 3072·64 values, summed by XLA as f32[3072,64] whatever its own shape.
+  ops = bench.collectives(TPU_HLO, param_shapes={(3072 * 64,)})
+  assert [(o['op'], o['name'], o['bytes'], o['scope']) for o in ops] == [
+      # XLA:TPU's async collective fusion: start, step and done of one all-gather (chain 0).
+      ('all-gather', 'all-gather.5', 8 * 32 * 256 * 4, 'block0/workspace'),
+      # One all-reduce carrying a parameter's gradient and a workspace sum, split by operand.
+      ('all-reduce', 'all-reduce.37', 3072 * 64 * 4, 'parameter gradients'),
+      ('all-reduce', 'all-reduce.37', 8 * 4, 'block0/workspace'),
+      ('all-gather', 'ags', 16 * 8 * 4, 'other'), ('collective-permute', 'cps', 8 * 4, 'other')]
+  by_scope = bench.collective_totals(ops, 'scope')
+  assert by_scope['block0/workspace'] == {'bytes': 8 * 32 * 256 * 4 + 8 * 4, 'ops': 2}
+  all_reduce = bench.collective_totals(ops, 'op')['all-reduce']
+  assert all_reduce == {'bytes': (3072 * 64 + 8) * 4, 'ops': 1}
+  # Without parameter shapes nothing is a gradient: the sum keeps the scope of its producer.
+  assert {o['scope'] for o in bench.collectives(TPU_HLO)} == {'block0/workspace', 'other'}

@@ -90,7 +90,8 @@ def test_jax_version_matches_constraints():
 
 def test_tpu_help_shows_defaults():
   out = _ok(TPU, '--help')
-  for text in ('create', 'install', 'train', 'status', 'logs', 'copy', 'delete', '--dry-run',
+  for text in ('compile', 'create', 'install', 'train', 'status', 'logs', 'copy', 'delete',
+               '--dry-run', "pip install -e '.[tpu]'",
                'TPU_NAME', 'ZONE', 'ACCELERATOR_TYPE', 'RUNTIME_VERSION', 'REPO_URL', 'CONFIG',
                'WORKDIR', 'DATA_DIR', '(us-central2-b)', '(v4-32', '(tpu-ubuntu2204-base',
                'jax[tpu]==0.10.2'):
@@ -171,6 +172,23 @@ def test_tpu_install_from_git():
                      'https://github.com/me/ait_jax.git')
 
 
+def test_tpu_compile_runs_here_without_a_vm(tmp_path):
+  out = _ok(TPU, 'compile', '--dry-run', '--accelerator-type', 'v5litepod-16', '--config',
+            'configs/cifar100.py:model=base', '--', '--config.batch_size=256')
+  assert out.splitlines() == ['python -m ait_jax.compile --config=configs/cifar100.py:model=base '
+                              '--topology=v5litepod-16 --config.batch_size=256']
+  # For real against a fake python, from elsewhere, with no --name and no gcloud: it runs from
+  # the checkout, and its exit status (1: does not fit) is the script's.
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  _fake(bin_dir, 'python', 'pwd; printf "[%s]" "$@"; echo; exit 1\n')
+  result = _run(TPU, 'compile', '--config', 'configs/c.py', cwd=tmp_path,
+                env=_env(PATH=f'{bin_dir}:/usr/bin:/bin'))
+  assert result.returncode == 1, result.stderr
+  assert result.stdout.splitlines() == [
+      str(ROOT), '[-m][ait_jax.compile][--config=configs/c.py][--topology=v4-32]']
+
+
 def test_gpu_dry_run():
   out = _ok(GPU, 'install', '--dry-run', '--venv', '/opt/venv', '--cuda', '13')
   assert out.splitlines() == [
@@ -201,6 +219,7 @@ def test_gpu_dry_run():
     (TPU, ('launch', '--dry-run', '--name', 'x'), "unknown subcommand 'launch'"),
     (TPU, ('create', '--name'), '--name needs a value'),
     (TPU, ('create', '--nmae', 'x'), 'unknown flag --nmae'),
+    (TPU, ('compile', '--dry-run'), 'no --config given: pass --config or set CONFIG.'),
     (GPU, ('train', '--dry-run', '--workdir', '/tmp/w'),
      'no --config given: pass --config or set CONFIG.'),
     (GPU, ('install', '--dry-run', '--cuda', '11'), '--cuda must be 12 or 13'),
