@@ -203,20 +203,29 @@ def data_mesh(mesh=None):
 # 'auto' on one device: the faster of 'full' and 'chunked' as measured on CPU (BENCHMARKS.md,
 # "Exact top-k selections"); GPUs may differ and are unmeasured.
 SINGLE_DEVICE_AUTO = 'full'
+# 'auto' across devices (BENCHMARKS.md §6, compiled for TPU v5e): 'sharded' exchanges Hm·M·k
+# candidates per device in 5 collectives per layer (2.5 MiB at 4 chips, 8.5 at 16, 128 at 256 for
+# AiT-Small), 'threshold' about 0.2 MiB at any size in about 18 collectives. At an all-reduce
+# latency of ~10 µs and 50–100 GB/s per chip, the 13 extra rounds cost what 6–13 MiB cost to
+# move: 'sharded' up to this many devices on the data axis, 'threshold' beyond.
+SHARDED_MAX_DEVICES = 8
 
 
 def resolve_selection(selection: str, num_groups: int, n: int, top_k: int | None,
                       mesh=None) -> str:
-  """The selection 'auto' stands for: 'sharded' when scope 'batch' runs under a mesh whose 'data'
-  axis has several devices (its communication does not grow with the batch), else the faster
-  single-device one. Scope 'example' and the dense write need no selection across devices."""
+  """The selection 'auto' stands for. Scope 'batch' under a mesh whose 'data' axis has several
+  devices: 'sharded' up to SHARDED_MAX_DEVICES of them (few rounds, a few MiB), 'threshold'
+  beyond (per-row counts only, whatever the devices); neither grows with the batch. Otherwise
+  the faster single-device one. Scope 'example' and the dense write need no selection across
+  devices."""
   if selection != 'auto':
     return selection
   if top_k is None or num_groups != 1:
     return 'full'
   found = data_mesh(mesh)
-  if found is not None and found.shape[DATA_AXIS] > 1 and n % found.shape[DATA_AXIS] == 0:
-    return 'sharded'
+  shards = found.shape[DATA_AXIS] if found is not None else 1
+  if shards > 1 and n % shards == 0:
+    return 'sharded' if shards <= SHARDED_MAX_DEVICES else 'threshold'
   return SINGLE_DEVICE_AUTO
 
 

@@ -169,7 +169,7 @@ def test_radix_select_keeps_exactly_the_lax_top_k_tokens(n, k):
   np.testing.assert_array_equal(kept, want)
 
 
-def test_auto_is_sharded_only_with_several_data_devices():
+def test_auto_is_sharded_then_threshold_with_several_data_devices():
   assert ws.resolve_selection('auto', 1, 64, 8, mesh=_mesh(8).abstract_mesh) == 'sharded'
   assert ws.resolve_selection('auto', 1, 64, 8, mesh=_mesh(1).abstract_mesh) == \
       ws.SINGLE_DEVICE_AUTO
@@ -178,6 +178,11 @@ def test_auto_is_sharded_only_with_several_data_devices():
   assert ws.resolve_selection('chunked', 1, 64, 8, mesh=_mesh(8).abstract_mesh) == 'chunked'
   with jax.set_mesh(_mesh(2)):
     assert ws.resolve_selection('auto', 1, 64, 8) == 'sharded'
+  # Beyond SHARDED_MAX_DEVICES (an abstract mesh: no 16 devices are needed to decide).
+  big = jax.sharding.AbstractMesh((16, 1), (sharding.DATA, sharding.MODEL))
+  assert ws.SHARDED_MAX_DEVICES == 8
+  assert ws.resolve_selection('auto', 1, 64, 8, mesh=big) == 'threshold'
+  assert ws.resolve_selection('auto', 1, 60, 8, mesh=big) == ws.SINGLE_DEVICE_AUTO  # 16 ∤ 60
 
 
 # The whole model: one train-step gradient of a tiny AiT (no self-attention), scope 'batch'.
