@@ -257,6 +257,9 @@ _HLO_COLLECTIVE = re.compile(
     r'(?P<start>-start)?\((?P<operands>[^)]*)\)')
 _HLO_DEFINITION = re.compile(
     r'^\s*(?:ROOT )?%(?P<name>[\w.\-]+) = .*?op_name="(?P<op_name>[^"]*)"')
+# The parts of a combined collective are read back by index; their op names are the ops'.
+_HLO_PART = re.compile(
+    r'get-tuple-element\(%(?P<of>[\w.\-]+)\), index=(?P<index>\d+).*?op_name="(?P<op_name>[^"]*)"')
 _HLO_ARRAY = re.compile(
     r'\b(?P<dtype>pred|[sub]\d+|f8\w*|bf16|f16|f32|f64|c64|c128)\[(?P<dims>[\d,]*)\]')
 _HLO_SCOPE = re.compile(r'(block\d+)(/workspace)?')
@@ -300,19 +303,23 @@ def collectives(hlo_text: str, param_shapes=None) -> list:
   parts of one op, so counting distinct names counts ops, i.e. rounds of communication), `bytes`
   the size on one device of what it delivers (an all-gather's gathered array, an all-reduce's
   arrays), `shape` those arrays. XLA combines several all-reduces into one: each array goes to the
-  scope of the op that produced it ('block<i>/workspace', 'block<i>', 'other', or 'parameter
-  gradients' when `param_shapes`, the set of parameter shapes, holds its size; see _scope).
+  scope of the op it stands for, named where the array is read back (else at its operand):
+  'block<i>/workspace', 'block<i>', 'other', or 'parameter gradients' when `param_shapes`, the
+  set of parameter shapes, holds its size (see _scope).
   XLA:TPU's async collective fusion splits one collective into a start, steps and a done, each
   holding a copy of the op with the same chain_id: the chain counts once. An op inside a loop
   body counts once.
   """
   lines = hlo_text.splitlines()
   param_sizes = {math.prod(shape) for shape in param_shapes or ()}
-  op_names = {}
+  op_names, part_names = {}, {}
   for line in lines:
     d = _HLO_DEFINITION.match(line)
     if d:
       op_names[d['name']] = d['op_name']
+    g = _HLO_PART.search(line)
+    if g:
+      part_names[(g['of'], int(g['index']))] = g['op_name']
   out, chains = [], set()
   for line in lines:
     m = _HLO_COLLECTIVE.match(line)
@@ -330,9 +337,12 @@ def collectives(hlo_text: str, param_shapes=None) -> list:
     operands = [o.strip().lstrip('%') for o in operands]
     sources = operands if len(operands) == len(arrays) else [m['name']] * len(arrays)
     parts = {}
-    for (dtype, dims), source in zip(arrays, sources):
+    for i, ((dtype, dims), source) in enumerate(zip(arrays, sources)):
       shape = tuple(int(x) for x in dims.split(',') if x)
-      scope = _scope(op_names.get(source) or own, shape, param_sizes)
+      # The name of the part as it is read back, else of its operand (a copy has none), else
+      # of the combined op.
+      name = (part_names.get((m['name'], i)) if len(arrays) > 1 else None) or op_names.get(source)
+      scope = _scope(name or own, shape, param_sizes)
       part = parts.setdefault(scope, {'op': m['op'], 'name': m['name'], 'shape': [], 'bytes': 0,
                                       'scope': scope})
       part['shape'].append(f'{dtype}[{dims}]')

@@ -2,13 +2,17 @@
 
 Modules in `models.py` call these; tests check them against NumPy float64. Nothing here holds state.
 
-Three exact ways to pick each slot's top-k tokens of scope 'batch' (see `SELECTIONS`): 'full' runs
-`lax.top_k` over all T tokens (the reference); 'chunked' takes the top-k of C chunks, then the top-k
-of their union; 'sharded' does the same with one chunk per device of the mesh axis 'data', so the
-devices exchange only k candidates per head and slot instead of XLA all-gathering all T logits,
-and no collective grows with the global batch. All three pick the same tokens in the same order:
-values descending, ties to the lower token index (`lax.top_k`'s rule), because a token in the
-global top-k is necessarily in the top-k of its own chunk.
+Four exact ways to pick each slot's top-k tokens of scope 'batch' (see `SELECTIONS`), which all
+pick the same tokens: values descending, ties to the lower token index (`lax.top_k`'s rule).
+- 'full' runs `lax.top_k` over all T tokens (the reference); on a mesh, XLA gathers every logit.
+- 'chunked' takes the top-k of C chunks, then the top-k of their union (one device): a token in
+  the global top-k is necessarily in the top-k of its own chunk.
+- 'sharded' does the same with one chunk per device of the mesh axis 'data': the devices exchange
+  their k candidates per head and slot, so nothing grows with the global batch, but the exchange
+  grows with the devices.
+- 'threshold' finds each row's k-th largest (logit, token) key by a radix select whose rounds
+  exchange only per-row histograms; each device then keeps its own tokens above it. Nothing it
+  exchanges grows with the batch or with the devices; it costs more rounds (latency) instead.
 """
 from typing import NamedTuple
 
@@ -19,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 CV_EPS = 1e-10  # docs/model.md#balance-loss: cv² = var / (mean² + 1e-10)
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 DATA_AXIS = 'data'  # the mesh axis the batch is split over (ait_jax/sharding.py)
-SELECTIONS = ('auto', 'full', 'chunked', 'sharded')
+SELECTIONS = ('auto', 'full', 'chunked', 'sharded', 'threshold')
 
 
 class BottleneckOutput(NamedTuple):
@@ -53,8 +57,8 @@ def bottleneck_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
     top_k: tokens kept per head, slot and group; None keeps all (dense cross-attention, the
       'without bottleneck' ablation of docs/model.md#ablations).
     selection: how the top-k is found, one of `SELECTIONS` less 'auto' (see the module docstring);
-      all give the same tokens. 'sharded' needs G = 1 and a mesh with a 'data' axis (`mesh`, or
-      the one set by `jax.set_mesh`).
+      all give the same tokens. 'sharded' and 'threshold' need G = 1 and a mesh with a 'data'
+      axis (`mesh`, or the one set by `jax.set_mesh`).
     num_chunks: chunks of 'chunked' (default `default_chunks`); must divide n.
     token_mask: optional [G, n] bool, False for tokens that take no part in the write (the zero
       padding of an evaluation batch). See `_logits` and `_gates`: they are never preferred to a
@@ -84,6 +88,8 @@ def bottleneck_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
     raise ValueError(f'selection={selection!r} must be one of {SELECTIONS[1:]}.')
   if selection == 'sharded':
     return sharded_bottleneck_attention(queries, keys, values, top_k, mesh, token_mask)
+  if selection == 'threshold':
+    return threshold_bottleneck_attention(queries, keys, values, top_k, mesh, token_mask)
   logits = _logits(queries, keys, token_mask)
   if selection == 'chunked':
     chunks = default_chunks(n, top_k) if num_chunks is None else num_chunks
@@ -197,21 +203,47 @@ def data_mesh(mesh=None):
 # 'auto' on one device: the faster of 'full' and 'chunked' as measured on CPU (BENCHMARKS.md,
 # "Exact top-k selections"); GPUs may differ and are unmeasured.
 SINGLE_DEVICE_AUTO = 'full'
+# 'auto' across devices (BENCHMARKS.md §6, compiled for TPU v5e): 'sharded' exchanges Hm·M·k
+# candidates per device in 5 collectives per layer (2.5 MiB at 4 chips, 8.5 at 16, 128 at 256 for
+# AiT-Small), 'threshold' about 0.2 MiB at any size in about 18 collectives. At an all-reduce
+# latency of ~10 µs and 50–100 GB/s per chip, the 13 extra rounds cost what 6–13 MiB cost to
+# move: 'sharded' up to this many devices on the data axis, 'threshold' beyond.
+SHARDED_MAX_DEVICES = 8
 
 
 def resolve_selection(selection: str, num_groups: int, n: int, top_k: int | None,
                       mesh=None) -> str:
-  """The selection 'auto' stands for: 'sharded' when scope 'batch' runs under a mesh whose 'data'
-  axis has several devices (its communication does not grow with the batch), else the faster
-  single-device one. Scope 'example' and the dense write need no selection across devices."""
+  """The selection 'auto' stands for. Scope 'batch' under a mesh whose 'data' axis has several
+  devices: 'sharded' up to SHARDED_MAX_DEVICES of them (few rounds, a few MiB), 'threshold'
+  beyond (per-row counts only, whatever the devices); neither grows with the batch. Otherwise
+  the faster single-device one. Scope 'example' and the dense write need no selection across
+  devices."""
   if selection != 'auto':
     return selection
   if top_k is None or num_groups != 1:
     return 'full'
   found = data_mesh(mesh)
-  if found is not None and found.shape[DATA_AXIS] > 1 and n % found.shape[DATA_AXIS] == 0:
-    return 'sharded'
+  shards = found.shape[DATA_AXIS] if found is not None else 1
+  if shards > 1 and n % shards == 0:
+    return 'sharded' if shards <= SHARDED_MAX_DEVICES else 'threshold'
   return SINGLE_DEVICE_AUTO
+
+
+def _data_shards(keys, mesh, selection: str):
+  """(mesh, devices of 'data') for a selection across devices; one sentence for what cannot work."""
+  num_groups, _, n, _ = keys.shape
+  found = data_mesh(mesh)
+  if found is None:
+    raise ValueError(f"selection='{selection}' needs a mesh with a 'data' axis: call under "
+                     "jax.set_mesh(mesh) (the Trainer does) or choose selection='full'.")
+  if num_groups != 1:
+    raise ValueError(f"selection='{selection}' is for scope 'batch' (one group of all tokens); "
+                     "scope 'example' needs no cross-device selection: use selection='full'.")
+  shards = found.shape[DATA_AXIS]
+  if n % shards:
+    raise ValueError(f'The {n} tokens of the batch must split evenly over the {shards} devices '
+                     "of mesh axis 'data'; pick a batch size divisible by them.")
+  return found, shards
 
 
 def sharded_bottleneck_attention(queries, keys, values, top_k: int, mesh=None,
@@ -227,18 +259,8 @@ def sharded_bottleneck_attention(queries, keys, values, top_k: int, mesh=None,
   [Hm]-sized partial sums. No communication grows with the batch. `token_mask` [1, n] is split
   like the tokens (see `bottleneck_attention`).
   """
-  num_groups, _, n, _ = keys.shape
-  found = data_mesh(mesh)
-  if found is None:
-    raise ValueError("selection='sharded' needs a mesh with a 'data' axis: call under "
-                     "jax.set_mesh(mesh) (the Trainer does) or choose selection='full'.")
-  if num_groups != 1:
-    raise ValueError("selection='sharded' is for scope 'batch' (one group of all tokens); scope "
-                     "'example' needs no cross-device selection: use selection='full'.")
-  shards = found.shape[DATA_AXIS]
-  if n % shards:
-    raise ValueError(f'The {n} tokens of the batch must split evenly over the {shards} devices '
-                     "of mesh axis 'data'; pick a batch size divisible by them.")
+  found, shards = _data_shards(keys, mesh, 'sharded')
+  n = keys.shape[2]
   n_own = n // shards
   local_k = min(top_k, n_own)
 
@@ -261,6 +283,13 @@ def sharded_bottleneck_attention(queries, keys, values, top_k: int, mesh=None,
     indices = jnp.take_along_axis(all_idx, pos, axis=-1)
     return jax.lax.psum(read, DATA_AXIS), indices[None], weights[None], importance, load
 
+  return _over_data(per_device, found, queries, keys, values, token_mask)
+
+
+def _over_data(per_device, mesh, queries, keys, values, token_mask) -> BottleneckOutput:
+  """Runs `per_device(q, k, v[, mask]) -> (read, indices, weights, importance, load)` with the
+  tokens (and `token_mask` [1, n], when given) split over 'data' (shard_map); read, indices and
+  weights come out replicated, importance and load split like the tokens."""
   tokens = P(None, None, DATA_AXIS, None)
   # The queries enter as float32, marked per-device before use: products of bfloat16 numbers are
   # exact in float32, so the logits are those of the other selections, and each device's part of
@@ -269,11 +298,101 @@ def sharded_bottleneck_attention(queries, keys, values, top_k: int, mesh=None,
   # such a bfloat16 all-reduce.
   masks = () if token_mask is None else (token_mask,)
   read, indices, weights, importance, load = jax.shard_map(
-      per_device, mesh=found, in_specs=(P(), tokens, tokens) + (P(None, DATA_AXIS),) * len(masks),
+      per_device, mesh=mesh, in_specs=(P(), tokens, tokens) + (P(None, DATA_AXIS),) * len(masks),
       out_specs=(P(), P(), P(), P(None, DATA_AXIS), P(None, DATA_AXIS)),
       axis_names={DATA_AXIS})(queries.astype(jnp.float32), keys, values, *masks)
   return BottleneckOutput(read.astype(values.dtype), indices, weights, importance,
                           jax.lax.stop_gradient(load))
+
+
+RADIX_BITS = 4  # bits of the key decided per round of 'threshold': a [Hm, M, 16] histogram each
+
+
+def order_key(x: jax.Array) -> jax.Array:
+  """uint32 keys in the total order `lax.top_k` sorts float32 by (-NaN < -inf < ... < -0 < +0 <
+  ... < +inf < NaN): flip the sign bit of positives, every bit of negatives."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def radix_select(words, top_k: int, widths, count_sum=lambda c: c) -> jax.Array:
+  """The mask of the `top_k` largest keys of each row: exactly top_k per row, keys unique.
+
+  words: uint32 arrays [..., n], the key's words from the most significant, of `widths` bits
+  each; the key (word 0, word 1, ...) must differ between any two entries of a row. Each round
+  decides RADIX_BITS more bits of the top_k-th largest key from a histogram of the digits of the
+  entries that still match it, summed by `count_sum` (a psum over devices for 'threshold');
+  entries above it are kept as soon as a digit puts them above.
+  """
+  bins = 2 ** RADIX_BITS
+  alive = jnp.ones(words[0].shape, bool)  # still equal to the threshold key so far
+  kept = jnp.zeros(words[0].shape, bool)
+  need = jnp.full(words[0].shape[:-1], top_k, jnp.int32)  # of the alive ones, how many to keep
+  for word, width in zip(words, widths):
+    for shift in range(-(-width // RADIX_BITS) * RADIX_BITS - RADIX_BITS, -1, -RADIX_BITS):
+      digit = ((word >> shift) & (bins - 1)).astype(jnp.int32)
+      hist = count_sum(jnp.sum((digit[..., None] == jnp.arange(bins)) & alive[..., None],
+                               axis=-2, dtype=jnp.int32))  # [..., bins]
+      at_least = jnp.cumsum(hist[..., ::-1], axis=-1)[..., ::-1]  # alive with digit >= b
+      chosen = jnp.sum(at_least >= need[..., None], axis=-1) - 1  # the threshold's digit
+      chosen_count = jnp.take_along_axis(hist, chosen[..., None], -1)[..., 0]
+      above = jnp.take_along_axis(at_least, chosen[..., None], -1)[..., 0] - chosen_count
+      kept |= alive & (digit > chosen[..., None])
+      alive &= digit == chosen[..., None]
+      need -= above
+  return kept | alive  # the one entry equal to the threshold key
+
+
+def threshold_bottleneck_attention(queries, keys, values, top_k: int, mesh=None,
+                                   token_mask=None) -> BottleneckOutput:
+  """`bottleneck_attention` of one group (scope 'batch') with its tokens split over 'data',
+  communicating per-row counts only.
+
+  Every token has the key (its logit's order bits, T − 1 − its global index): keys are unique,
+  and their order is `lax.top_k`'s, ties to the lower index. `radix_select` finds which tokens
+  hold the k largest keys in 8 + ⌈log2 T / 4⌉ rounds, each a psum of [Hm, M, 16] counts; each
+  device keeps its own tokens among them. The softmax's max and normaliser are a pmax and a psum
+  of [Hm, M]; the read is a psum of [Hm, M, Dh]; importance and load stay split over 'data', as
+  with 'sharded'. None of these grows with the batch or with the devices. `token_mask` [1, n] is
+  split like the tokens (see `bottleneck_attention`).
+  """
+  found, shards = _data_shards(keys, mesh, 'threshold')
+  n = keys.shape[2]
+  n_own = n // shards
+  index_bits = max(n - 1, 0).bit_length()
+
+  def per_device(q, k, v, *mask):  # k, v: [1, Hm, n_own, Dh], mask: [1, n_own], this device's
+    me = jax.lax.axis_index(DATA_AXIS)
+    q = jax.lax.pcast(q, DATA_AXIS, to='varying')
+    logits = _logits(q, k, mask[0] if mask else None)[0]  # [Hm, M, n_own] float32
+    token = me * n_own + jnp.arange(n_own)
+    inverted = jnp.broadcast_to((n - 1 - token).astype(jnp.uint32), logits.shape)
+    kept = radix_select([order_key(jax.lax.stop_gradient(logits)), inverted], top_k,
+                        [32, index_bits], lambda c: jax.lax.psum(c, DATA_AXIS))
+    # Masked tokens (-inf) are kept only when fewer than k real ones exist; they get no gate,
+    # and a row without any real token reads nothing (no NaN in value or gradient).
+    real = kept & jnp.isfinite(logits)
+    lowest = jnp.finfo(jnp.float32).min
+    top = jax.lax.pmax(jax.lax.stop_gradient(jnp.where(real, logits, lowest).max(-1)),
+                       DATA_AXIS)[..., None]  # no gradient: softmax ignores a shift
+    e = jnp.where(real, jnp.exp(jnp.where(real, logits, top) - top), 0.0)
+    total = jax.lax.psum(e.sum(-1), DATA_AXIS)[..., None]
+    gates = e / jnp.where(total > 0, total, 1.0)  # [Hm, M, n_own]
+    read = jnp.einsum('hmn,hnd->hmd', gates.astype(v.dtype), v[0],
+                      preferred_element_type=jnp.float32)
+    importance, load = gates.sum(1), kept.sum(1).astype(jnp.float32)  # [Hm, n_own]
+    # The kept tokens in top-k order are an output only (figures, tests): XLA drops these gathers
+    # when unused. They come from `kept`, so a wrong selection shows as other indices; the keys
+    # as int32 keep their order, and every token not kept ranks below every kept one.
+    rank = jax.lax.bitcast_convert_type(order_key(logits) ^ jnp.uint32(1 << 31), jnp.int32)
+    rank = jnp.where(kept, rank, jnp.iinfo(jnp.int32).min)
+    all_rank = jax.lax.all_gather(rank, DATA_AXIS, axis=2, tiled=True, to='invarying')
+    _, indices = jax.lax.top_k(all_rank, top_k)
+    all_gates = jax.lax.all_gather(gates, DATA_AXIS, axis=2, tiled=True, to='invarying')
+    weights = jnp.take_along_axis(all_gates, indices, axis=-1)
+    return (jax.lax.psum(read, DATA_AXIS), indices[None], weights[None], importance, load)
+
+  return _over_data(per_device, found, queries, keys, values, token_mask)
 
 
 def dense_gates(out: BottleneckOutput) -> jax.Array:

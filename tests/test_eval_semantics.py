@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ait_jax import sharding
 from ait_jax import train
 from ait_jax import workspace as ws
 from conftest import load_config
@@ -38,6 +39,8 @@ def _batch(trainer, images, labels, mask):
     (1, dict(bottleneck_k=64, selection='sharded')),  # 32 real tokens: fewer than k
     (8, dict(bottleneck_k=64, selection='full')),
     (8, dict(bottleneck_k=16, selection='sharded')),
+    (2, dict(bottleneck_k=64, selection='threshold')),  # fewer real tokens than k
+    (8, dict(bottleneck_k=16, selection='threshold')),
     (1, dict(bottleneck_scope='example', bottleneck_k=2, selection='full')),
     (8, dict(bottleneck_scope='example', bottleneck_k=2, selection='full')),
 ], ids=lambda v: str(v) if isinstance(v, int) else ','.join(f'{k}={x}' for k, x in v.items()))
@@ -77,7 +80,7 @@ def test_padding_of_the_last_batch_stays_out_of_the_write(devices, model):
 
 
 @pytest.mark.parametrize('groups,top_k,selection', [
-    (1, 12, 'full'), (1, 4, 'chunked'), (1, None, 'full'),  # 10 real tokens of 24
+    (1, 12, 'full'), (1, 4, 'chunked'), (1, 12, 'threshold'), (1, None, 'full'),  # 10 real of 24
     (4, 3, 'full'), (4, None, 'full')])  # two real images of four (scope 'example')
 def test_masked_tokens_are_read_as_if_absent(groups, top_k, selection):
   """bottleneck_attention with a token mask reads what it reads from the real tokens alone (with
@@ -97,8 +100,9 @@ def test_masked_tokens_are_read_as_if_absent(groups, top_k, selection):
       top_k, real_k.shape[2])))(q, real_k, real_v)
 
   def read(q, k, v):
+    mesh = sharding.make_mesh(2, 1, jax.devices()[:2]) if selection == 'threshold' else None
     out = ws.bottleneck_attention(q, k, v, top_k, selection, num_chunks=2 if top_k else None,
-                                  token_mask=jnp.asarray(mask))
+                                  token_mask=jnp.asarray(mask), mesh=mesh)
     return jnp.sum(out.read ** 2) + ws.balance_loss(out.importance, out.load), out
 
   (_, out), grads = jax.jit(jax.value_and_grad(read, argnums=(0, 1, 2), has_aux=True))(q, k, v)

@@ -1,4 +1,5 @@
-"""The exact top-k selections of the workspace ('chunked', 'sharded') against 'full' (lax.top_k).
+"""The exact top-k selections of the workspace ('chunked', 'sharded', 'threshold') against 'full'
+(lax.top_k).
 
 Ties are made on purpose (integer logits; duplicated images across devices): every selection must
 keep the same tokens in the same order as lax.top_k, whose ties go to the lower index, and give the
@@ -74,7 +75,8 @@ def _attention_and_grads(selection, mesh, q, k, v, top_k):
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize('selection,devices', [('chunked', 1), ('sharded', 1), ('sharded', 2),
-                                               ('sharded', 8)])
+                                               ('sharded', 8), ('threshold', 1),
+                                               ('threshold', 2), ('threshold', 8)])
 def test_selections_match_full_with_ties(selection, devices, dtype):
   q, k, v = _tied_inputs(dtype)
   top_k = 12
@@ -82,7 +84,7 @@ def test_selections_match_full_with_ties(selection, devices, dtype):
   logits = np.einsum('hmd,hnd->hmn', np.asarray(q, np.float64), np.asarray(k[0], np.float64)) / 2
   assert len(np.unique(logits)) < 20  # ties everywhere, including at the k-th place
   np.testing.assert_array_equal(ref.indices[0], _np_top_k(logits, top_k))
-  mesh = _mesh(devices) if selection == 'sharded' else None
+  mesh = _mesh(devices) if selection in ('sharded', 'threshold') else None
   value, out, grads = _attention_and_grads(selection, mesh, q, k, v, top_k)
   np.testing.assert_array_equal(out.indices, ref.indices)
   np.testing.assert_array_equal(out.load, ref.load)
@@ -96,6 +98,10 @@ def _assert_close(got, want):
 
   Devices sum their parts in another order than one device does (float32 differences of ~1e-7);
   where that lands on a bfloat16 rounding boundary it becomes one bfloat16 ulp (2^-8 relative).
+  'threshold' reads through a dense [M, n] gate matrix, so the values' gradient is one float32
+  sum rounded once to bfloat16, where 'full' rounds each kept token's part to bfloat16 before
+  scatter-adding: one ulp apart in ~3% of the entries of that gradient (both are within one ulp
+  of a float32 computation in ~85% of them).
   """
   bf16 = jnp.asarray(want).dtype == jnp.bfloat16
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
@@ -104,7 +110,7 @@ def _assert_close(got, want):
     return
   ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(want), 1e-30))) - 7)
   off = ~np.isclose(got, want, rtol=1e-5, atol=1e-6)
-  assert np.all(np.abs(got - want)[off] <= ulp[off]) and off.mean() <= 0.01, (got, want)
+  assert np.all(np.abs(got - want)[off] <= ulp[off]) and off.mean() <= 0.05, (got, want)
 
 
 def test_selections_match_numpy_float64():
@@ -120,7 +126,7 @@ def test_selections_match_numpy_float64():
   importance = np.zeros(logits.shape[::2])
   for h in range(2):
     np.add.at(importance[h], idx[h].ravel(), w[h].ravel())
-  for selection, mesh in (('chunked', None), ('sharded', _mesh(8))):
+  for selection, mesh in (('chunked', None), ('sharded', _mesh(8)), ('threshold', _mesh(8))):
     out = jax.jit(functools.partial(ws.bottleneck_attention, top_k=top_k, selection=selection,
                                     num_chunks=4, mesh=mesh))(q, k, v)
     np.testing.assert_array_equal(out.indices[0], idx)
@@ -128,20 +134,42 @@ def test_selections_match_numpy_float64():
     np.testing.assert_allclose(out.importance, importance, rtol=1e-5, atol=1e-7)
 
 
-def test_sharded_errors_are_one_sentence():
+@pytest.mark.parametrize('selection', ['sharded', 'threshold'])
+def test_cross_device_selection_errors_are_one_sentence(selection):
   q, k, v = _tied_inputs(jnp.float32)
   with pytest.raises(ValueError, match=r"needs a mesh with a 'data' axis"):
-    ws.bottleneck_attention(q, k, v, 4, 'sharded')
+    ws.bottleneck_attention(q, k, v, 4, selection)
   with pytest.raises(ValueError, match='scope .batch.'):
-    ws.bottleneck_attention(q, jnp.concatenate([k, k]), jnp.concatenate([v, v]), 4, 'sharded',
+    ws.bottleneck_attention(q, jnp.concatenate([k, k]), jnp.concatenate([v, v]), 4, selection,
                             mesh=_mesh(2))
   with pytest.raises(ValueError, match='must be one of'):
     ws.bottleneck_attention(q, k, v, 4, 'fastest')
   with pytest.raises(ValueError, match='split evenly'):
-    ws.bottleneck_attention(q, k[:, :, :60], v[:, :, :60], 4, 'sharded', mesh=_mesh(8))
+    ws.bottleneck_attention(q, k[:, :, :60], v[:, :, :60], 4, selection, mesh=_mesh(8))
 
 
-def test_auto_is_sharded_only_with_several_data_devices():
+def test_order_key_is_lax_top_k_total_order():
+  x = jnp.array([1., -0., 0., -jnp.inf, jnp.inf, -1.5, jnp.nan, 3e-38, -3e-38, -2.])
+  keys = np.asarray(ws.order_key(x)).astype(np.int64)
+  np.testing.assert_array_equal(np.argsort(-keys, kind='stable'),
+                                jax.lax.top_k(x, x.size)[1])
+
+
+@pytest.mark.parametrize('n,k', [(1, 1), (7, 3), (64, 64), (300, 17)])
+def test_radix_select_keeps_exactly_the_lax_top_k_tokens(n, k):
+  # Logits from {-2..2} plus signed zeros: ties at the k-th place nearly always.
+  rng = np.random.default_rng(n)
+  x = rng.integers(-2, 3, (3, 4, n)).astype(np.float32)
+  x[..., ::5] *= -0.0
+  x = jnp.asarray(x)
+  inverted = jnp.broadcast_to(jnp.arange(n - 1, -1, -1, dtype=jnp.uint32), x.shape)
+  kept = ws.radix_select([ws.order_key(x), inverted], k, [32, max(n - 1, 0).bit_length()])
+  want = np.zeros(x.shape, bool)
+  np.put_along_axis(want, np.asarray(jax.lax.top_k(x, k)[1]), True, -1)
+  np.testing.assert_array_equal(kept, want)
+
+
+def test_auto_is_sharded_then_threshold_with_several_data_devices():
   assert ws.resolve_selection('auto', 1, 64, 8, mesh=_mesh(8).abstract_mesh) == 'sharded'
   assert ws.resolve_selection('auto', 1, 64, 8, mesh=_mesh(1).abstract_mesh) == \
       ws.SINGLE_DEVICE_AUTO
@@ -150,6 +178,11 @@ def test_auto_is_sharded_only_with_several_data_devices():
   assert ws.resolve_selection('chunked', 1, 64, 8, mesh=_mesh(8).abstract_mesh) == 'chunked'
   with jax.set_mesh(_mesh(2)):
     assert ws.resolve_selection('auto', 1, 64, 8) == 'sharded'
+  # Beyond SHARDED_MAX_DEVICES (an abstract mesh: no 16 devices are needed to decide).
+  big = jax.sharding.AbstractMesh((16, 1), (sharding.DATA, sharding.MODEL))
+  assert ws.SHARDED_MAX_DEVICES == 8
+  assert ws.resolve_selection('auto', 1, 64, 8, mesh=big) == 'threshold'
+  assert ws.resolve_selection('auto', 1, 60, 8, mesh=big) == ws.SINGLE_DEVICE_AUTO  # 16 ∤ 60
 
 
 # The whole model: one train-step gradient of a tiny AiT (no self-attention), scope 'batch'.
@@ -202,7 +235,7 @@ def _step(selection, dtype, devices):
 
 @pytest.mark.parametrize('selection,devices,dtype', [
     ('chunked', 1, 'float32'), ('sharded', 2, 'float32'), ('auto', 8, 'float32'),
-    ('sharded', 8, 'bfloat16')])  # chunked bfloat16: the function-level test above
+    ('sharded', 8, 'bfloat16'), ('threshold', 8, 'float32'), ('threshold', 8, 'bfloat16')])  # chunked bfloat16: the function-level test above
 def test_model_step_matches_single_device_full(selection, devices, dtype):
   loss, grads, memory, indices = _step(selection, dtype, devices)
   # In bfloat16 the backbone's data-parallel gradient sums round per device, whatever the
@@ -214,4 +247,12 @@ def test_model_step_matches_single_device_full(selection, devices, dtype):
   np.testing.assert_array_equal(indices, ref_indices)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   for got, want in zip(jax.tree.leaves((grads, memory)), jax.tree.leaves((ref_grads, ref_memory))):
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+    got, want = np.asarray(got), np.asarray(want)
+    if selection == 'threshold' and dtype == 'bfloat16':
+      # 'threshold' sums the read in token order, 'full' in top-k order: float32 sums ulps apart,
+      # which the read's bfloat16 rounding turns into one bfloat16 ulp in a few activations; the
+      # backward pass's bfloat16 sums carry that into gradients as about one bfloat16 ulp of the
+      # array's scale (the float32 run above holds 'threshold' to rtol 1e-5).
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=2 ** -7 * np.abs(want).max())
+    else:
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
