@@ -34,6 +34,14 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def limit(seconds: float = 600) -> float:
+  """A wall-clock limit for a subprocess or a wait: a safety net against a hang, never a speed
+  check. `seconds` is many times what the step takes on an idle 2-core machine, so that a machine
+  kept busy by other jobs still passes; AIT_JAX_TEST_TIME_SCALE (default 1) multiplies every
+  limit, for a slower machine or a heavier load."""
+  return seconds * float(os.environ.get('AIT_JAX_TEST_TIME_SCALE', '1'))
+
+
 def load_config(name: str, arg: str | None = None):
   """`configs/<name>.py:<arg>` as `--config` would load it."""
   spec = importlib.util.spec_from_file_location(f'config_{name}', ROOT / 'configs' / f'{name}.py')

@@ -28,7 +28,7 @@ from ait_jax.data import benchmark
 from ait_jax.data import device_data
 from ait_jax.data import prepare
 from ait_jax.data import show
-from conftest import ROOT
+from conftest import limit, ROOT
 
 # absl log records (W1129 15:27:08.78 ... file.py:12] text) are not error output.
 _LOG_LINE = re.compile(r'^[IWEF]\d{4} ')
@@ -223,7 +223,7 @@ def test_other_width_is_refused_and_config_json_kept(trained, generated_data_dir
 
 
 def test_busy_workdir_is_refused(trained, generated_data_dir, capsys):
-  holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+  holder = subprocess.Popen([sys.executable, '-c', 'import signal; signal.pause()'])
   try:
     (trained / checkpointing.LOCK_FILE).write_text(
         f'{{"host": "{os.uname().nodename}", "pid": {holder.pid}}}')
@@ -411,6 +411,6 @@ def test_real_command_path(argv, expected, tmp_path):
   workdir, afile = _workdir(tmp_path, 'new'), _workdir(tmp_path, 'file')
   argv = [a.format(w=workdir, f=afile) for a in argv]
   out = subprocess.run([sys.executable, '-m'] + argv, cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+                       timeout=limit())
   _assert_one_error_line(out.returncode, out.stderr, expected)
   assert not workdir.exists()

@@ -9,6 +9,7 @@ import pytest
 
 from ait_jax import bench
 from ait_jax import models
+from conftest import limit
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -115,7 +116,7 @@ def test_cli_compares_ait_and_vit(tmp_path, capsys):
 
 def test_cli_rejects_too_many_devices(tmp_path):
   proc = subprocess.run([sys.executable, '-m', 'ait_jax.bench', '--devices=64'], cwd=tmp_path,
-                        capture_output=True, text=True, timeout=120,
+                        capture_output=True, text=True, timeout=limit(),
                         env={**os.environ, 'PYTHONPATH': str(ROOT)})
   assert proc.returncode == 2 and proc.stderr.strip().endswith('devices JAX sees.')
 

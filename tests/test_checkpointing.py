@@ -18,7 +18,7 @@ import pytest
 from ait_jax import checkpointing
 from ait_jax import metric_writer
 from ait_jax import train
-from conftest import ROOT, xla_flags
+from conftest import limit, ROOT, xla_flags
 from test_train import quick_config
 
 
@@ -133,11 +133,11 @@ def test_non_finite_state_with_finite_loss_is_not_saved(generated_data_dir, tmp_
 
 
 _HOLD_LOCK = """
-import sys, time
+import signal, sys
 from ait_jax import checkpointing
 checkpointing.WorkdirLock(sys.argv[1]).acquire()
 print('locked', flush=True)
-time.sleep(120)
+signal.pause()
 """
 
 
@@ -194,13 +194,13 @@ def test_one_process_preempted_both_stop_at_the_same_step(generated_data_dir, tm
                                    str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
   metrics = tmp_path / 'metrics.jsonl'
-  deadline = time.time() + 180
+  deadline = time.time() + limit()
   while time.time() < deadline and all(p.poll() is None for p in procs):
     if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
       procs[1].send_signal(signal.SIGTERM)  # only process 1 is preempted
       break
     time.sleep(0.05)
-  outs = [p.communicate(timeout=240)[0] for p in procs]
+  outs = [p.communicate(timeout=limit())[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out
   results = [json.loads(out.split('RESULT ', 1)[1].splitlines()[0]) for out in outs]

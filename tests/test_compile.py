@@ -15,7 +15,7 @@ pytest.importorskip('libtpu', reason="the tpu extra (pip install -e '.[tpu]') is
 
 from ait_jax import cli  # pylint: disable=wrong-import-position
 from ait_jax import compile as tpu_compile  # pylint: disable=wrong-import-position
-from conftest import ROOT  # pylint: disable=wrong-import-position
+from conftest import limit, ROOT  # pylint: disable=wrong-import-position
 
 QUICK = f'--config={ROOT}/configs/triangle.py:quick'
 GIB = 2 ** 30
@@ -204,6 +204,6 @@ def _quiet_env():
 ], ids=['compile', 'bench'])
 def test_libtpu_prints_nothing_on_a_host_without_tpu(command, tmp_path):
   proc = subprocess.run([sys.executable, '-m', *command], cwd=tmp_path, capture_output=True,
-                        text=True, timeout=300, env=_quiet_env())
+                        text=True, timeout=limit(1200), env=_quiet_env())
   assert proc.returncode == 2 and proc.stderr.count('\n') == 1, proc.stderr
   assert proc.stderr.startswith('error: '), proc.stderr

@@ -17,7 +17,7 @@ from ait_jax.data import datasets
 from ait_jax.data import input_pipeline as ip
 from ait_jax.data import prepare
 from ait_jax.data import triangle
-from conftest import ROOT
+from conftest import limit, ROOT
 
 SMALL = 'triangle/small'
 
@@ -91,7 +91,7 @@ def test_kill_9_mid_build_leaves_nothing_that_looks_prepared(tmp_path, capfd):
   data_dir = tmp_path / 'data'
   killed = subprocess.run([sys.executable, '-c', _KILLED_DRIVER, str(data_dir)], cwd=ROOT,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
-                          timeout=300, check=False)
+                          timeout=limit(), check=False)
   assert killed.returncode == -9, killed.stderr.decode()[-2000:]
   assert not (data_dir / 'triangle').exists()  # only the build's temporary folder is left
   leftovers = [p.name for p in data_dir.iterdir()]

@@ -11,6 +11,7 @@ from scipy import ndimage
 import tensorflow_datasets as tfds
 
 from ait_jax.data import triangle
+from conftest import limit
 
 
 def _cluster_centres(image: np.ndarray):
@@ -102,7 +103,7 @@ def prepare_in_two_processes(dataset: str, tmp_path) -> list[dict]:
       env=dict(os.environ, PYTHONHASHSEED=str(seed), PYTHONPATH=str(root)))
       for seed, d in ((1, 'a'), (2, 'b'))]
   for run in runs:
-    _, err = run.communicate(timeout=300)
+    _, err = run.communicate(timeout=limit())
     assert run.returncode == 0, err.decode()[-2000:]
   name = dataset.replace('/', os.sep)
   return [{p.name: p.read_bytes() for p in sorted((tmp_path / d).glob(f'{name}/*/*.array_record*'))}

@@ -12,7 +12,7 @@ import ait_jax
 from ait_jax import hopfield
 from ait_jax import models
 from ait_jax import workspace
-from conftest import ROOT
+from conftest import limit, ROOT
 
 LIBRARY_MD = (ROOT / 'docs' / 'library.md').read_text()
 
@@ -37,7 +37,7 @@ def test_import_is_cheap():
       [sys.executable, '-c', 'import sys, ait_jax; '
        'print(sorted(m for m in ("jax", "flax", "optax", "tensorflow_datasets") if m in sys.modules))'],
       cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-      timeout=60)
+      timeout=limit())
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == '[]'
 

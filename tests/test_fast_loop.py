@@ -99,10 +99,15 @@ def test_sharded_equals_single_device_with_both_options(trainer):
   single = _run_feed(trainer, (4, 4))
   sharded = _run_feed(train.Trainer(config, devices=jax.devices()), (4, 4))
   assert single[1].shape == (8,)
-  np.testing.assert_allclose(sharded[1], single[1], rtol=1e-5)  # the losses
-  # After 8 AdamW steps, g / sqrt(v) amplifies reduction-order differences of tiny gradients:
-  # about 1e-6 in parameters of size 1e-2.
-  chex.assert_trees_all_close(sharded[0], single[0], rtol=1e-5, atol=5e-6)
+  # The first step's loss is one forward pass of the same parameters on other shards: equal up to
+  # the order of float sums.
+  np.testing.assert_allclose(sharded[1][0], single[1][0], rtol=1e-5)
+  # Later steps are chaotic at the last bit: 8 devices sum gradients in another order, and a
+  # top-k near-tie that such a difference flips selects another token. A single-device run whose
+  # initial parameters were scaled by 1 + 3e-7 noise (4 seeds) moved its 8 losses by up to 3.2e-4
+  # and its parameters by up to 5.2e-4; a learning rate 5% too high moves the losses by 1.4e-2.
+  np.testing.assert_allclose(sharded[1], single[1], rtol=2e-3)
+  chex.assert_trees_all_close(sharded[0], single[0], rtol=0, atol=2e-3)
 
 
 def _final_state(trainer, workdir):

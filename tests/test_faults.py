@@ -33,7 +33,7 @@ from ait_jax import metric_writer
 from ait_jax import reproduce
 from ait_jax import train
 from ait_jax import visualize
-from conftest import ROOT, xla_flags
+from conftest import limit, ROOT, xla_flags
 
 # absl log records (W1129 15:27:08.78 ... file.py:12] text) and libtpu's start-up notes (it is
 # installed, and probes for a TPU) are not error output.
@@ -45,7 +45,7 @@ QUICK = ['--config=configs/triangle.py:quick', '--config.dataset=triangle/small'
 # the steps), so that after the first run each loads its steps from the compilation cache.
 TINY = dict(total_steps=12, checkpoint_every_steps=2, eval_every_steps=4, eval_batch_size=40,
             keep_checkpoints=20, log_every_steps=1)
-HANG = 240  # seconds: a safety net against a hang, not a speed check
+HANG = limit()  # seconds: a safety net against a hang, not a speed check
 
 
 @contextlib.contextmanager
@@ -586,7 +586,7 @@ def test_reproduce_refuses_another_config_and_a_locked_workdir(tiny_reproduce, m
   monkeypatch.setattr(reproduce, 'RUNS', _tiny_runs())
   shutil.rmtree(root / 'tiny_a' / 'checkpoints' / '12')  # tiny_a would resume, if anything ran
   (root / 'tiny_a' / 'eval_final.json').unlink()
-  holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+  holder = subprocess.Popen([sys.executable, '-c', 'import signal; signal.pause()'])
   try:
     (root / 'tiny_b' / checkpointing.LOCK_FILE).write_text(
         json.dumps({'host': os.uname().nodename, 'pid': holder.pid}))
@@ -700,7 +700,7 @@ class Zygote:
 
   def close(self):
     self.proc.stdin.close()
-    self.proc.wait(timeout=60)
+    self.proc.wait(timeout=limit())
 
 
 @pytest.fixture(scope='module')
@@ -754,9 +754,9 @@ def _moments(rng: random.Random, total: int, every_eval: int, every_save: int) -
 def _event(kind, step, workdir, eval_every):
   """When to kill for a moment: the printed line or written folder that comes just before it."""
   if kind == 'generating':  # the first run builds triangle/small before training
-    return lambda c: 'generating it now' in c.err()
+    return lambda c: 'is not prepared in' in c.err()
   if kind == 'restoring':  # after the restore, while compiling and at the first steps
-    return lambda c: re.search(r'Resumed from step|AiT-small', c.out()) is not None
+    return lambda c: re.search(r'Resumed from step|AiT \(preset small', c.out()) is not None
   if kind == 'saving':  # a save starts right after its step's last row (eval, else train)
     row = f'[{"eval" if step % eval_every == 0 else "train"}] step {step}:'
     return lambda c: row in c.out() or any(workdir.glob(f'checkpoints/{step}.orbax-checkpoint-tmp*'))

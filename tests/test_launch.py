@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from conftest import limit
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / 'launch'
 TPU = LAUNCH / 'tpu_vm.sh'
@@ -34,7 +36,7 @@ def _env(**extra):
 
 def _run(script, *args, env=None, cwd=None):
   return subprocess.run(['bash', str(script), *args], capture_output=True, text=True,
-                        env=env or _env(), cwd=cwd or ROOT, timeout=60)
+                        env=env or _env(), cwd=cwd or ROOT, timeout=limit())
 
 
 def _ok(script, *args, **kw):

@@ -14,7 +14,7 @@ import pytest
 
 from ait_jax import cli
 from ait_jax import main as main_cmd
-from conftest import ROOT, xla_flags
+from conftest import limit, ROOT, xla_flags
 
 SHIPPED = sorted(p.stem for p in (ROOT / 'configs').glob('*.py'))
 
@@ -82,7 +82,7 @@ def test_wheel_runs_from_an_empty_folder(generated_data_dir, tmp_path):
   env.update(PIP_DISABLE_PIP_VERSION_CHECK='1', PIP_NO_INDEX='1', XLA_FLAGS=xla_flags(1))
   pip = [sys.executable, '-m', 'pip']
   subprocess.run(pip + ['wheel', '-q', '--no-deps', '--no-build-isolation', '-w',
-                        str(tmp_path / 'dist'), str(src)], check=True, env=env, timeout=300)
+                        str(tmp_path / 'dist'), str(src)], check=True, env=env, timeout=limit())
   (wheel,) = (tmp_path / 'dist').glob('ait_jax-*.whl')
   packaged = set(zipfile.ZipFile(wheel).namelist())
   expected = {str(p.relative_to(ROOT)) for p in (ROOT / 'ait_jax').rglob('*.py')}
@@ -91,7 +91,7 @@ def test_wheel_runs_from_an_empty_folder(generated_data_dir, tmp_path):
 
   venv = tmp_path / 'venv'
   subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True,
-                 timeout=120)
+                 timeout=limit())
   python = str(venv / 'bin' / 'python')
   site = subprocess.run([python, '-c', 'import sysconfig; print(sysconfig.get_path("purelib"))'],
                         check=True, capture_output=True, text=True).stdout.strip()
@@ -100,7 +100,7 @@ def test_wheel_runs_from_an_empty_folder(generated_data_dir, tmp_path):
   ours = {sysconfig.get_path('purelib'), sysconfig.get_path('platlib')}
   (pathlib.Path(site) / 'test_env.pth').write_text('\n'.join(sorted(ours)) + '\n')
   subprocess.run([python, '-m', 'pip', 'install', '-q', '--no-deps', str(wheel)], check=True,
-                 env=env, timeout=300)
+                 env=env, timeout=limit())
 
   empty = tmp_path / 'empty'
   empty.mkdir()
@@ -116,7 +116,7 @@ def test_wheel_runs_from_an_empty_folder(generated_data_dir, tmp_path):
       ['ait_jax.visualize', '--workdir=w', '--out=figures', '--num_images=2'],
   ]
   out = subprocess.run([python, '-c', _DRIVER, json.dumps(commands)], cwd=empty, env=env,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=limit(1200))
   assert out.returncode == 0, f'{out.stdout[-3000:]}\n{out.stderr[-3000:]}'
   where = json.loads(out.stdout.splitlines()[0])
   assert where['package'].startswith(site), where  # the wheel's package, not the checkout's

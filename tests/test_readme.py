@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from conftest import ROOT, xla_flags
+from conftest import limit, ROOT, xla_flags
 
 README = (ROOT / 'README.md').read_text()
 
@@ -43,7 +43,7 @@ def test_runnable_blocks(tmp_path):
   outputs = {}
   for command in commands:
     out = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=limit(1200))
     assert out.returncode == 0, f'{command}\n{out.stdout}\n{out.stderr}'
     outputs[command] = out.stdout
   assert not (tmp_path / 'configs').exists()
@@ -112,5 +112,5 @@ def test_launch_commands_dry_run():
   for command in commands:
     args = shlex.split(command)
     out = subprocess.run(args[:2] + ['--dry-run'] + args[2:], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=limit())
     assert out.returncode == 0, f'{command}\n{out.stdout}\n{out.stderr}'

@@ -22,6 +22,7 @@ import pytest
 from ait_jax import convert
 from ait_jax import models
 from ait_jax import steps
+from conftest import limit
 
 DATA = pathlib.Path(__file__).resolve().parent / 'data'
 FIXTURES = ('cifar_tiny', 'clevr_tiny')
@@ -405,7 +406,7 @@ def test_command_errors_are_one_line(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'ait_jax.convert', f'--reference={DATA / "cifar_tiny.npz"}',
        f'--config={root / "configs/triangle.py"}:quick', f'--workdir={tmp_path / "wd"}'],
-      capture_output=True, text=True, cwd=root, timeout=120,
+      capture_output=True, text=True, cwd=root, timeout=limit(),
       env=dict(__import__('os').environ, JAX_PLATFORMS='cpu'))
   assert result.returncode == 2, result.stderr
   lines = result.stderr.strip().splitlines()

@@ -19,7 +19,7 @@ from ait_jax import main as main_cmd
 from ait_jax import train
 from ait_jax import steps
 from ait_jax.data import input_pipeline
-from conftest import load_config, ROOT, xla_flags
+from conftest import limit, load_config, ROOT, xla_flags
 
 COMPARED = ('loss', 'ce_loss', 'balance_loss', 'accuracy', 'grad_norm', 'learning_rate')
 
@@ -121,13 +121,13 @@ def test_sigterm_saves_and_resumes(uninterrupted, tmp_path):
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   metrics = workdir / 'metrics.jsonl'
-  deadline = time.time() + 120
+  deadline = time.time() + limit()
   while time.time() < deadline and proc.poll() is None:
     if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
       proc.send_signal(signal.SIGTERM)
       break
     time.sleep(0.05)
-  out, _ = proc.communicate(timeout=120)
+  out, _ = proc.communicate(timeout=limit())
   assert proc.returncode == checkpointing.EXIT_PREEMPTED == 75, out  # "requeue me"
   assert 'SIGTERM: saved step' in out and 'rerun the same command to resume' in out, out
   stopped = max(_read_metrics(workdir))
@@ -140,9 +140,17 @@ def test_sigterm_saves_and_resumes(uninterrupted, tmp_path):
   config.mesh.data = 8
   train.train_and_evaluate(config, str(workdir))
   ref, got = _read_metrics(reference_dir), _read_metrics(workdir)
-  for s in range(stopped + 1, config.total_steps + 1):
-    np.testing.assert_allclose([got[s][k] for k in COMPARED], [ref[s][k] for k in COMPARED],
-                               rtol=1e-4, atol=1e-6)
+  # The first resumed step is a forward pass of the restored parameters on 8 devices: equal up to
+  # the order of float sums. Later steps are chaotic at the last bit (a gradient summed in another
+  # order, a top-k near-tie flipped; tests/test_fast_loop.py measures how far that goes), so they
+  # must only stay on the same course; resuming on the same devices is bit-exact (above).
+  first = stopped + 1
+  np.testing.assert_allclose([got[first][k] for k in COMPARED], [ref[first][k] for k in COMPARED],
+                             rtol=1e-4, atol=1e-6)
+  for s in range(first + 1, config.total_steps + 1):
+    for k in COMPARED:  # a batch's accuracy moves in steps of 1/64
+      np.testing.assert_allclose(got[s][k], ref[s][k], err_msg=f'{k} at step {s}',
+                                 **(dict(atol=2 / 64) if k == 'accuracy' else dict(rtol=2e-2)))
 
 
 def test_restore_onto_other_device_count(uninterrupted):

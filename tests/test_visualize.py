@@ -10,7 +10,7 @@ import pytest
 from ait_jax import train
 from ait_jax import steps
 from ait_jax import visualize
-from conftest import load_config, ROOT
+from conftest import limit, load_config, ROOT
 
 EXPECTED_SHAPE = (round(visualize.FIGSIZE[1] * visualize.DPI),
                   round(visualize.FIGSIZE[0] * visualize.DPI))
@@ -63,7 +63,7 @@ def test_missing_checkpoint_is_one_sentence(tmp_path):
                         config=load_config('triangle', 'quick'))
   out = subprocess.run([sys.executable, '-m', 'ait_jax.visualize',
                         f'--workdir={tmp_path / "missing"}', f'--out={tmp_path / "out"}'],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+                       cwd=ROOT, capture_output=True, text=True, timeout=limit())
   assert out.returncode == 2  # a user's mistake (ait_jax/cli.py)
   assert out.stderr.strip().startswith('error: No workdir'), out.stderr
   assert 'Traceback' not in out.stderr
