@@ -22,6 +22,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from ait_jax import cli
+from ait_jax import errors
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -217,7 +218,8 @@ def benchmark(config, *, devices, steps: int, warmup: int, peak_tflops=None,
   pipelined = (time.perf_counter() - t0) / steps
   loss = float(metrics['loss'])
   if not math.isfinite(loss):
-    raise ValueError(f'The benchmarked step gave a non-finite loss ({loss}); try dtype=float32.')
+    raise errors.ConfigError(
+        f'The benchmarked step gave a non-finite loss ({loss}); try dtype=float32.')
 
   n_dev = len(devices)
   median = statistics.median(times)
@@ -472,8 +474,9 @@ def _check_flags(fv: flags.FlagValues) -> None:
   """The numbers and paths the user gave, before anything is compiled or timed."""
   from ait_jax import cli  # pylint: disable=g-import-not-at-top
   if fv.peak_tflops is not None and not fv.peak_tflops > 0:
-    raise ValueError(f'--peak_tflops={fv.peak_tflops} must be positive: the peak TFLOP/s of one '
-                     'device (e.g. 989 for an H100 or H200 in bf16), or leave it out.')
+    raise errors.ConfigError(
+        f'--peak_tflops={fv.peak_tflops} must be positive: the peak TFLOP/s of one '
+        'device (e.g. 989 for an H100 or H200 in bf16), or leave it out.')
   cli.check_output_path('json', fv.json)
 
 
@@ -490,12 +493,12 @@ def main(fv: flags.FlagValues) -> dict:
   all_devices = jax.devices()
   n = fv.devices or len(all_devices)
   if not 1 <= n <= len(all_devices):
-    raise ValueError(f'--devices={n} must be between 1 and the {len(all_devices)} devices '
-                     'JAX sees.')
+    raise errors.ConfigError(f'--devices={n} must be between 1 and the {len(all_devices)} devices '
+                             'JAX sees.')
   devices = all_devices[:n]
   if fv.compare == 'vit' and _build_config(fv, False).model.vit:
-    raise ValueError('--compare=vit compares an AiT with its ViT; pass --model=<preset> '
-                     'without vit_.')
+    raise errors.ConfigError('--compare=vit compares an AiT with its ViT; pass --model=<preset> '
+                             'without vit_.')
   platform_name = devices[0].platform
   peak = fv.peak_tflops if fv.peak_tflops is not None else (
       GPU_PEAK_TFLOPS if platform_name == 'gpu' else None)

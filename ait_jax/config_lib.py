@@ -7,6 +7,7 @@ import os
 
 import ml_collections
 
+from ait_jax import errors
 from ait_jax import models
 
 ABLATIONS = {  # docs/model.md#ablations: name -> model fields
@@ -27,7 +28,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key, eq, value = item.partition('=')
     key = key.strip()
     if key not in out:
-      raise ValueError(f'Unknown config variant {key!r}; valid: {", ".join(sorted(out))}.')
+      raise errors.ConfigError(f'Unknown config variant {key!r}; valid: {", ".join(sorted(out))}.')
     if not eq:
       out[key] = True
     elif isinstance(out[key], bool):
@@ -84,11 +85,12 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
     c.model.vit = True
     preset = preset[len('vit_'):]
   if preset not in models.PRESETS:
-    raise ValueError(f'Unknown model variant {v.model!r}; use one of '
-                     f'{", ".join(list(models.PRESETS) + ["vit_" + p for p in models.PRESETS])}.')
+    raise errors.ConfigError(
+        f'Unknown model variant {v.model!r}; use one of '
+        f'{", ".join(list(models.PRESETS) + ["vit_" + p for p in models.PRESETS])}.')
   c.model.preset = preset
   if v.ablation not in ABLATIONS:
-    raise ValueError(f'Unknown ablation {v.ablation!r}; use one of {", ".join(ABLATIONS)}.')
+    raise errors.ConfigError(f'Unknown ablation {v.ablation!r}; use one of {", ".join(ABLATIONS)}.')
   c.model.update(ABLATIONS[v.ablation])
   if v.quick:  # a CPU smoke run: a narrow 1-layer model, a few steps
     c.model.update(depth=1, width=64, mlp_dim=128, num_heads=1)

@@ -18,7 +18,8 @@ import ml_collections
 import numpy as np
 
 from ait_jax import checkpointing
-from ait_jax import cli
+from ait_jax import config_overrides
+from ait_jax import errors
 from ait_jax import metric_writer
 from ait_jax import models
 from ait_jax import sharding
@@ -27,12 +28,12 @@ from ait_jax.data import device_data
 from ait_jax.data import input_pipeline
 from ait_jax.data import prepare
 
-class NonFiniteLossError(cli.UserError, RuntimeError):
+class NonFiniteLossError(errors.UserError, RuntimeError):
   """The loss, gradient norm or updated state of a logged step is NaN or infinite; the run stops
   without saving that state, and the message names the last good checkpoint."""
 
 
-class ConfigMismatchError(cli.UserError):
+class ConfigMismatchError(errors.UserError):
   """A resume with a config that changes the model, the data or the optimizer state."""
 
 
@@ -285,7 +286,7 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> list
     saved = _flat(json.loads(path.read_text()))
   except (OSError, ValueError) as e:
     raise ConfigMismatchError(
-        f'{path} cannot be read ({cli.one_line(e)[:120]}), so this config cannot be checked '
+        f'{path} cannot be read ({errors.one_line(e)[:120]}), so this config cannot be checked '
         f'against the run in {workdir}: restore that file, or move it away to accept this '
         'config.') from None
   new = _flat(json.loads(config.to_json_best_effort()))
@@ -300,7 +301,7 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> list
                      f'{"(none)" if value is missing else repr(value)}')
       continue
     role = next((r for prefix, r in _FIELD_ROLES if field.startswith(prefix)), 'that run')
-    flag = cli.override_args({field: tuple(old) if isinstance(old, list) else old})[0]
+    flag = config_overrides.as_flags({field: tuple(old) if isinstance(old, list) else old})[0]
     raise ConfigMismatchError(
         f'{workdir} holds a run with {field}={old!r} (its {CONFIG_FILE}), but this config has '
         f'{field}={value!r}, which changes {role}: pass {flag} to resume that run, or another '
