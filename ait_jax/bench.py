@@ -179,18 +179,12 @@ def benchmark(config, *, devices, steps: int, warmup: int, peak_tflops=None,
   steps with one synchronisation at its end, as in training.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from ait_jax import train  # pylint: disable=g-import-not-at-top
 
   trainer = train.Trainer(config, devices=devices)
   s = trainer.s
-  rng = np.random.default_rng(0)
   b = config.batch_size
-  batch = {'image': rng.integers(0, 256, (b,) + tuple(s.info.image_shape), dtype=np.uint8),
-           'label': rng.integers(0, s.info.num_classes, (b,), dtype=np.int32)}
-  if s.question_dim:
-    batch['question'] = rng.standard_normal((b, s.question_dim)).astype(np.float32)
-  batch = jax.device_put(batch, trainer.batch_sharding)
+  batch = synthetic_batch(trainer, b)
   state = jax.block_until_ready(trainer.init(trainer.rng))
 
   t0 = time.perf_counter()
@@ -394,6 +388,19 @@ def abstract_batch(trainer, batch_size: int, eval_batch: bool = False) -> dict:
   return batch
 
 
+def synthetic_batch(trainer, batch_size: int) -> dict:
+  """A batch of abstract_batch's shapes and sharding filled from seed 0: random uint8 images,
+  labels of the dataset's classes and (Sort-of-CLEVR) Gaussian questions."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  draw = {'image': lambda shape: rng.integers(0, 256, shape, dtype=np.uint8),
+          'label': lambda shape: rng.integers(0, trainer.s.info.num_classes, shape, dtype=np.int32),
+          'question': lambda shape: rng.standard_normal(shape).astype(np.float32)}
+  batch = {k: draw[k](spec.shape) for k, spec in abstract_batch(trainer, batch_size).items()}
+  return jax.device_put(batch, trainer.batch_sharding)
+
+
 def compile_train_step(config, devices):
   """(trainer, the compiled train step of `config` on abstract inputs); nothing is run."""
   from ait_jax import train  # pylint: disable=g-import-not-at-top
@@ -452,11 +459,11 @@ def format_table(rows) -> str:
 
 def _build_config(fv: flags.FlagValues, vit: bool):
   """The --config, with the shortcut flags that were given, and the ViT when `vit`."""
+  from ait_jax import config_lib  # pylint: disable=g-import-not-at-top  (imports jax)
   c = fv.config.copy_and_resolve_references()
   preset = fv.model
   if preset is not None:
-    c.model.vit = preset.startswith('vit_')
-    c.model.preset = preset[len('vit_'):] if preset.startswith('vit_') else preset
+    c.model.vit, c.model.preset = config_lib.split_preset(preset)
   c.model.vit = c.model.vit or vit
   for flag, field in (('dtype', 'dtype'), ('scope', 'bottleneck_scope'), ('depth', 'depth'),
                       ('width', 'width'), ('mlp_dim', 'mlp_dim'), ('num_heads', 'num_heads'),

@@ -77,13 +77,31 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+
+def cifar_config(dataset: str) -> ml_collections.ConfigDict:
+  """The recipe of configs/cifar10.py and cifar100.py, which differ only in the dataset."""
+  c = base_config()
+  c.dataset = dataset
+  c.model.preset = 'base'
+  c.model.patch_size = 4
+  c.model.bottleneck_k = 512
+  return c
+
+
+def split_preset(name: str) -> tuple[bool, str]:
+  """'vit_base' -> (True, 'base'), 'base' -> (False, 'base'): a model variant names the ViT
+  baseline of a preset by the prefix vit_."""
+  if name.startswith('vit_'):
+    return True, name[len('vit_'):]
+  return False, name
+
+
 def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
   """Applies `model=small|vit_small|...`, `ablation=...` and `quick` to a dataset's config."""
   v = parse_arg(arg, model=c.model.preset, ablation='none', quick=False)
-  preset = v.model
-  if preset.startswith('vit_'):
+  vit, preset = split_preset(v.model)
+  if vit:
     c.model.vit = True
-    preset = preset[len('vit_'):]
   if preset not in models.PRESETS:
     raise errors.ConfigError(
         f'Unknown model variant {v.model!r}; use one of '
