@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ait_jax import errors
+from ait_jax import paths
 
 LOCK_FILE = 'run.lock'
 DAMAGED_DIR = 'damaged_checkpoints'  # where a resumed run moves the checkpoints it skipped
@@ -132,9 +133,7 @@ def check_workdir(workdir: str | None, *, writable: bool = True) -> None:
   if os.path.exists(path) and not os.path.isdir(path):
     raise errors.InputError(f'--workdir={workdir} is a file, not a folder; pass a folder (it is '
                             'created if missing).')
-  existing = path
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
+  existing = paths.nearest_existing(path)
   if not os.path.isdir(existing):
     raise errors.InputError(
         f'--workdir={workdir} is inside {existing}, which is a file; pass a folder.')

@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from ait_jax import config_overrides
 from ait_jax import errors
+from ait_jax import paths
 
 EXIT_USER_ERROR = 2
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -31,6 +32,9 @@ if not os.path.isdir(_CONFIGS_DIR):
 _USER_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
                 errno.EROFS, errno.EEXIST, errno.ENOSPC, errno.EDQUOT}
 _HELP = ('--help', '-h', '--helpshort', '--helpfull', '-?')
+# What parsing the flags, and the config file they name, raises for a user's mistake (a bad flag,
+# a missing or broken file, a misspelt field); parse_error_message has a sentence for each.
+_PARSE_ERRORS = (flags.Error, ValueError, TypeError, OSError, AttributeError, KeyError)
 
 
 def _innermost(error: BaseException) -> BaseException:
@@ -92,10 +96,10 @@ def parse_error_message(error: BaseException, argv: list[str]) -> str:
   spec = _config_arg(argv)
   if isinstance(inner, (AttributeError, KeyError)):
     field = str(inner).strip('"\'')
-    paths = [a.split('=')[0].split('config.', 1)[1] for a in argv
-             if a.startswith(('--config.', '--noconfig.')) and
-             a.split('=')[0].split('.')[-1] == field] or [field]
-    return (f'The config has no field {paths[0]!r}; check the spelling of --config.{paths[0]} '
+    fields = [a.split('=')[0].split('config.', 1)[1] for a in argv
+              if a.startswith(('--config.', '--noconfig.')) and
+              a.split('=')[0].split('.')[-1] == field] or [field]
+    return (f'The config has no field {fields[0]!r}; check the spelling of --config.{fields[0]} '
             f'against the fields of {(spec or "the config file").split(":")[0]}.')
   if isinstance(inner, OSError) and 'config file' in str(inner):
     reason = [l for l in str(inner).splitlines() if l.strip()][-1].strip()
@@ -170,11 +174,7 @@ def parse_flags(define_flags: Callable[[flags.FlagValues], None],
       for name in ('config',):  # a missing config file only raises when the config is read
         if name in fv and fv[name].value is not None:
           fv[name].value.keys()
-  except SystemExit:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    if not isinstance(e, (flags.Error, ValueError, TypeError, OSError, AttributeError, KeyError)):
-      raise
+  except _PARSE_ERRORS as e:
     fail(parse_error_message(e, given))
   if len(rest) > 1:
     fail(f'Unexpected arguments {rest[1:]}; every option is a --flag=value.')
@@ -254,9 +254,7 @@ def load_config(spec: str, overrides: Mapping[str, object] | Iterable[str] = ())
   try:
     fv(argv)
     fv.config.keys()
-  except Exception as e:  # pylint: disable=broad-except
-    if not isinstance(e, (flags.Error, ValueError, TypeError, OSError, AttributeError, KeyError)):
-      raise
+  except _PARSE_ERRORS as e:
     raise errors.ConfigError(parse_error_message(e, given)) from None
   return fv.config
 
@@ -276,9 +274,7 @@ def check_output_path(flag: str, path: str | None, *, folder: bool = False) -> N
     if not os.access(path, os.W_OK):
       raise PermissionError(f'--{flag}={path} is not writable for this user; pass another path.')
     return
-  existing = os.path.dirname(path)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
+  existing = paths.nearest_existing(path)  # path does not exist: its nearest ancestor
   if not os.path.isdir(existing):
     raise errors.InputError(
         f'--{flag}={path} is inside {existing}, which is a file; pass another path.')

@@ -158,12 +158,8 @@ class DeviceBatches:
     return {'grain': {'next_index': self._next}, 'fingerprint': self._fingerprint}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    if (state.get('fingerprint') != self._fingerprint
-        or 'next_index' not in state.get('grain', {})):
-      raise errors.InputError(
-          f'The saved input state belongs to {state.get("fingerprint")!r}, not to '
-          f'{self._fingerprint!r}; resume with the same dataset, seed and processes.')
-    self._next = int(state['grain']['next_index'])
+    self._next = int(input_pipeline.saved_position(state, self._fingerprint,
+                                                   'next_index')['next_index'])
 
   def close(self) -> None:
     self._pool.shutdown(wait=False, cancel_futures=True)

@@ -291,6 +291,18 @@ def train_fingerprint(source: 'ExampleSource', seed: int, shard_count: int,
   return f'{source!r} seed={seed} shards={shard_count} batch={local_batch_size}'
 
 
+def saved_position(state: dict[str, Any], fingerprint: str, *keys: str) -> Any:
+  """The position ('grain') of a saved input state (a `get_state()` of the training batches),
+  refused in one sentence when the state belongs to another fingerprint (dataset, seed, process
+  count, batch size) or its position lacks `keys`."""
+  if (state.get('fingerprint') != fingerprint or 'grain' not in state
+      or any(k not in state['grain'] for k in keys)):
+    raise errors.InputError(
+        f'The saved input state belongs to {state.get("fingerprint")!r}, not to '
+        f'{fingerprint!r}; resume with the same dataset, seed and processes.')
+  return state['grain']
+
+
 class TrainBatches:
   """Infinite, shuffled, per-process-sharded global batches whose position is a small JSON dict.
 
@@ -327,11 +339,7 @@ class TrainBatches:
     return {'grain': self._iter.get_state(), 'fingerprint': self._fingerprint}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    if state.get('fingerprint') != self._fingerprint or 'grain' not in state:
-      raise errors.InputError(
-          f'The saved input state belongs to {state.get("fingerprint")!r}, not to '
-          f'{self._fingerprint!r}; resume with the same dataset, seed and processes.')
-    self._iter.set_state(state['grain'])
+    self._iter.set_state(saved_position(state, self._fingerprint))
 
 
 def make_train_iterator(name: str, *, data_dir: str | None, global_batch_size: int, seed: int,

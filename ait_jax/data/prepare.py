@@ -25,6 +25,7 @@ import tensorflow_datasets as tfds
 
 from ait_jax import cli
 from ait_jax import errors
+from ait_jax import paths
 from ait_jax.data import builders
 from ait_jax.data import datasets
 from ait_jax.data import downloads
@@ -52,9 +53,7 @@ def check_data_dir(data_dir: str) -> None:
           f'The data_dir {data_dir} is on Google Cloud Storage, which needs gcsfs: '
           'pip install -e .[gcs] (or pip install gcsfs), or use a local folder.')
     return
-  existing = os.path.abspath(data_dir)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
+  existing = paths.nearest_existing(data_dir)
   if not os.path.isdir(existing):
     where = 'a file' if existing == os.path.abspath(data_dir) else f'inside the file {existing}'
     raise errors.InputError(f'--data_dir={data_dir} is {where}; pass a folder (it is created if '
