@@ -208,7 +208,7 @@ def compile_step(config, devices, which: str, hbm_bytes: int) -> dict:
   batch_size = config.batch_size if which == 'train' else config.eval_batch_size
   shards = trainer.mesh.shape[sharding.DATA]
   if which == 'train':
-    k = int(config.get('steps_per_call', 1))
+    k = int(config.steps_per_call)
     batch = bench.abstract_batch(trainer, batch_size)
     fn, args = ((trainer.train_step, (state, batch)) if k == 1 else
                 (trainer.steps_fn(k), (state, [batch] * k)))
@@ -470,7 +470,7 @@ def main(fv: flags.FlagValues) -> dict | None:
   cli.require(fv, 'topology', hint='a slice such as v5e-16 or v4-8')
   spec = parse_slice(fv.topology)
   config = fv.config
-  if config.get('device_data', False):
+  if config.device_data:
     raise errors.ConfigError('--config.device_data=True keeps the dataset on the chips, which '
                              'ait_jax.compile does not model; compile without it.')
   from ait_jax import sharding  # pylint: disable=g-import-not-at-top

@@ -82,7 +82,7 @@ def _check_pipeline(config: ml_collections.ConfigDict, info) -> None:
         f'eval_batch_size={config.eval_batch_size} needs {_size(evaluated)} of host '
         f'memory per evaluation batch, more than half of this host\'s '
         f'{_size(2 * budget)}; lower eval_batch_size.')
-  if config.get('device_data', False):
+  if config.device_data:
     records = info.num_train
     if info.has_question:  # one record per image, expanded to its questions of the kept types
       kept = clevr.question_type_indices(tuple(config.question_types) or None)
@@ -113,10 +113,9 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     raise errors.ConfigError(f"schedule_unit={config.schedule_unit!r} must be 'epoch' or 'step'.")
   info = datasets.get_info(config.dataset, tuple(config.question_types) or None)
   _check_pipeline(config, info)
-  if int(config.get('steps_per_call', 1)) < 1:
-    raise errors.ConfigError(
-        f'steps_per_call={config.get("steps_per_call")} must be a positive integer (1: one '
-        'step per call).')
+  if int(config.steps_per_call) < 1:
+    raise errors.ConfigError(f'steps_per_call={config.steps_per_call} must be a positive integer '
+                             '(1: one step per call).')
   steps_per_epoch = info.num_train // config.batch_size
   if steps_per_epoch < 1:
     raise errors.ConfigError(f'batch_size={config.batch_size} is larger than the {info.num_train} '
@@ -139,7 +138,7 @@ TRAIN_EVAL_MAX = 10_000  # the default train-split subset: min(test split, this)
 def train_eval_examples(s: Setup) -> int:
   """How many train-split examples each evaluation also scores (`config.eval_train_examples`);
   raises one ValueError for a value other than -1, 0 or a positive whole number."""
-  n = s.config.get('eval_train_examples', -1)
+  n = s.config.eval_train_examples
   if not isinstance(n, int) or isinstance(n, bool) or n < -1:
     raise errors.ConfigError(
         f'eval_train_examples={n!r} must be -1 (as many as the test split, at most '

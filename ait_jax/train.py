@@ -64,15 +64,24 @@ _FIELD_ROLES = (('model.', 'the model'), ('dataset', 'the data'), ('question_typ
                 ('grad_clip_norm', 'the optimizer state'))
 
 
-def _under_mesh(mesh, fn):
-  """`fn` traced with `mesh` as the context mesh, so that the workspace's 'sharded' top-k finds
-  the 'data' axis (jax.sharding.get_abstract_mesh); keeps fn's name for the jitted program."""
-  def traced(*args):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return fn(*args)
+class _MeshJit:
+  """`jax.jit(fn, **jit_kwargs)`, traced, lowered and run under `jax.set_mesh(mesh)`: the one
+  mesh context of the Trainer's functions, so that the workspace's 'sharded' and 'threshold'
+  selections find the mesh axis 'data' (jax.sharding.get_abstract_mesh) whoever calls them (the
+  loop, evaluate, bench, compile, tests). jax.set_mesh may only be entered outside jit, so it is
+  entered here, around each call and lowering."""
 
-  traced.__name__ = getattr(fn, '__name__', None) or fn.func.__name__
-  return traced
+  def __init__(self, mesh, fn, **jit_kwargs):
+    self.mesh = mesh
+    self.jitted = jax.jit(fn, **jit_kwargs)
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args)
 
 
 class Trainer:
@@ -90,19 +99,17 @@ class Trainer:
     rng = jax.random.PRNGKey(c.seed)
     self.abstract_state = jax.eval_shape(functools.partial(steps.init_state, self.s, self.tx), rng)
     self.state_sharding = steps.state_shardings(self.mesh, self.abstract_state)
-    self.init = jax.jit(_under_mesh(self.mesh, functools.partial(steps.init_state, self.s, self.tx)),
-                        out_shardings=self.state_sharding)
-    self.train_step = jax.jit(_under_mesh(self.mesh, functools.partial(steps.train_step, self.s,
-                                                                       self.tx)),
-                              in_shardings=(self.state_sharding, self.batch_sharding),
-                              out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
-                              donate_argnums=(0,))
-    self.eval_step = jax.jit(_under_mesh(self.mesh, functools.partial(steps.eval_step, self.s)),
-                             in_shardings=(self.state_sharding.params, self.state_sharding.memory,
-                                           self.batch_sharding),
-                             out_shardings=(sharding.replicated(self.mesh),
-                                            self.state_sharding.memory,
-                                            sharding.replicated(self.mesh)))
+    rep = sharding.replicated(self.mesh)
+    self.init = _MeshJit(self.mesh, functools.partial(steps.init_state, self.s, self.tx),
+                         out_shardings=self.state_sharding)
+    self.train_step = _MeshJit(self.mesh, functools.partial(steps.train_step, self.s, self.tx),
+                               in_shardings=(self.state_sharding, self.batch_sharding),
+                               out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
+    self.eval_step = _MeshJit(self.mesh, functools.partial(steps.eval_step, self.s),
+                              in_shardings=(self.state_sharding.params, self.state_sharding.memory,
+                                            self.batch_sharding),
+                              out_shardings=(rep, self.state_sharding.memory, rep))
+    self._steps_fns = {}  # steps_fn's: one program per k (host data), one for device data
     self.rng = rng
 
   def restore(self, workdir: str, which: str = 'best'):
@@ -138,31 +145,27 @@ class Trainer:
     """What the loop runs steps with: host batches, or the device-resident split
     (`config.device_data`); both resume from the same saved position."""
     c = self.s.config
-    if not c.get('device_data', False):
+    if not c.device_data:
       return _HostFeed(self, self.train_iterator(data_state))
     data, order = device_data.make_device_batches(
         c.dataset, self.mesh, data_dir=c.data_dir, global_batch_size=c.batch_size, seed=c.seed,
         question_types=tuple(c.question_types) or None, start_state=data_state)
     return _DeviceFeed(self, data, order)
 
-  def steps_fn(self, k: int, data=None):
+  def steps_fn(self, k: int, data=None) -> _MeshJit:
     """The jitted, state-donating function of k steps (`steps.train_steps`), compiled once per
     k (with device data, once per k through its index shape)."""
-    cache = self.__dict__.setdefault('_steps_fns', {})
     key = 'device' if data is not None else k
-    if key not in cache:
-      fn = _under_mesh(self.mesh, functools.partial(steps.train_steps, self.s, self.tx,
-                                                    batch_sharding=self.batch_sharding))
-      rep = sharding.replicated(self.mesh)
-      if data is None:
-        cache[key] = jax.jit(fn, in_shardings=(self.state_sharding, [self.batch_sharding] * k),
-                             out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
-      else:
-        cache[key] = jax.jit(lambda state, idx, arrays: fn(state, idx, arrays),
-                             in_shardings=(self.state_sharding, data.index_sharding(),
-                                           data.shardings()),
-                             out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
-    return cache[key]
+    if key not in self._steps_fns:
+      fn = functools.partial(steps.train_steps, self.s, self.tx,
+                             batch_sharding=self.batch_sharding)
+      batches = ((data.index_sharding(), data.shardings()) if data is not None else
+                 ([self.batch_sharding] * k,))
+      self._steps_fns[key] = _MeshJit(
+          self.mesh, fn, in_shardings=(self.state_sharding, *batches),
+          out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
+          donate_argnums=(0,))
+    return self._steps_fns[key]
 
   def eval_batch_size(self, split: str | None = None) -> int:
     """config.eval_batch_size, or, for a smaller split, the split's size rounded up to the data
@@ -206,8 +209,10 @@ class _HostFeed:
   def run(self, state, k: int):
     batches = [{key: v for key, v in next(self.iterator).items() if key in _TRAIN_KEYS}
                for _ in range(k)]
-    if k == 1 and self.trainer.s.config.get('steps_per_call', 1) == 1:
-      return self.trainer.train_step(state, batches[0])  # today's path, unchanged
+    if k == 1 and self.trainer.s.config.steps_per_call == 1:
+      # steps_per_call=1 (the default) runs train_step, not a scan of one step: the program
+      # every run compiled before steps_per_call existed, whose numerics checkpoints carry on.
+      return self.trainer.train_step(state, batches[0])
     return self.trainer.steps_fn(k)(state, batches)
 
   def get_state(self):
@@ -240,8 +245,7 @@ def _calls_end(step: int, c, s: steps.Setup) -> int:
   """Where the call starting after `step` ends: at most steps_per_call steps, never past a log,
   eval, save or the last step, and aligned to multiples of steps_per_call, so a resumed run
   makes the same calls as an uninterrupted one."""
-  every = (c.log_every_steps, c.checkpoint_every_steps, s.eval_every,
-           c.get('steps_per_call', 1))
+  every = (c.log_every_steps, c.checkpoint_every_steps, s.eval_every, c.steps_per_call)
   return min([s.total_steps] + [(step // e + 1) * e for e in every])
 
 

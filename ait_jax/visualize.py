@@ -23,6 +23,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from ait_jax import cli  # pylint: disable=wrong-import-position
+from ait_jax import config_lib  # pylint: disable=wrong-import-position
 from ait_jax import errors  # pylint: disable=wrong-import-position
 from ait_jax import metric_writer  # pylint: disable=wrong-import-position
 from ait_jax import train  # pylint: disable=wrong-import-position
@@ -67,10 +68,13 @@ def load_config(workdir: str, config: ml_collections.ConfigDict | None = None
                             '(with the overrides the run was trained with).')
   try:
     with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+      saved = json.load(f)
   except ValueError as e:  # a damaged file raises deep inside json
     raise errors.InputError(f'{path} is not valid JSON ({e}); pass --config=configs/<dataset>.py '
                             'instead.') from None
+  # A run saved before a field of base_config existed (device_data, steps_per_call, ...) ran
+  # with that field's default: the library reads every such field as an attribute.
+  return ml_collections.ConfigDict({**config_lib.base_config().to_dict(), **saved})
 
 
 def read_metrics(workdir: str) -> dict[str, dict[int, dict]]:
