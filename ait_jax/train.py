@@ -453,9 +453,9 @@ def _without(d: dict, *keys) -> dict:
   return {k: v for k, v in d.items() if k not in keys}
 
 
-def _loop(trainer: 'Trainer', workdir: str, ckpt: checkpointing.Checkpointer,
-          writer: metric_writer.MetricWriter, feed, state, start: int) -> dict:
-  """Steps from `start` to the last step (or a signal), logging, evaluating and saving."""
+def _log_start(trainer: 'Trainer', writer: metric_writer.MetricWriter) -> None:
+  """The run's first lines: the model, the data, the steps and the mesh; an eval batch larger
+  than the test split."""
   s, c = trainer.s, trainer.s.config
   # Name the preset only with the sizes that run: `quick` overrides them.
   changed = [f'{k} {getattr(s.model, k)}' for k, v in models.PRESETS[c.model.preset].items()
@@ -470,14 +470,58 @@ def _loop(trainer: 'Trainer', workdir: str, ckpt: checkpointing.Checkpointer,
     writer.log_text(f'eval_batch_size={c.eval_batch_size} is larger than the '
                     f'{s.info.num_test} {s.info.test_split} examples: they are evaluated in one '
                     f'batch of {trainer.eval_batch_size()}.')
-  last_eval = None
-  if start >= s.total_steps:
-    writer.log_text(f'{workdir} already holds the final step {start}; nothing to train. Use '
-                    '--mode=eval to evaluate it.')
-    if not (checkpointing.workdir_path(workdir) / 'eval_final.json').exists():
-      # Stopped between the final save and eval_final.json (a kill): finish that part (its
-      # metrics row was written before the save).
-      last_eval = trainer.evaluate(state.params, state.memory)
+
+
+def _final_eval_if_done(trainer: 'Trainer', workdir: str, writer: metric_writer.MetricWriter,
+                        state, start: int) -> dict | None:
+  """A workdir that holds the final step trains nothing; its final evaluation runs again only
+  when a kill came between the final save and eval_final.json."""
+  if start < trainer.s.total_steps:
+    return None
+  writer.log_text(f'{workdir} already holds the final step {start}; nothing to train. Use '
+                  '--mode=eval to evaluate it.')
+  if not (checkpointing.workdir_path(workdir) / 'eval_final.json').exists():
+    # Stopped between the final save and eval_final.json (a kill): finish that part (its
+    # metrics row was written before the save).
+    return trainer.evaluate(state.params, state.memory)
+  return None
+
+
+def _log_train(writer: metric_writer.MetricWriter, progress: metric_writer.Progress,
+               s: steps.Setup, step: int, pending: list[dict]) -> tuple[dict, str | None]:
+  """The means of the pending steps' metrics (the only host sync of ordinary steps), written;
+  or, with them, the failure sentence when one is not finite (nothing is written then)."""
+  summary = _mean_of(pending)
+  bad = _non_finite(summary)
+  if bad:
+    return summary, f'Non-finite {" and ".join(bad)} at step {step}; that state is not saved.'
+  del summary['state_finite']
+  summary['epoch'] = step / s.steps_per_epoch
+  if step > progress.last_step:  # a first call that fills the window measured nothing
+    summary.update(progress.update(step))
+  writer.write(step, summary, prefix='train')
+  return summary, None
+
+
+def _evaluate_and_log(trainer: 'Trainer', writer: metric_writer.MetricWriter, state,
+                      step: int) -> dict:
+  """The test split's metrics at `step`, written, and beside them the train examples'
+  (memorisation shows); returns the test split's."""
+  last_eval = trainer.evaluate(state.params, state.memory)
+  writer.write(step, _scalars(last_eval), prefix='eval')
+  if trainer.train_eval_examples:
+    writer.write(step, _scalars(trainer.evaluate(
+        state.params, state.memory, trainer.s.info.train_split,
+        limit=trainer.train_eval_examples)), prefix='eval_train')
+  return last_eval
+
+
+def _loop(trainer: 'Trainer', workdir: str, ckpt: checkpointing.Checkpointer,
+          writer: metric_writer.MetricWriter, feed, state, start: int) -> dict:
+  """Steps from `start` to the last step (or a signal), logging, evaluating and saving."""
+  s, c = trainer.s, trainer.s.config
+  _log_start(trainer, writer)
+  last_eval = _final_eval_if_done(trainer, workdir, writer, state, start)
   # Processes agree on a signal at log steps, which already wait for the device.
   preemption = checkpointing.PreemptionFlag(agree_every=c.log_every_steps)
   pending, summary, failure, stopped_by = [], {}, None, None
@@ -499,24 +543,12 @@ def _loop(trainer: 'Trainer', workdir: str, ckpt: checkpointing.Checkpointer,
       stop = preemption.should_stop(step, ckpt)
       save = step % c.checkpoint_every_steps == 0 or is_last or stop or evaluated
       if step % c.log_every_steps == 0 or save:  # a state is checked finite before it is saved
-        summary = _mean_of(pending)  # the only host sync of ordinary steps
+        summary, failure = _log_train(writer, progress, s, step, pending)
         pending = []
-        bad = _non_finite(summary)
-        if bad:
-          failure = f'Non-finite {" and ".join(bad)} at step {step}; that state is not saved.'
+        if failure:
           break
-        del summary['state_finite']
-        summary['epoch'] = step / s.steps_per_epoch
-        if step > progress.last_step:  # a first call that fills the window measured nothing
-          summary.update(progress.update(step))
-        writer.write(step, summary, prefix='train')
       if evaluated:
-        last_eval = trainer.evaluate(state.params, state.memory)
-        writer.write(step, _scalars(last_eval), prefix='eval')
-        if trainer.train_eval_examples:  # beside the test accuracy: memorisation shows
-          writer.write(step, _scalars(trainer.evaluate(
-              state.params, state.memory, s.info.train_split, limit=trainer.train_eval_examples)),
-                       prefix='eval_train')
+        last_eval = _evaluate_and_log(trainer, writer, state, step)
       if save:
         ckpt.save(step, state, feed.get_state(),
                   best_metrics=_scalars(last_eval) if evaluated else None)
