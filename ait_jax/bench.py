@@ -22,6 +22,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from ait_jax import cli
+from ait_jax import errors
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -178,18 +179,12 @@ def benchmark(config, *, devices, steps: int, warmup: int, peak_tflops=None,
   steps with one synchronisation at its end, as in training.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from ait_jax import train  # pylint: disable=g-import-not-at-top
 
   trainer = train.Trainer(config, devices=devices)
   s = trainer.s
-  rng = np.random.default_rng(0)
   b = config.batch_size
-  batch = {'image': rng.integers(0, 256, (b,) + tuple(s.info.image_shape), dtype=np.uint8),
-           'label': rng.integers(0, s.info.num_classes, (b,), dtype=np.int32)}
-  if s.question_dim:
-    batch['question'] = rng.standard_normal((b, s.question_dim)).astype(np.float32)
-  batch = jax.device_put(batch, trainer.batch_sharding)
+  batch = synthetic_batch(trainer, b)
   state = jax.block_until_ready(trainer.init(trainer.rng))
 
   t0 = time.perf_counter()
@@ -217,7 +212,8 @@ def benchmark(config, *, devices, steps: int, warmup: int, peak_tflops=None,
   pipelined = (time.perf_counter() - t0) / steps
   loss = float(metrics['loss'])
   if not math.isfinite(loss):
-    raise ValueError(f'The benchmarked step gave a non-finite loss ({loss}); try dtype=float32.')
+    raise errors.ConfigError(
+        f'The benchmarked step gave a non-finite loss ({loss}); try dtype=float32.')
 
   n_dev = len(devices)
   median = statistics.median(times)
@@ -392,6 +388,19 @@ def abstract_batch(trainer, batch_size: int, eval_batch: bool = False) -> dict:
   return batch
 
 
+def synthetic_batch(trainer, batch_size: int) -> dict:
+  """A batch of abstract_batch's shapes and sharding filled from seed 0: random uint8 images,
+  labels of the dataset's classes and (Sort-of-CLEVR) Gaussian questions."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  draw = {'image': lambda shape: rng.integers(0, 256, shape, dtype=np.uint8),
+          'label': lambda shape: rng.integers(0, trainer.s.info.num_classes, shape, dtype=np.int32),
+          'question': lambda shape: rng.standard_normal(shape).astype(np.float32)}
+  batch = {k: draw[k](spec.shape) for k, spec in abstract_batch(trainer, batch_size).items()}
+  return jax.device_put(batch, trainer.batch_sharding)
+
+
 def compile_train_step(config, devices):
   """(trainer, the compiled train step of `config` on abstract inputs); nothing is run."""
   from ait_jax import train  # pylint: disable=g-import-not-at-top
@@ -450,11 +459,11 @@ def format_table(rows) -> str:
 
 def _build_config(fv: flags.FlagValues, vit: bool):
   """The --config, with the shortcut flags that were given, and the ViT when `vit`."""
+  from ait_jax import config_lib  # pylint: disable=g-import-not-at-top  (imports jax)
   c = fv.config.copy_and_resolve_references()
   preset = fv.model
   if preset is not None:
-    c.model.vit = preset.startswith('vit_')
-    c.model.preset = preset[len('vit_'):] if preset.startswith('vit_') else preset
+    c.model.vit, c.model.preset = config_lib.split_preset(preset)
   c.model.vit = c.model.vit or vit
   for flag, field in (('dtype', 'dtype'), ('scope', 'bottleneck_scope'), ('depth', 'depth'),
                       ('width', 'width'), ('mlp_dim', 'mlp_dim'), ('num_heads', 'num_heads'),
@@ -472,8 +481,9 @@ def _check_flags(fv: flags.FlagValues) -> None:
   """The numbers and paths the user gave, before anything is compiled or timed."""
   from ait_jax import cli  # pylint: disable=g-import-not-at-top
   if fv.peak_tflops is not None and not fv.peak_tflops > 0:
-    raise ValueError(f'--peak_tflops={fv.peak_tflops} must be positive: the peak TFLOP/s of one '
-                     'device (e.g. 989 for an H100 or H200 in bf16), or leave it out.')
+    raise errors.ConfigError(
+        f'--peak_tflops={fv.peak_tflops} must be positive: the peak TFLOP/s of one '
+        'device (e.g. 989 for an H100 or H200 in bf16), or leave it out.')
   cli.check_output_path('json', fv.json)
 
 
@@ -490,12 +500,12 @@ def main(fv: flags.FlagValues) -> dict:
   all_devices = jax.devices()
   n = fv.devices or len(all_devices)
   if not 1 <= n <= len(all_devices):
-    raise ValueError(f'--devices={n} must be between 1 and the {len(all_devices)} devices '
-                     'JAX sees.')
+    raise errors.ConfigError(f'--devices={n} must be between 1 and the {len(all_devices)} devices '
+                             'JAX sees.')
   devices = all_devices[:n]
   if fv.compare == 'vit' and _build_config(fv, False).model.vit:
-    raise ValueError('--compare=vit compares an AiT with its ViT; pass --model=<preset> '
-                     'without vit_.')
+    raise errors.ConfigError('--compare=vit compares an AiT with its ViT; pass --model=<preset> '
+                             'without vit_.')
   platform_name = devices[0].platform
   peak = fv.peak_tflops if fv.peak_tflops is not None else (
       GPU_PEAK_TFLOPS if platform_name == 'gpu' else None)

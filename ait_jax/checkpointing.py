@@ -25,7 +25,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ait_jax import cli
+from ait_jax import errors
+from ait_jax import paths
 
 LOCK_FILE = 'run.lock'
 DAMAGED_DIR = 'damaged_checkpoints'  # where a resumed run moves the checkpoints it skipped
@@ -34,15 +35,15 @@ DAMAGED_DIR = 'damaged_checkpoints'  # where a resumed run moves the checkpoints
 EXIT_PREEMPTED = 75
 
 
-class IncompatibleCheckpointError(cli.UserError):
+class IncompatibleCheckpointError(errors.UserError):
   """The checkpoint was saved by a different model (another width, depth, ...)."""
 
 
-class WorkdirBusyError(cli.UserError):
+class WorkdirBusyError(errors.UserError):
   """Another live run holds the workdir's lock."""
 
 
-class CheckpointSaveError(cli.UserError):
+class CheckpointSaveError(errors.UserError):
   """A save failed (permissions, a full disk, a vanished bucket); the run stops at once."""
 
 
@@ -118,24 +119,24 @@ def workdir_path(workdir: str) -> epath.Path:
 def check_workdir(workdir: str | None, *, writable: bool = True) -> None:
   """One sentence, before anything is compiled or written, for a workdir that cannot work."""
   if not workdir or not str(workdir).strip():
-    raise ValueError('The workdir is empty (is $WORKDIR set?); pass --workdir=DIR.')
+    raise errors.InputError('The workdir is empty (is $WORKDIR set?); pass --workdir=DIR.')
   workdir = str(workdir)
   if '://' in workdir:
     scheme = workdir.split('://', 1)[0]
     if scheme == 'gs' and not any(importlib.util.find_spec(m)
                                   for m in ('gcsfs', 'tensorflow')):
-      raise ValueError(f'--workdir={workdir} is on Google Cloud Storage, which needs gcsfs: '
-                       'pip install -e .[gcs] (or pip install gcsfs), or use a local folder.')
+      raise errors.InputError(
+          f'--workdir={workdir} is on Google Cloud Storage, which needs gcsfs: '
+          'pip install -e .[gcs] (or pip install gcsfs), or use a local folder.')
     return
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f'--workdir={workdir} is a file, not a folder; pass a folder (it is '
-                     'created if missing).')
-  existing = path
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
+    raise errors.InputError(f'--workdir={workdir} is a file, not a folder; pass a folder (it is '
+                            'created if missing).')
+  existing = paths.nearest_existing(path)
   if not os.path.isdir(existing):
-    raise ValueError(f'--workdir={workdir} is inside {existing}, which is a file; pass a folder.')
+    raise errors.InputError(
+        f'--workdir={workdir} is inside {existing}, which is a file; pass a folder.')
   if writable and not os.access(existing, os.W_OK | os.X_OK):
     raise PermissionError(f'--workdir={workdir} is not writable ({existing} is read-only for '
                           'this user); pass a folder you can write to.')
@@ -143,10 +144,10 @@ def check_workdir(workdir: str | None, *, writable: bool = True) -> None:
 
 def disk_error(error: OSError, path) -> Exception:
   """The one sentence for a write to `path` that failed: a full disk says so, others name the
-  path (cli.user_message completes them)."""
+  path (the command line completes them)."""
   if error.errno in (errno.ENOSPC, errno.EDQUOT):
-    return cli.UserError(f'Cannot write {path}: {error.strerror or error}; free space on that '
-                         'disk (or pass a --workdir on another one) and rerun.')
+    return errors.UserError(f'Cannot write {path}: {error.strerror or error}; free space on that '
+                            'disk (or pass a --workdir on another one) and rerun.')
   return OSError(error.errno, error.strerror or str(error), str(path))
 
 
@@ -343,7 +344,7 @@ class Checkpointer:
     bucket's (a bug) keeps its traceback."""
     self._pending.clear()
     _release_orbax_waiters()
-    reason = (cli.one_line(f'{type(error).__name__}: {error}')[:300]
+    reason = (errors.one_line(f'{type(error).__name__}: {error}')[:300]
               if isinstance(error, BaseException) else 'its folder was not written')
     last = self.last_intact_step(exclude=step)
     where = self.root / 'checkpoints'
@@ -409,7 +410,7 @@ class Checkpointer:
       except IncompatibleCheckpointError:
         raise
       except Exception as e:  # pylint: disable=broad-except  (any damage: skip, never delete)
-        reason = cli.one_line(f'{type(e).__name__}: {e}')[:300]
+        reason = errors.one_line(f'{type(e).__name__}: {e}')[:300]
         self.skipped.append((manager.directory, step, reason))
         logging.warning('Skipping the damaged checkpoint of step %d in %s (%s); trying an older '
                         'one. The damaged folder is kept.', step, manager.directory, reason)
@@ -419,7 +420,7 @@ class Checkpointer:
       return step, restored['state'], restored['data']
     damaged = [s for d, s, _ in self.skipped if d == manager.directory]
     if damaged and which == 'latest':
-      raise cli.UserError(
+      raise errors.UserError(
           f'Every checkpoint in {manager.directory} is damaged (steps '
           f'{", ".join(str(s) for s in damaged)}); move that folder away to start afresh, or '
           'restore it from a copy.')

@@ -17,6 +17,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ait_jax import config_overrides
+from ait_jax import errors
+from ait_jax import paths
+
 EXIT_USER_ERROR = 2
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # The configs ship inside the wheel as ait_jax/configs (setup.cfg maps the repository's configs/
@@ -28,14 +32,9 @@ if not os.path.isdir(_CONFIGS_DIR):
 _USER_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
                 errno.EROFS, errno.EEXIST, errno.ENOSPC, errno.EDQUOT}
 _HELP = ('--help', '-h', '--helpshort', '--helpfull', '-?')
-
-
-class UserError(Exception):
-  """Something the user can fix (busy workdir, damaged data, non-finite training); one line."""
-
-
-def one_line(text: str) -> str:
-  return ' '.join(str(text).split())
+# What parsing the flags, and the config file they name, raises for a user's mistake (a bad flag,
+# a missing or broken file, a misspelt field); parse_error_message has a sentence for each.
+_PARSE_ERRORS = (flags.Error, ValueError, TypeError, OSError, AttributeError, KeyError)
 
 
 def _innermost(error: BaseException) -> BaseException:
@@ -97,10 +96,10 @@ def parse_error_message(error: BaseException, argv: list[str]) -> str:
   spec = _config_arg(argv)
   if isinstance(inner, (AttributeError, KeyError)):
     field = str(inner).strip('"\'')
-    paths = [a.split('=')[0].split('config.', 1)[1] for a in argv
-             if a.startswith(('--config.', '--noconfig.')) and
-             a.split('=')[0].split('.')[-1] == field] or [field]
-    return (f'The config has no field {paths[0]!r}; check the spelling of --config.{paths[0]} '
+    fields = [a.split('=')[0].split('config.', 1)[1] for a in argv
+              if a.startswith(('--config.', '--noconfig.')) and
+              a.split('=')[0].split('.')[-1] == field] or [field]
+    return (f'The config has no field {fields[0]!r}; check the spelling of --config.{fields[0]} '
             f'against the fields of {(spec or "the config file").split(":")[0]}.')
   if isinstance(inner, OSError) and 'config file' in str(inner):
     reason = [l for l in str(inner).splitlines() if l.strip()][-1].strip()
@@ -121,24 +120,16 @@ def parse_error_message(error: BaseException, argv: list[str]) -> str:
 def is_user_error(error: BaseException) -> bool:
   """True for mistakes in the user's input; anything else is a bug and keeps its traceback.
 
-  ValueErrors count only when raised by this package or a config file (our validation), so a
-  ValueError from deep inside JAX still shows where it came from.
+  The library raises its own refusals as errors.UserError (ConfigError, InputError, ...); a plain
+  ValueError, from deep inside JAX or from a bug here, still shows where it came from.
   """
   from absl import app  # pylint: disable=g-import-not-at-top
-  if isinstance(error, (UserError, app.UsageError, flags.Error)):
+  if isinstance(error, (errors.UserError, app.UsageError, flags.Error)):
     return True
   if isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError,
                         PermissionError, FileExistsError)):
     return True
-  if isinstance(error, OSError) and error.errno in _USER_ERRNOS:
-    return True
-  if isinstance(error, ValueError):
-    tb = error.__traceback__
-    while tb is not None and tb.tb_next is not None:
-      tb = tb.tb_next
-    origin = os.path.abspath(tb.tb_frame.f_code.co_filename) if tb else ''
-    return origin.startswith((_PACKAGE_DIR, _CONFIGS_DIR))
-  return False
+  return isinstance(error, OSError) and error.errno in _USER_ERRNOS
 
 
 def user_message(error: BaseException) -> str:
@@ -152,7 +143,7 @@ def user_message(error: BaseException) -> str:
 def fail(message: str) -> None:
   """Prints `error: <message>` as one line on stderr and exits with EXIT_USER_ERROR."""
   sys.stdout.flush()
-  print(f'error: {one_line(message)}', file=sys.stderr, flush=True)
+  print(f'error: {errors.one_line(message)}', file=sys.stderr, flush=True)
   raise SystemExit(EXIT_USER_ERROR)
 
 
@@ -183,11 +174,7 @@ def parse_flags(define_flags: Callable[[flags.FlagValues], None],
       for name in ('config',):  # a missing config file only raises when the config is read
         if name in fv and fv[name].value is not None:
           fv[name].value.keys()
-  except SystemExit:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    if not isinstance(e, (flags.Error, ValueError, TypeError, OSError, AttributeError, KeyError)):
-      raise
+  except _PARSE_ERRORS as e:
     fail(parse_error_message(e, given))
   if len(rest) > 1:
     fail(f'Unexpected arguments {rest[1:]}; every option is a --flag=value.')
@@ -253,25 +240,13 @@ def require(fv: flags.FlagValues, *names: str, hint: str = '') -> None:
            f'pass --{name}={hint or "..."}.')
 
 
-def override_args(overrides: Mapping[str, object] | Iterable[str]) -> list[str]:
-  """{'model.depth': 2, 'question_types': ('a', 'b')} -> ['--config.model.depth=2', ...]."""
-  if not isinstance(overrides, Mapping):
-    return list(overrides)
-  out = []
-  for key, value in overrides.items():
-    if isinstance(value, tuple):  # a tuple literal, as ml_collections parses tuple fields
-      value = '(' + ','.join(f'"{x}"' for x in value) + ',)'
-    out.append(f'--config.{key}={value}')
-  return out
-
-
 def load_config(spec: str, overrides: Mapping[str, object] | Iterable[str] = ()):
   """`configs/x.py:variant` (or `x:variant`) plus overrides, parsed exactly as `--config=...
   --config.k=v` are.
 
   Raises ValueError with the same sentence the command line would print.
   """
-  given = ['load_config', f'--config={spec}', *override_args(overrides)]
+  given = ['load_config', f'--config={spec}', *config_overrides.as_flags(overrides)]
   argv = _resolve_config_args(given)
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, 'config', flag_values=fv, lock_config=True,
@@ -279,10 +254,8 @@ def load_config(spec: str, overrides: Mapping[str, object] | Iterable[str] = ())
   try:
     fv(argv)
     fv.config.keys()
-  except Exception as e:  # pylint: disable=broad-except
-    if not isinstance(e, (flags.Error, ValueError, TypeError, OSError, AttributeError, KeyError)):
-      raise
-    raise ValueError(parse_error_message(e, given)) from None
+  except _PARSE_ERRORS as e:
+    raise errors.ConfigError(parse_error_message(e, given)) from None
   return fv.config
 
 
@@ -295,17 +268,16 @@ def check_output_path(flag: str, path: str | None, *, folder: bool = False) -> N
   path = os.path.abspath(path)
   if os.path.exists(path):
     if folder and not os.path.isdir(path):
-      raise ValueError(f'--{flag}={path} is a file; pass a folder.')
+      raise errors.InputError(f'--{flag}={path} is a file; pass a folder.')
     if not folder and os.path.isdir(path):
-      raise ValueError(f'--{flag}={path} is a folder; pass a file name.')
+      raise errors.InputError(f'--{flag}={path} is a folder; pass a file name.')
     if not os.access(path, os.W_OK):
       raise PermissionError(f'--{flag}={path} is not writable for this user; pass another path.')
     return
-  existing = os.path.dirname(path)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
+  existing = paths.nearest_existing(path)  # path does not exist: its nearest ancestor
   if not os.path.isdir(existing):
-    raise ValueError(f'--{flag}={path} is inside {existing}, which is a file; pass another path.')
+    raise errors.InputError(
+        f'--{flag}={path} is inside {existing}, which is a file; pass another path.')
   if not os.access(existing, os.W_OK | os.X_OK):
     raise PermissionError(f'--{flag}={path} cannot be created: {existing} is read-only for this '
                           'user; pass another path.')

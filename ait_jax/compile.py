@@ -32,6 +32,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from ait_jax import cli
+from ait_jax import config_overrides
+from ait_jax import errors
 
 GIB = 2 ** 30
 MIB = 2 ** 20
@@ -100,8 +102,9 @@ def parse_slice(name: str) -> Slice:
       gen, n = key.rsplit('-', 1)
       groups.setdefault(gen, []).append(n)
     valid = '; '.join(f'{gen}-{{{",".join(ns)}}}' for gen, ns in groups.items())
-    raise ValueError(f'Unknown --topology={name!r}; valid slices: {valid} (v4 and v5p count '
-                     'TensorCores, two per chip; v5e and v6e count chips).')
+    raise errors.ConfigError(
+        f'Unknown --topology={name!r}; valid slices: {valid} (v4 and v5p count '
+        'TensorCores, two per chip; v5e and v6e count chips).')
   return SLICES[name]
 
 
@@ -147,7 +150,7 @@ def _libtpu_environment(spec: Slice):
 def topology_devices(spec: Slice, num_slices: int = 1) -> list:
   """The compile-only devices of `num_slices` slices of `spec` (no TPU needed)."""
   if importlib.util.find_spec('libtpu') is None:
-    raise cli.UserError("Compiling for a TPU needs libtpu: pip install -e '.[tpu]'.")
+    raise errors.UserError("Compiling for a TPU needs libtpu: pip install -e '.[tpu]'.")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   kwargs = {'wrap': spec.wrap, 'num_slices': num_slices}
   if spec.chip_config:
@@ -179,8 +182,8 @@ def parse_oom(message: str) -> dict:
     if m:
       return {'needed_bytes': int(float(m['needed']) * _UNITS[m['nu']]),
               'available_bytes': int(float(m['avail']) * _UNITS[m['au']]),
-              'message': cli.one_line(message)[:500]}
-  return {'needed_bytes': None, 'available_bytes': None, 'message': cli.one_line(message)[:500]}
+              'message': errors.one_line(message)[:500]}
+  return {'needed_bytes': None, 'available_bytes': None, 'message': errors.one_line(message)[:500]}
 
 
 def _state_bytes(trainer, which: str) -> int:
@@ -205,7 +208,7 @@ def compile_step(config, devices, which: str, hbm_bytes: int) -> dict:
   batch_size = config.batch_size if which == 'train' else config.eval_batch_size
   shards = trainer.mesh.shape[sharding.DATA]
   if which == 'train':
-    k = int(config.get('steps_per_call', 1))
+    k = int(config.steps_per_call)
     batch = bench.abstract_batch(trainer, batch_size)
     fn, args = ((trainer.train_step, (state, batch)) if k == 1 else
                 (trainer.steps_fn(k), (state, [batch] * k)))
@@ -451,7 +454,7 @@ def table(folder: str) -> str:
 def _command(fv: flags.FlagValues, spec_arg: str) -> str:
   """This run as one shell line (also when run in process, where sys.argv is another's)."""
   words = ['python', '-m', 'ait_jax.compile', f'--config={spec_arg}']
-  words += cli.override_args(config_flags.get_override_values(fv['config']))
+  words += config_overrides.as_flags(config_flags.get_override_values(fv['config']))
   words += [f'--{name}={fv[name].value}' for name in ('topology', 'num_slices', 'steps', 'json')
             if fv[name].present]
   words += ['--find_largest_batch'] * bool(fv.find_largest_batch)
@@ -467,9 +470,9 @@ def main(fv: flags.FlagValues) -> dict | None:
   cli.require(fv, 'topology', hint='a slice such as v5e-16 or v4-8')
   spec = parse_slice(fv.topology)
   config = fv.config
-  if config.get('device_data', False):
-    raise ValueError('--config.device_data=True keeps the dataset on the chips, which '
-                     'ait_jax.compile does not model; compile without it.')
+  if config.device_data:
+    raise errors.ConfigError('--config.device_data=True keeps the dataset on the chips, which '
+                             'ait_jax.compile does not model; compile without it.')
   from ait_jax import sharding  # pylint: disable=g-import-not-at-top
   from ait_jax import steps  # pylint: disable=g-import-not-at-top
   steps.setup(config)  # a bad config value fails here, before libtpu starts
@@ -488,7 +491,7 @@ def main(fv: flags.FlagValues) -> dict | None:
   result = {
       'command': _command(fv, spec_arg),
       'config_spec': spec_arg,
-      'overrides': cli.override_args(config_flags.get_override_values(fv['config'])),
+      'overrides': config_overrides.as_flags(config_flags.get_override_values(fv['config'])),
       'slice': spec.name, 'accelerator_type': spec.accelerator_type, 'topology': spec.topology,
       'num_slices': fv.num_slices, 'device_kind': devices[0].device_kind, 'chips': len(devices),
       'hosts': hosts, 'hbm_capacity_bytes': spec.hbm_bytes,

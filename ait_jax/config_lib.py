@@ -7,6 +7,7 @@ import os
 
 import ml_collections
 
+from ait_jax import errors
 from ait_jax import models
 
 ABLATIONS = {  # docs/model.md#ablations: name -> model fields
@@ -27,7 +28,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key, eq, value = item.partition('=')
     key = key.strip()
     if key not in out:
-      raise ValueError(f'Unknown config variant {key!r}; valid: {", ".join(sorted(out))}.')
+      raise errors.ConfigError(f'Unknown config variant {key!r}; valid: {", ".join(sorted(out))}.')
     if not eq:
       out[key] = True
     elif isinstance(out[key], bool):
@@ -76,19 +77,38 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+
+def cifar_config(dataset: str) -> ml_collections.ConfigDict:
+  """The recipe of configs/cifar10.py and cifar100.py, which differ only in the dataset."""
+  c = base_config()
+  c.dataset = dataset
+  c.model.preset = 'base'
+  c.model.patch_size = 4
+  c.model.bottleneck_k = 512
+  return c
+
+
+def split_preset(name: str) -> tuple[bool, str]:
+  """'vit_base' -> (True, 'base'), 'base' -> (False, 'base'): a model variant names the ViT
+  baseline of a preset by the prefix vit_."""
+  if name.startswith('vit_'):
+    return True, name[len('vit_'):]
+  return False, name
+
+
 def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
   """Applies `model=small|vit_small|...`, `ablation=...` and `quick` to a dataset's config."""
   v = parse_arg(arg, model=c.model.preset, ablation='none', quick=False)
-  preset = v.model
-  if preset.startswith('vit_'):
+  vit, preset = split_preset(v.model)
+  if vit:
     c.model.vit = True
-    preset = preset[len('vit_'):]
   if preset not in models.PRESETS:
-    raise ValueError(f'Unknown model variant {v.model!r}; use one of '
-                     f'{", ".join(list(models.PRESETS) + ["vit_" + p for p in models.PRESETS])}.')
+    raise errors.ConfigError(
+        f'Unknown model variant {v.model!r}; use one of '
+        f'{", ".join(list(models.PRESETS) + ["vit_" + p for p in models.PRESETS])}.')
   c.model.preset = preset
   if v.ablation not in ABLATIONS:
-    raise ValueError(f'Unknown ablation {v.ablation!r}; use one of {", ".join(ABLATIONS)}.')
+    raise errors.ConfigError(f'Unknown ablation {v.ablation!r}; use one of {", ".join(ABLATIONS)}.')
   c.model.update(ABLATIONS[v.ablation])
   if v.quick:  # a CPU smoke run: a narrow 1-layer model, a few steps
     c.model.update(depth=1, width=64, mlp_dim=128, num_heads=1)

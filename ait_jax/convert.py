@@ -18,6 +18,8 @@ import zipfile
 import jax
 import numpy as np
 
+from ait_jax import errors
+
 # Tensors the reference creates but never uses in AiT (docs/model.md): they are read and dropped.
 UNUSED = ('pos_embedding', 'cls_token', 'to_patch_embedding_cnn.0.weight',
           'to_patch_embedding_cnn.0.bias')
@@ -101,8 +103,9 @@ def rules(depth: int, memory_heads: int, question: bool) -> list[Rule]:
 def model_rules(model, target: Mapping) -> list[Rule]:
   """`rules` for an `ait_jax.models.AiT` whose abstract variables are `target`."""
   if model.vit:
-    raise ValueError('The reference checkpoint is an AiT; convert it with an AiT config, not the '
-                     'ViT baseline (model.vit=False).')
+    raise errors.ConfigError(
+        'The reference checkpoint is an AiT; convert it with an AiT config, not the '
+        'ViT baseline (model.vit=False).')
   return rules(model.depth, model.workspace.get('memory_heads', 8),
                'question_embed' in target['params'])
 
@@ -145,28 +148,30 @@ def convert(state_dict: Mapping[str, np.ndarray], model, target: Mapping,
     if rule.collection not in flat_targets:
       continue
     if rule.path not in flat_targets[rule.collection]:
-      raise ValueError(f'The model has no {rule.collection} {"/".join(rule.path)} for the '
-                       f'reference tensor {rule.source}: convert with an AiT config of the '
-                       'reference layout (posemb=none, head=flatten, self_attention=True).')
+      raise errors.ConfigError(f'The model has no {rule.collection} {"/".join(rule.path)} for the '
+                               f'reference tensor {rule.source}: convert with an AiT config of the '
+                               'reference layout (posemb=none, head=flatten, self_attention=True).')
     if rule.source not in state_dict:
-      raise ValueError(f'The reference state_dict has no tensor {rule.source!r}, which '
-                       f'{"/".join(rule.path)} needs: is it a checkpoint of the published AiT '
-                       'with the same depth (and question input) as the config?')
+      raise errors.InputError(
+          f'The reference state_dict has no tensor {rule.source!r}, which '
+          f'{"/".join(rule.path)} needs: is it a checkpoint of the published AiT '
+          'with the same depth (and question input) as the config?')
     value = np.asarray(rule.transform(np.asarray(state_dict[rule.source], np.float32)))
     expected = tuple(flat_targets[rule.collection][rule.path].shape)
     if value.shape != expected:
       shown = expected[::-1] if rule.transform is not copy else expected
-      raise ValueError(f'Reference tensor {rule.source} has shape '
-                       f'{tuple(np.shape(state_dict[rule.source]))} but the config needs '
-                       f'{shown}: set the config\'s model sizes (width, mlp_dim, num_heads, '
-                       'patch_size, memory_*) to those of the checkpoint.')
+      raise errors.InputError(f'Reference tensor {rule.source} has shape '
+                              f'{tuple(np.shape(state_dict[rule.source]))} but the config needs '
+                              f'{shown}: set the config\'s model sizes (width, mlp_dim, num_heads, '
+                              'patch_size, memory_*) to those of the checkpoint.')
     out[rule.collection][rule.path] = value
     used.add(rule.source)
   for collection, leaves in flat_targets.items():
     missing = sorted('/'.join(p) for p in set(leaves) - set(out[collection]))
     if missing:
-      raise ValueError(f'The reference has nothing for {collection} {missing}: convert with an '
-                       'AiT config of the reference layout (posemb=none, head=flatten).')
+      raise errors.InputError(
+          f'The reference has nothing for {collection} {missing}: convert with an '
+          'AiT config of the reference layout (posemb=none, head=flatten).')
   _check_leftovers(state_dict, used, model)
   return {c: _unflatten(leaves) for c, leaves in out.items()}
 
@@ -179,14 +184,16 @@ def _check_leftovers(state_dict: Mapping, used: set, model) -> None:
       continue
     if _BETA.fullmatch(name):
       if not np.isclose(float(np.asarray(state_dict[name])), momentum):
-        raise ValueError(f'Reference tensor {name} is {float(np.asarray(state_dict[name]))} but '
-                         f'the config has model.memory_momentum={momentum}: make them equal.')
+        raise errors.InputError(
+            f'Reference tensor {name} is {float(np.asarray(state_dict[name]))} but '
+            f'the config has model.memory_momentum={momentum}: make them equal.')
       continue
     unexpected.append(name)
   if unexpected:
-    raise ValueError(f'The reference state_dict has tensors this model does not use: '
-                     f'{unexpected[:4]}{" ..." if len(unexpected) > 4 else ""}; does the config '
-                     'have the depth (and question input) of the checkpoint?')
+    raise errors.InputError(
+        f'The reference state_dict has tensors this model does not use: '
+        f'{unexpected[:4]}{" ..." if len(unexpected) > 4 else ""}; does the config '
+        'have the depth (and question input) of the checkpoint?')
 
 
 def abstract_variables(model, image_shape, question_dim: int = 0, batch_size: int = 1) -> dict:
@@ -206,7 +213,7 @@ def _load_npz(path: str) -> dict:
   if not zipfile.is_zipfile(path):
     with open(path, 'rb') as f:
       lone_array = f.read(6) == b'\x93NUMPY'
-    raise ValueError(
+    raise errors.InputError(
         f'{path} holds one array, not a state_dict; save a .npz with one array per tensor name '
         '(numpy.savez(path, **state_dict)).' if lone_array else
         f'{path} is not a .npz (not a zip archive of arrays); pass the reference state_dict saved '
@@ -214,8 +221,8 @@ def _load_npz(path: str) -> dict:
   try:
     data = np.load(path, allow_pickle=False)
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-    raise ValueError(f'{path} is not a readable .npz ({_reason(e)}); pass the reference '
-                     'state_dict saved with numpy.savez, or a .pth.') from None
+    raise errors.InputError(f'{path} is not a readable .npz ({_reason(e)}); pass the reference '
+                            'state_dict saved with numpy.savez, or a .pth.') from None
   prefix = 'state_dict/'  # the project's fixtures keep other entries beside the state_dict
   arrays = {}
   with data:
@@ -226,14 +233,14 @@ def _load_npz(path: str) -> dict:
       try:
         value = data[key]
       except ValueError:  # object arrays need pickle, which is never used here
-        raise ValueError(f'{path} holds pickled objects ({key}), which are not loaded; save '
-                         'plain numeric arrays (numpy.savez of tensor.numpy()).') from None
+        raise errors.InputError(f'{path} holds pickled objects ({key}), which are not loaded; save '
+                                'plain numeric arrays (numpy.savez of tensor.numpy()).') from None
       if not isinstance(value, np.ndarray) or value.dtype.kind not in 'biuf':
-        raise ValueError(f'{path} holds {key!r}, which is not a numeric array; a checkpoint '
-                         '.npz holds one numeric array per tensor name.')
+        raise errors.InputError(f'{path} holds {key!r}, which is not a numeric array; a checkpoint '
+                                '.npz holds one numeric array per tensor name.')
       arrays[key.removeprefix(prefix)] = value
   if not arrays:
-    raise ValueError(f'{path} holds no arrays; pass the .npz of the reference state_dict.')
+    raise errors.InputError(f'{path} holds no arrays; pass the .npz of the reference state_dict.')
   return arrays
 
 
@@ -248,28 +255,31 @@ def load_state_dict(path: str) -> dict:
   if not os.path.exists(path):
     raise FileNotFoundError(f'No reference checkpoint at {path}.')
   if os.path.isdir(path):
-    raise ValueError(f'{path} is a folder; pass the reference checkpoint file (.pth or .npz).')
+    raise errors.InputError(
+        f'{path} is a folder; pass the reference checkpoint file (.pth or .npz).')
   if path.endswith('.npz'):
     return _load_npz(path)
   if not path.endswith(('.pth', '.pt')):
-    raise ValueError(f'{path} is not a checkpoint this command reads: pass a .pth (PyTorch) or a '
-                     '.npz of the state_dict.')
+    raise errors.InputError(
+        f'{path} is not a checkpoint this command reads: pass a .pth (PyTorch) or a '
+        '.npz of the state_dict.')
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ValueError('Reading a .pth needs PyTorch: pip install "ait_jax[convert]" (or save the '
-                     'state_dict as a .npz of numpy arrays, which needs no torch).') from None
+    raise errors.InputError(
+        'Reading a .pth needs PyTorch: pip install "ait_jax[convert]" (or save the '
+        'state_dict as a .npz of numpy arrays, which needs no torch).') from None
   try:
     loaded = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except  (not a zip, unpickling refused, ...)
-    raise ValueError(f'{path} is not a PyTorch checkpoint of tensors torch can read safely '
-                     f'({_reason(e)}); pass the reference state_dict.') from None
+    raise errors.InputError(f'{path} is not a PyTorch checkpoint of tensors torch can read safely '
+                            f'({_reason(e)}); pass the reference state_dict.') from None
   if isinstance(loaded, Mapping) and 'state_dict' in loaded and isinstance(
       loaded['state_dict'], Mapping):
     loaded = loaded['state_dict']
   if not isinstance(loaded, Mapping):
-    raise ValueError(f'{path} does not hold a state_dict (a dict of tensors); save it with '
-                     'torch.save(net.state_dict(), path).')
+    raise errors.InputError(f'{path} does not hold a state_dict (a dict of tensors); save it with '
+                            'torch.save(net.state_dict(), path).')
   # torch.save of a DataParallel model prefixes every name with 'module.'.
   return {k.removeprefix('module.'): v.detach().cpu().float().numpy() for k, v in loaded.items()}
 
@@ -280,7 +290,7 @@ def write_checkpoint(config, reference: str, workdir: str) -> str:
   from ait_jax import train  # pylint: disable=g-import-not-at-top
   root = checkpointing.workdir_path(workdir)
   if any((root / d).exists() for d in ('checkpoints', 'best')):
-    raise ValueError(f'{workdir} already holds a checkpoint; convert into a new --workdir.')
+    raise errors.InputError(f'{workdir} already holds a checkpoint; convert into a new --workdir.')
   state_dict = load_state_dict(reference)
   trainer = train.Trainer(config)
   abstract = trainer.abstract_state

@@ -9,6 +9,7 @@ from absl import flags
 import jax
 
 from ait_jax import cli
+from ait_jax import errors
 
 # Set these to start a multi-process run by hand (JAX's auto-detection needs none of them).
 ENV_COORDINATOR = 'AIT_JAX_COORDINATOR'  # host:port of process 0
@@ -33,7 +34,7 @@ def maybe_initialize(mode: str | None = None) -> None:
   mode = (mode or os.environ.get(ENV_DISTRIBUTED, 'auto')).lower()
   mode = {'1': 'on', 'true': 'on', '0': 'off', 'false': 'off'}.get(mode, mode)
   if mode not in ('auto', 'on', 'off'):
-    raise ValueError(f"distributed mode must be 'auto', 'on' or 'off', got {mode!r}.")
+    raise errors.ConfigError(f"distributed mode must be 'auto', 'on' or 'off', got {mode!r}.")
   if mode == 'off':
     return
   # Cross-process collectives between CPU devices (tests, CPU clusters) go through gloo; the
@@ -43,13 +44,13 @@ def maybe_initialize(mode: str | None = None) -> None:
   if coordinator:
     missing = [v for v in (ENV_NUM_PROCESSES, ENV_PROCESS_ID) if v not in os.environ]
     if missing:
-      raise ValueError(f'{ENV_COORDINATOR} is set, so also set {" and ".join(missing)}.')
+      raise errors.ConfigError(f'{ENV_COORDINATOR} is set, so also set {" and ".join(missing)}.')
     numbers = {}
     for name in (ENV_NUM_PROCESSES, ENV_PROCESS_ID):
       try:
         numbers[name] = int(os.environ[name])
       except ValueError:
-        raise ValueError(f'{name}={os.environ[name]!r} must be an integer.') from None
+        raise errors.ConfigError(f'{name}={os.environ[name]!r} must be an integer.') from None
     _start(f'the coordinator {coordinator}', coordinator_address=coordinator,
            num_processes=numbers[ENV_NUM_PROCESSES], process_id=numbers[ENV_PROCESS_ID])
     return
@@ -67,8 +68,8 @@ def _start(where: str, **kwargs) -> None:
   try:
     jax.distributed.initialize(**kwargs)
   except (RuntimeError, ValueError) as e:
-    raise cli.UserError(
-        f'Multi-host start-up with {where} failed ({cli.one_line(e)[:200]}); check that every '
+    raise errors.UserError(
+        f'Multi-host start-up with {where} failed ({errors.one_line(e)[:200]}); check that every '
         f'process runs with the same {ENV_COORDINATOR} and {ENV_NUM_PROCESSES} (or pass '
         '--distributed=off for one host).') from None
   _initialized = True

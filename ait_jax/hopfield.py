@@ -5,6 +5,8 @@ The retrieval step is the concave–convex update of the energy, so the energy n
 import jax
 import jax.numpy as jnp
 
+from ait_jax import errors
+
 
 def hopfield_retrieve(state: jax.Array, patterns: jax.Array, beta: float = 1.0,
                       steps: int = 1) -> jax.Array:
@@ -17,7 +19,7 @@ def hopfield_retrieve(state: jax.Array, patterns: jax.Array, beta: float = 1.0,
     steps: number of update steps (≥ 1; the reference code uses one).
   """
   if steps < 1:
-    raise ValueError(f'hopfield_steps={steps} must be at least 1.')
+    raise errors.ConfigError(f'hopfield_steps={steps} must be at least 1.')
   xi = state
   for _ in range(steps):
     logits = jnp.einsum('...d,md->...m', xi, patterns, preferred_element_type=jnp.float32)

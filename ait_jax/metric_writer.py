@@ -10,7 +10,6 @@ import time
 
 from etils import epath
 import jax
-import numpy as np
 
 from ait_jax import checkpointing
 
@@ -66,12 +65,6 @@ def write_text_atomic(path, text: str) -> None:
         os.remove(tmp)
   except OSError as e:
     raise checkpointing.disk_error(e, path) from None
-
-
-def mean_of(metrics: list[dict]) -> dict:
-  """Averages a list of per-step metric dicts of device scalars (one host transfer)."""
-  stacked = jax.device_get(metrics)
-  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
 
 
 class Progress:

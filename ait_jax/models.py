@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ait_jax import errors
 from ait_jax import hopfield
 from ait_jax import workspace
 
@@ -317,7 +318,7 @@ def resolve(cfg: Mapping | str = 'small', **overrides) -> dict:
   cfg = dict(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg)
   unknown = sorted((set(cfg) | set(overrides)) - set(fields))
   if unknown:
-    raise ValueError(f'Unknown model field(s) {unknown}; valid fields: {sorted(fields)}.')
+    raise errors.ConfigError(f'Unknown model field(s) {unknown}; valid fields: {sorted(fields)}.')
   fields.update(cfg)
   fields.update(overrides)
   if fields['preset'] in PRESETS:
@@ -332,23 +333,23 @@ def validate(c: Mapping, *, image_shape, question_dim: int = 0,
   """Checks resolved model fields; each bad value raises one ValueError that names its field."""
   for name, allowed in {**_literal_fields(), **CHOICES}.items():
     if c[name] not in allowed:
-      raise ValueError(f'model.{name}={c[name]!r} is not one of '
-                       f'{", ".join(map(repr, allowed))}.')
+      raise errors.ConfigError(f'model.{name}={c[name]!r} is not one of '
+                               f'{", ".join(map(repr, allowed))}.')
   for name in AT_LEAST_ONE:
     if not isinstance(c[name], int) or isinstance(c[name], bool) or c[name] < 1:
-      raise ValueError(f'model.{name}={c[name]!r} must be a whole number of at least 1.')
+      raise errors.ConfigError(f'model.{name}={c[name]!r} must be a whole number of at least 1.')
   for name, ok, domain in [(n, lambda v: 0.0 <= v < 1.0, 'in [0, 1)') for n in HALF_OPEN_UNIT] + [
       (n, lambda v: v > 0, 'positive') for n in POSITIVE] + [
       (n, lambda v: v >= 0, 'non-negative') for n in NON_NEGATIVE]:
     if not isinstance(c[name], (int, float)) or isinstance(c[name], bool) or not ok(c[name]):
-      raise ValueError(f'model.{name}={c[name]!r} must be a number {domain}.')
+      raise errors.ConfigError(f'model.{name}={c[name]!r} must be a number {domain}.')
   if c['width'] % c['num_heads']:
-    raise ValueError(f"model.width={c['width']} must be divisible by "
-                     f"model.num_heads={c['num_heads']}.")
+    raise errors.ConfigError(f"model.width={c['width']} must be divisible by "
+                             f"model.num_heads={c['num_heads']}.")
   h, w = image_shape[:2]
   p = c['patch_size']
   if h % p or w % p:
-    raise ValueError(f'model.patch_size={p} must divide the image size {h}x{w}.')
+    raise errors.ConfigError(f'model.patch_size={p} must divide the image size {h}x{w}.')
   if not c['vit'] and c['bottleneck']:
     top_k, scope = c['bottleneck_k'], c['bottleneck_scope']
     n = num_tokens(c, image_shape, question_dim)
@@ -356,8 +357,9 @@ def validate(c: Mapping, *, image_shape, question_dim: int = 0,
     if top_k is None or top_k < 1 or (in_scope is not None and top_k > in_scope):
       where = ('the tokens of one image' if scope == 'example' else
                f'the {in_scope} tokens of a batch of {batch_size}')
-      raise ValueError(f'model.bottleneck_k={top_k} must be between 1 and {in_scope}, {where} '
-                       f'(bottleneck_scope {scope!r}).')
+      raise errors.ConfigError(
+          f'model.bottleneck_k={top_k} must be between 1 and {in_scope}, {where} '
+          f'(bottleneck_scope {scope!r}).')
 
 
 def num_tokens(cfg: Mapping, image_shape, question_dim: int = 0) -> int:

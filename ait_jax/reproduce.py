@@ -24,6 +24,8 @@ import time
 from absl import flags
 
 from ait_jax import cli
+from ait_jax import config_overrides
+from ait_jax import errors
 from ait_jax.data import sort_of_clevr as clevr
 
 
@@ -78,7 +80,7 @@ def _load_config(name: str, variant: str, overrides: dict):
 def _command(name, variant, overrides, data_dir, workdir) -> str:
   parts = [f'python -m ait_jax.main --config=configs/{name}.py:{variant}',
            f'--workdir={workdir}', f'--config.data_dir={data_dir}']
-  return ' '.join(parts + [shlex.quote(a) for a in cli.override_args(overrides)])
+  return ' '.join(parts + [shlex.quote(a) for a in config_overrides.as_flags(overrides)])
 
 
 def batch_independence(config, workdir: str) -> list[dict]:
@@ -145,8 +147,9 @@ def selected_runs(scale: str, only: list[str]) -> dict:
   runs = RUNS[scale]
   unknown = [n for n in only if n not in runs]
   if unknown:
-    raise ValueError(f'--only={",".join(unknown)} names no run of --scale={scale}; use some of '
-                     f'{", ".join(runs)}.')
+    raise errors.ConfigError(
+        f'--only={",".join(unknown)} names no run of --scale={scale}; use some of '
+        f'{", ".join(runs)}.')
   return {k: v for k, v in runs.items() if not only or k in only}
 
 

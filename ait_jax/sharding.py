@@ -11,6 +11,8 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ait_jax import errors
+
 DATA, MODEL = 'data', 'model'
 # Kernels smaller than this stay replicated even with a model axis: splitting them costs more in
 # communication than it saves in memory.
@@ -25,17 +27,17 @@ def make_mesh(data: int = -1, model: int = 1, devices=None) -> jax.sharding.Mesh
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   if model < 1 or n % model:
-    raise ValueError(f'mesh.model={model} must divide the {n} available devices.')
+    raise errors.ConfigError(f'mesh.model={model} must divide the {n} available devices.')
   if data == -1:
     data = n // model
   if data < 1 or data * model > n:
-    raise ValueError(f'mesh.data={data} × mesh.model={model} exceeds the {n} devices; '
-                     'set mesh.data=-1 to use them all.')
+    raise errors.ConfigError(f'mesh.data={data} × mesh.model={model} exceeds the {n} devices; '
+                             'set mesh.data=-1 to use them all.')
   devices = devices[:data * model]
   slices = len({getattr(d, 'slice_index', 0) for d in devices})
   if slices > 1:  # multi-slice: 'data' spans the slices over the data-center network
     if data % slices:
-      raise ValueError(f'mesh.data={data} must be a multiple of the {slices} slices.')
+      raise errors.ConfigError(f'mesh.data={data} must be a multiple of the {slices} slices.')
     grid = mesh_utils.create_hybrid_device_mesh((data // slices, model), (slices, 1), devices)
     return jax.sharding.Mesh(grid, (DATA, MODEL), axis_types=(AxisType.Auto,) * 2)
   return jax.make_mesh((data, model), (DATA, MODEL), axis_types=(AxisType.Auto,) * 2,
@@ -72,5 +74,6 @@ def check_batch_size(batch_size: int, mesh, name: str = 'batch_size',
   shards = mesh.shape[DATA]
   processes = processes or jax.process_count()
   if batch_size % shards or batch_size % processes:
-    raise ValueError(f'{name}={batch_size} must be divisible by the {shards} data shards and the '
-                     f'{processes} processes; pick a multiple of {np.lcm(shards, processes)}.')
+    raise errors.ConfigError(
+        f'{name}={batch_size} must be divisible by the {shards} data shards and the '
+        f'{processes} processes; pick a multiple of {np.lcm(shards, processes)}.')

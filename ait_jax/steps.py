@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from ait_jax import errors
 from ait_jax import models
 from ait_jax import sharding
 from ait_jax.data import augment
@@ -58,36 +59,39 @@ def _check_pipeline(config: ml_collections.ConfigDict, info) -> None:
   """The input pipeline's options (`setup`): reader threads, prefetched batches, the evaluation
   batch and device_data, against this host's memory and the devices' budget."""
   if int(config.prefetch) < 0:
-    raise ValueError(f'prefetch={config.prefetch} must be 0 (read in the training thread) or a '
-                     'positive number of batches to keep ready (default 2).')
+    raise errors.ConfigError(
+        f'prefetch={config.prefetch} must be 0 (read in the training thread) or a '
+        'positive number of batches to keep ready (default 2).')
   most_threads = 8 * (os.cpu_count() or 1)
   if not 1 <= int(config.read_threads) <= most_threads:
-    raise ValueError(f'read_threads={config.read_threads} must be between 1 and {most_threads} '
-                     '(8 per CPU core of this host); the default is 1.')
+    raise errors.ConfigError(
+        f'read_threads={config.read_threads} must be between 1 and {most_threads} '
+        '(8 per CPU core of this host); the default is 1.')
   per_example = int(np.prod(info.image_shape)) + 4 * info.question_dim + 16  # uint8 image, labels
   budget = _host_memory_bytes() // 2  # the other half: the process, grain, the eval batch
   processes = jax.process_count()
   ready = max(int(config.prefetch), 1) * (config.batch_size // processes) * per_example
   if ready > budget:
-    raise ValueError(f'prefetch={config.prefetch} batches of {config.batch_size} need '
-                     f'{_size(ready)} of host memory, more than half of this host\'s '
-                     f'{_size(2 * budget)}; lower prefetch.')
+    raise errors.ConfigError(f'prefetch={config.prefetch} batches of {config.batch_size} need '
+                             f'{_size(ready)} of host memory, more than half of this host\'s '
+                             f'{_size(2 * budget)}; lower prefetch.')
   # A larger eval batch than the split is cut to the split (train.Trainer.eval_batch_size).
   evaluated = min(int(config.eval_batch_size), info.num_test) // processes * per_example
   if evaluated > budget:
-    raise ValueError(f'eval_batch_size={config.eval_batch_size} needs {_size(evaluated)} of host '
-                     f'memory per evaluation batch, more than half of this host\'s '
-                     f'{_size(2 * budget)}; lower eval_batch_size.')
-  if config.get('device_data', False):
+    raise errors.ConfigError(
+        f'eval_batch_size={config.eval_batch_size} needs {_size(evaluated)} of host '
+        f'memory per evaluation batch, more than half of this host\'s '
+        f'{_size(2 * budget)}; lower eval_batch_size.')
+  if config.device_data:
     records = info.num_train
     if info.has_question:  # one record per image, expanded to its questions of the kept types
       kept = clevr.question_type_indices(tuple(config.question_types) or None)
       records = info.num_train // (clevr.QUESTIONS_PER_TYPE * len(kept))
     size = -(-records // processes) * int(np.prod(info.image_shape))
     if size > device_data.MAX_BYTES:
-      raise ValueError(f'device_data=True would put {_size(size)} of {info.name} images on '
-                       f'every device (at most {_size(device_data.MAX_BYTES)}); set '
-                       'device_data=False for this dataset.')
+      raise errors.ConfigError(f'device_data=True would put {_size(size)} of {info.name} images on '
+                               f'every device (at most {_size(device_data.MAX_BYTES)}); set '
+                               'device_data=False for this dataset.')
 
 
 def setup(config: ml_collections.ConfigDict) -> Setup:
@@ -95,31 +99,31 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   for field in ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_steps',
                 'keep_checkpoints'):
     if int(config[field]) < 1:
-      raise ValueError(f'{field}={config[field]} must be a positive integer.')
+      raise errors.ConfigError(f'{field}={config[field]} must be a positive integer.')
   for field in ('lr', 'warmup_init_lr', 'end_lr', 'weight_decay', 'grad_clip_norm',
                 'warmup_epochs'):
     if not config[field] >= 0:
-      raise ValueError(f'{field}={config[field]} must be non-negative.')
+      raise errors.ConfigError(f'{field}={config[field]} must be non-negative.')
   for field in ('b1', 'b2'):  # AdamW's moment decays; 1 would never forget, >1 diverges
     if not 0 <= config[field] < 1:
-      raise ValueError(f'{field}={config[field]} must be in [0, 1) (e.g. 0.9 and 0.999).')
+      raise errors.ConfigError(f'{field}={config[field]} must be in [0, 1) (e.g. 0.9 and 0.999).')
   if not config.adam_eps > 0:
-    raise ValueError(f'adam_eps={config.adam_eps} must be positive (e.g. 1e-8).')
+    raise errors.ConfigError(f'adam_eps={config.adam_eps} must be positive (e.g. 1e-8).')
   if config.schedule_unit not in ('epoch', 'step'):
-    raise ValueError(f"schedule_unit={config.schedule_unit!r} must be 'epoch' or 'step'.")
+    raise errors.ConfigError(f"schedule_unit={config.schedule_unit!r} must be 'epoch' or 'step'.")
   info = datasets.get_info(config.dataset, tuple(config.question_types) or None)
   _check_pipeline(config, info)
-  if int(config.get('steps_per_call', 1)) < 1:
-    raise ValueError(f'steps_per_call={config.get("steps_per_call")} must be a positive integer (1: one '
-                     'step per call).')
+  if int(config.steps_per_call) < 1:
+    raise errors.ConfigError(f'steps_per_call={config.steps_per_call} must be a positive integer '
+                             '(1: one step per call).')
   steps_per_epoch = info.num_train // config.batch_size
   if steps_per_epoch < 1:
-    raise ValueError(f'batch_size={config.batch_size} is larger than the {info.num_train} '
-                     'training examples.')
+    raise errors.ConfigError(f'batch_size={config.batch_size} is larger than the {info.num_train} '
+                             'training examples.')
   total_steps = (config.total_steps if config.total_steps > 0 else
                  int(round(config.num_epochs * steps_per_epoch)))
   if total_steps < 1:
-    raise ValueError('num_epochs or total_steps must give at least one step.')
+    raise errors.ConfigError('num_epochs or total_steps must give at least one step.')
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
   model = models.create_model(config.model, num_classes=info.num_classes,
                               image_shape=info.input_shape, question_dim=info.question_dim,
@@ -134,10 +138,11 @@ TRAIN_EVAL_MAX = 10_000  # the default train-split subset: min(test split, this)
 def train_eval_examples(s: Setup) -> int:
   """How many train-split examples each evaluation also scores (`config.eval_train_examples`);
   raises one ValueError for a value other than -1, 0 or a positive whole number."""
-  n = s.config.get('eval_train_examples', -1)
+  n = s.config.eval_train_examples
   if not isinstance(n, int) or isinstance(n, bool) or n < -1:
-    raise ValueError(f'eval_train_examples={n!r} must be -1 (as many as the test split, at most '
-                     f'{TRAIN_EVAL_MAX:,}), 0 (none) or a positive whole number.')
+    raise errors.ConfigError(
+        f'eval_train_examples={n!r} must be -1 (as many as the test split, at most '
+        f'{TRAIN_EVAL_MAX:,}), 0 (none) or a positive whole number.')
   if n == -1:
     n = min(s.info.num_test, TRAIN_EVAL_MAX)
   return min(n, s.num_train)

@@ -18,7 +18,8 @@ import ml_collections
 import numpy as np
 
 from ait_jax import checkpointing
-from ait_jax import cli
+from ait_jax import config_overrides
+from ait_jax import errors
 from ait_jax import metric_writer
 from ait_jax import models
 from ait_jax import sharding
@@ -27,12 +28,12 @@ from ait_jax.data import device_data
 from ait_jax.data import input_pipeline
 from ait_jax.data import prepare
 
-class NonFiniteLossError(cli.UserError, RuntimeError):
+class NonFiniteLossError(errors.UserError, RuntimeError):
   """The loss, gradient norm or updated state of a logged step is NaN or infinite; the run stops
   without saving that state, and the message names the last good checkpoint."""
 
 
-class ConfigMismatchError(cli.UserError):
+class ConfigMismatchError(errors.UserError):
   """A resume with a config that changes the model, the data or the optimizer state."""
 
 
@@ -63,15 +64,24 @@ _FIELD_ROLES = (('model.', 'the model'), ('dataset', 'the data'), ('question_typ
                 ('grad_clip_norm', 'the optimizer state'))
 
 
-def _under_mesh(mesh, fn):
-  """`fn` traced with `mesh` as the context mesh, so that the workspace's 'sharded' top-k finds
-  the 'data' axis (jax.sharding.get_abstract_mesh); keeps fn's name for the jitted program."""
-  def traced(*args):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return fn(*args)
+class _MeshJit:
+  """`jax.jit(fn, **jit_kwargs)`, traced, lowered and run under `jax.set_mesh(mesh)`: the one
+  mesh context of the Trainer's functions, so that the workspace's 'sharded' and 'threshold'
+  selections find the mesh axis 'data' (jax.sharding.get_abstract_mesh) whoever calls them (the
+  loop, evaluate, bench, compile, tests). jax.set_mesh may only be entered outside jit, so it is
+  entered here, around each call and lowering."""
 
-  traced.__name__ = getattr(fn, '__name__', None) or fn.func.__name__
-  return traced
+  def __init__(self, mesh, fn, **jit_kwargs):
+    self.mesh = mesh
+    self.jitted = jax.jit(fn, **jit_kwargs)
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args)
 
 
 class Trainer:
@@ -89,19 +99,17 @@ class Trainer:
     rng = jax.random.PRNGKey(c.seed)
     self.abstract_state = jax.eval_shape(functools.partial(steps.init_state, self.s, self.tx), rng)
     self.state_sharding = steps.state_shardings(self.mesh, self.abstract_state)
-    self.init = jax.jit(_under_mesh(self.mesh, functools.partial(steps.init_state, self.s, self.tx)),
-                        out_shardings=self.state_sharding)
-    self.train_step = jax.jit(_under_mesh(self.mesh, functools.partial(steps.train_step, self.s,
-                                                                       self.tx)),
-                              in_shardings=(self.state_sharding, self.batch_sharding),
-                              out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
-                              donate_argnums=(0,))
-    self.eval_step = jax.jit(_under_mesh(self.mesh, functools.partial(steps.eval_step, self.s)),
-                             in_shardings=(self.state_sharding.params, self.state_sharding.memory,
-                                           self.batch_sharding),
-                             out_shardings=(sharding.replicated(self.mesh),
-                                            self.state_sharding.memory,
-                                            sharding.replicated(self.mesh)))
+    rep = sharding.replicated(self.mesh)
+    self.init = _MeshJit(self.mesh, functools.partial(steps.init_state, self.s, self.tx),
+                         out_shardings=self.state_sharding)
+    self.train_step = _MeshJit(self.mesh, functools.partial(steps.train_step, self.s, self.tx),
+                               in_shardings=(self.state_sharding, self.batch_sharding),
+                               out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
+    self.eval_step = _MeshJit(self.mesh, functools.partial(steps.eval_step, self.s),
+                              in_shardings=(self.state_sharding.params, self.state_sharding.memory,
+                                            self.batch_sharding),
+                              out_shardings=(rep, self.state_sharding.memory, rep))
+    self._steps_fns = {}  # steps_fn's: one program per k (host data), one for device data
     self.rng = rng
 
   def restore(self, workdir: str, which: str = 'best'):
@@ -137,31 +145,27 @@ class Trainer:
     """What the loop runs steps with: host batches, or the device-resident split
     (`config.device_data`); both resume from the same saved position."""
     c = self.s.config
-    if not c.get('device_data', False):
+    if not c.device_data:
       return _HostFeed(self, self.train_iterator(data_state))
     data, order = device_data.make_device_batches(
         c.dataset, self.mesh, data_dir=c.data_dir, global_batch_size=c.batch_size, seed=c.seed,
         question_types=tuple(c.question_types) or None, start_state=data_state)
     return _DeviceFeed(self, data, order)
 
-  def steps_fn(self, k: int, data=None):
+  def steps_fn(self, k: int, data=None) -> _MeshJit:
     """The jitted, state-donating function of k steps (`steps.train_steps`), compiled once per
     k (with device data, once per k through its index shape)."""
-    cache = self.__dict__.setdefault('_steps_fns', {})
     key = 'device' if data is not None else k
-    if key not in cache:
-      fn = _under_mesh(self.mesh, functools.partial(steps.train_steps, self.s, self.tx,
-                                                    batch_sharding=self.batch_sharding))
-      rep = sharding.replicated(self.mesh)
-      if data is None:
-        cache[key] = jax.jit(fn, in_shardings=(self.state_sharding, [self.batch_sharding] * k),
-                             out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
-      else:
-        cache[key] = jax.jit(lambda state, idx, arrays: fn(state, idx, arrays),
-                             in_shardings=(self.state_sharding, data.index_sharding(),
-                                           data.shardings()),
-                             out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
-    return cache[key]
+    if key not in self._steps_fns:
+      fn = functools.partial(steps.train_steps, self.s, self.tx,
+                             batch_sharding=self.batch_sharding)
+      batches = ((data.index_sharding(), data.shardings()) if data is not None else
+                 ([self.batch_sharding] * k,))
+      self._steps_fns[key] = _MeshJit(
+          self.mesh, fn, in_shardings=(self.state_sharding, *batches),
+          out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
+          donate_argnums=(0,))
+    return self._steps_fns[key]
 
   def eval_batch_size(self, split: str | None = None) -> int:
     """config.eval_batch_size, or, for a smaller split, the split's size rounded up to the data
@@ -205,8 +209,10 @@ class _HostFeed:
   def run(self, state, k: int):
     batches = [{key: v for key, v in next(self.iterator).items() if key in _TRAIN_KEYS}
                for _ in range(k)]
-    if k == 1 and self.trainer.s.config.get('steps_per_call', 1) == 1:
-      return self.trainer.train_step(state, batches[0])  # today's path, unchanged
+    if k == 1 and self.trainer.s.config.steps_per_call == 1:
+      # steps_per_call=1 (the default) runs train_step, not a scan of one step: the program
+      # every run compiled before steps_per_call existed, whose numerics checkpoints carry on.
+      return self.trainer.train_step(state, batches[0])
     return self.trainer.steps_fn(k)(state, batches)
 
   def get_state(self):
@@ -239,8 +245,7 @@ def _calls_end(step: int, c, s: steps.Setup) -> int:
   """Where the call starting after `step` ends: at most steps_per_call steps, never past a log,
   eval, save or the last step, and aligned to multiples of steps_per_call, so a resumed run
   makes the same calls as an uninterrupted one."""
-  every = (c.log_every_steps, c.checkpoint_every_steps, s.eval_every,
-           c.get('steps_per_call', 1))
+  every = (c.log_every_steps, c.checkpoint_every_steps, s.eval_every, c.steps_per_call)
   return min([s.total_steps] + [(step // e + 1) * e for e in every])
 
 
@@ -285,7 +290,7 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> list
     saved = _flat(json.loads(path.read_text()))
   except (OSError, ValueError) as e:
     raise ConfigMismatchError(
-        f'{path} cannot be read ({cli.one_line(e)[:120]}), so this config cannot be checked '
+        f'{path} cannot be read ({errors.one_line(e)[:120]}), so this config cannot be checked '
         f'against the run in {workdir}: restore that file, or move it away to accept this '
         'config.') from None
   new = _flat(json.loads(config.to_json_best_effort()))
@@ -300,7 +305,7 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> list
                      f'{"(none)" if value is missing else repr(value)}')
       continue
     role = next((r for prefix, r in _FIELD_ROLES if field.startswith(prefix)), 'that run')
-    flag = cli.override_args({field: tuple(old) if isinstance(old, list) else old})[0]
+    flag = config_overrides.as_flags({field: tuple(old) if isinstance(old, list) else old})[0]
     raise ConfigMismatchError(
         f'{workdir} holds a run with {field}={old!r} (its {CONFIG_FILE}), but this config has '
         f'{field}={value!r}, which changes {role}: pass {flag} to resume that run, or another '
@@ -448,9 +453,9 @@ def _without(d: dict, *keys) -> dict:
   return {k: v for k, v in d.items() if k not in keys}
 
 
-def _loop(trainer: 'Trainer', workdir: str, ckpt: checkpointing.Checkpointer,
-          writer: metric_writer.MetricWriter, feed, state, start: int) -> dict:
-  """Steps from `start` to the last step (or a signal), logging, evaluating and saving."""
+def _log_start(trainer: 'Trainer', writer: metric_writer.MetricWriter) -> None:
+  """The run's first lines: the model, the data, the steps and the mesh; an eval batch larger
+  than the test split."""
   s, c = trainer.s, trainer.s.config
   # Name the preset only with the sizes that run: `quick` overrides them.
   changed = [f'{k} {getattr(s.model, k)}' for k, v in models.PRESETS[c.model.preset].items()
@@ -465,14 +470,58 @@ def _loop(trainer: 'Trainer', workdir: str, ckpt: checkpointing.Checkpointer,
     writer.log_text(f'eval_batch_size={c.eval_batch_size} is larger than the '
                     f'{s.info.num_test} {s.info.test_split} examples: they are evaluated in one '
                     f'batch of {trainer.eval_batch_size()}.')
-  last_eval = None
-  if start >= s.total_steps:
-    writer.log_text(f'{workdir} already holds the final step {start}; nothing to train. Use '
-                    '--mode=eval to evaluate it.')
-    if not (checkpointing.workdir_path(workdir) / 'eval_final.json').exists():
-      # Stopped between the final save and eval_final.json (a kill): finish that part (its
-      # metrics row was written before the save).
-      last_eval = trainer.evaluate(state.params, state.memory)
+
+
+def _final_eval_if_done(trainer: 'Trainer', workdir: str, writer: metric_writer.MetricWriter,
+                        state, start: int) -> dict | None:
+  """A workdir that holds the final step trains nothing; its final evaluation runs again only
+  when a kill came between the final save and eval_final.json."""
+  if start < trainer.s.total_steps:
+    return None
+  writer.log_text(f'{workdir} already holds the final step {start}; nothing to train. Use '
+                  '--mode=eval to evaluate it.')
+  if not (checkpointing.workdir_path(workdir) / 'eval_final.json').exists():
+    # Stopped between the final save and eval_final.json (a kill): finish that part (its
+    # metrics row was written before the save).
+    return trainer.evaluate(state.params, state.memory)
+  return None
+
+
+def _log_train(writer: metric_writer.MetricWriter, progress: metric_writer.Progress,
+               s: steps.Setup, step: int, pending: list[dict]) -> tuple[dict, str | None]:
+  """The means of the pending steps' metrics (the only host sync of ordinary steps), written;
+  or, with them, the failure sentence when one is not finite (nothing is written then)."""
+  summary = _mean_of(pending)
+  bad = _non_finite(summary)
+  if bad:
+    return summary, f'Non-finite {" and ".join(bad)} at step {step}; that state is not saved.'
+  del summary['state_finite']
+  summary['epoch'] = step / s.steps_per_epoch
+  if step > progress.last_step:  # a first call that fills the window measured nothing
+    summary.update(progress.update(step))
+  writer.write(step, summary, prefix='train')
+  return summary, None
+
+
+def _evaluate_and_log(trainer: 'Trainer', writer: metric_writer.MetricWriter, state,
+                      step: int) -> dict:
+  """The test split's metrics at `step`, written, and beside them the train examples'
+  (memorisation shows); returns the test split's."""
+  last_eval = trainer.evaluate(state.params, state.memory)
+  writer.write(step, _scalars(last_eval), prefix='eval')
+  if trainer.train_eval_examples:
+    writer.write(step, _scalars(trainer.evaluate(
+        state.params, state.memory, trainer.s.info.train_split,
+        limit=trainer.train_eval_examples)), prefix='eval_train')
+  return last_eval
+
+
+def _loop(trainer: 'Trainer', workdir: str, ckpt: checkpointing.Checkpointer,
+          writer: metric_writer.MetricWriter, feed, state, start: int) -> dict:
+  """Steps from `start` to the last step (or a signal), logging, evaluating and saving."""
+  s, c = trainer.s, trainer.s.config
+  _log_start(trainer, writer)
+  last_eval = _final_eval_if_done(trainer, workdir, writer, state, start)
   # Processes agree on a signal at log steps, which already wait for the device.
   preemption = checkpointing.PreemptionFlag(agree_every=c.log_every_steps)
   pending, summary, failure, stopped_by = [], {}, None, None
@@ -494,24 +543,12 @@ def _loop(trainer: 'Trainer', workdir: str, ckpt: checkpointing.Checkpointer,
       stop = preemption.should_stop(step, ckpt)
       save = step % c.checkpoint_every_steps == 0 or is_last or stop or evaluated
       if step % c.log_every_steps == 0 or save:  # a state is checked finite before it is saved
-        summary = _mean_of(pending)  # the only host sync of ordinary steps
+        summary, failure = _log_train(writer, progress, s, step, pending)
         pending = []
-        bad = _non_finite(summary)
-        if bad:
-          failure = f'Non-finite {" and ".join(bad)} at step {step}; that state is not saved.'
+        if failure:
           break
-        del summary['state_finite']
-        summary['epoch'] = step / s.steps_per_epoch
-        if step > progress.last_step:  # a first call that fills the window measured nothing
-          summary.update(progress.update(step))
-        writer.write(step, summary, prefix='train')
       if evaluated:
-        last_eval = trainer.evaluate(state.params, state.memory)
-        writer.write(step, _scalars(last_eval), prefix='eval')
-        if trainer.train_eval_examples:  # beside the test accuracy: memorisation shows
-          writer.write(step, _scalars(trainer.evaluate(
-              state.params, state.memory, s.info.train_split, limit=trainer.train_eval_examples)),
-                       prefix='eval_train')
+        last_eval = _evaluate_and_log(trainer, writer, state, step)
       if save:
         ckpt.save(step, state, feed.get_state(),
                   best_metrics=_scalars(last_eval) if evaluated else None)

@@ -23,6 +23,8 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from ait_jax import cli  # pylint: disable=wrong-import-position
+from ait_jax import config_lib  # pylint: disable=wrong-import-position
+from ait_jax import errors  # pylint: disable=wrong-import-position
 from ait_jax import metric_writer  # pylint: disable=wrong-import-position
 from ait_jax import train  # pylint: disable=wrong-import-position
 from ait_jax import workspace  # pylint: disable=wrong-import-position
@@ -66,10 +68,13 @@ def load_config(workdir: str, config: ml_collections.ConfigDict | None = None
                             '(with the overrides the run was trained with).')
   try:
     with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+      saved = json.load(f)
   except ValueError as e:  # a damaged file raises deep inside json
-    raise ValueError(f'{path} is not valid JSON ({e}); pass --config=configs/<dataset>.py '
-                     'instead.') from None
+    raise errors.InputError(f'{path} is not valid JSON ({e}); pass --config=configs/<dataset>.py '
+                            'instead.') from None
+  # A run saved before a field of base_config existed (device_data, steps_per_call, ...) ran
+  # with that field's default: the library reads every such field as an attribute.
+  return ml_collections.ConfigDict({**config_lib.base_config().to_dict(), **saved})
 
 
 def read_metrics(workdir: str) -> dict[str, dict[int, dict]]:
@@ -81,7 +86,8 @@ def read_metrics(workdir: str) -> dict[str, dict[int, dict]]:
   for record in metric_writer.read_metrics(path):  # skips a torn or undecodable line, warning once
     out.setdefault(record['split'], {})[record['step']] = record
   if not out['train']:
-    raise ValueError(f'{path} holds no training metrics; train for at least log_every_steps.')
+    raise errors.InputError(
+        f'{path} holds no training metrics; train for at least log_every_steps.')
   return out
 
 
@@ -93,7 +99,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str, which: str = 'best'
   """
   config = config.copy_and_resolve_references()
   if config.model.vit:
-    raise ValueError('model.vit=True has no memory to visualise; pick an AiT run.')
+    raise errors.ConfigError('model.vit=True has no memory to visualise; pick an AiT run.')
   config.model.eval_writes_memory = True
   trainer = train.Trainer(config)
   step, state = trainer.restore(workdir, which)
@@ -402,12 +408,12 @@ def visualize(workdir: str, out: str, *, config: ml_collections.ConfigDict | Non
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'No workdir {workdir}; pass the --workdir of a training run.')
   if os.path.exists(out) and not os.path.isdir(out):
-    raise ValueError(f'--out={out} is a file; pass a folder for the figures.')
+    raise errors.InputError(f'--out={out} is a file; pass a folder for the figures.')
   metrics = read_metrics(workdir)
   config = load_config(workdir, config)
   if num_images < 1 or num_images > config.batch_size:
-    raise ValueError(f'num_images={num_images} must be between 1 and batch_size='
-                     f'{config.batch_size}.')
+    raise errors.ConfigError(f'num_images={num_images} must be between 1 and batch_size='
+                             f'{config.batch_size}.')
   trainer, step, state = restore(config, workdir, which)
   data = collect(trainer, state)
   num_images = min(num_images, int(data['mask'].sum()))

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from ait_jax import errors
+
 CV_EPS = 1e-10  # docs/model.md#balance-loss: cv² = var / (mean² + 1e-10)
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 DATA_AXIS = 'data'  # the mesh axis the batch is split over (ait_jax/sharding.py)
@@ -82,10 +84,11 @@ def bottleneck_attention(queries: jax.Array, keys: jax.Array, values: jax.Array,
     return BottleneckOutput(read, None, gates, to_tokens(importance), to_tokens(load))
 
   if not 0 < top_k <= n:
-    raise ValueError(f'bottleneck_k={top_k} must be in [1, {n}], the tokens each slot competes '
-                     'over; lower bottleneck_k or raise the batch size.')
+    raise errors.ConfigError(
+        f'bottleneck_k={top_k} must be in [1, {n}], the tokens each slot competes '
+        'over; lower bottleneck_k or raise the batch size.')
   if selection not in SELECTIONS[1:]:
-    raise ValueError(f'selection={selection!r} must be one of {SELECTIONS[1:]}.')
+    raise errors.ConfigError(f'selection={selection!r} must be one of {SELECTIONS[1:]}.')
   if selection == 'sharded':
     return sharded_bottleneck_attention(queries, keys, values, top_k, mesh, token_mask)
   if selection == 'threshold':
@@ -182,7 +185,7 @@ def chunked_top_k(x: jax.Array, top_k: int, num_chunks: int):
   chunks of the last axis, then the top-k of their union."""
   *lead, n = x.shape
   if num_chunks < 1 or n % num_chunks:
-    raise ValueError(f'num_chunks={num_chunks} must divide the {n} tokens.')
+    raise errors.ConfigError(f'num_chunks={num_chunks} must divide the {n} tokens.')
   size = n // num_chunks
   local_k = min(top_k, size)
   vals, idx = jax.lax.top_k(x.reshape(*lead, num_chunks, size), local_k)
@@ -234,15 +237,17 @@ def _data_shards(keys, mesh, selection: str):
   num_groups, _, n, _ = keys.shape
   found = data_mesh(mesh)
   if found is None:
-    raise ValueError(f"selection='{selection}' needs a mesh with a 'data' axis: call under "
-                     "jax.set_mesh(mesh) (the Trainer does) or choose selection='full'.")
+    raise errors.ConfigError(f"selection='{selection}' needs a mesh with a 'data' axis: call under "
+                             "jax.set_mesh(mesh) (the Trainer does) or choose selection='full'.")
   if num_groups != 1:
-    raise ValueError(f"selection='{selection}' is for scope 'batch' (one group of all tokens); "
-                     "scope 'example' needs no cross-device selection: use selection='full'.")
+    raise errors.ConfigError(
+        f"selection='{selection}' is for scope 'batch' (one group of all tokens); "
+        "scope 'example' needs no cross-device selection: use selection='full'.")
   shards = found.shape[DATA_AXIS]
   if n % shards:
-    raise ValueError(f'The {n} tokens of the batch must split evenly over the {shards} devices '
-                     "of mesh axis 'data'; pick a batch size divisible by them.")
+    raise errors.ConfigError(
+        f'The {n} tokens of the batch must split evenly over the {shards} devices '
+        "of mesh axis 'data'; pick a batch size divisible by them.")
   return found, shards
 
 

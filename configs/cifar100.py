@@ -13,9 +13,4 @@ from ait_jax import config_lib
 
 
 def get_config(arg=None):
-  c = config_lib.base_config()
-  c.dataset = 'cifar100'
-  c.model.preset = 'base'
-  c.model.patch_size = 4
-  c.model.bottleneck_k = 512
-  return config_lib.apply_variant(c, arg)
+  return config_lib.apply_variant(config_lib.cifar_config('cifar100'), arg)

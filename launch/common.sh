@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# Helpers sourced by tpu_vm.sh and gpu.sh: errors, shell quoting and the --dry-run command runner.
+# Helpers sourced by tpu_vm.sh and gpu.sh: errors, the flag loop, shell quoting and the --dry-run
+# command runner.
 # Not meant to be run on its own.
 
 # The jax release CI tests (constraints.txt); the accelerator builds must match it.
@@ -23,6 +24,53 @@ need_value() {
 # require VALUE FLAG ENV: a setting without a default must be given.
 require() {
   [[ -n $1 ]] || die "no $2 given: pass $2 or set $3."
+}
+
+# parse_args ARGS...: the scripts' one flag loop. A script names its flags in two arrays of
+# FLAG=VARIABLE words, SWITCHES (the flag sets VARIABLE to 1) and VALUE_FLAGS (the flag takes a
+# value, as --flag VALUE or --flag=VALUE), and defines usage. Sets SUBCOMMAND (the one word that is
+# not a flag) and EXTRA (the words after --).
+parse_args() {
+  SUBCOMMAND=
+  EXTRA=()
+  local arg variable
+  while (($#)); do
+    arg=$1
+    shift
+    if [[ $arg == --*=* ]]; then
+      set -- "${arg#*=}" "$@"
+      arg=${arg%%=*}
+    fi
+    case $arg in
+      -h | --help) usage; exit 0 ;;
+      --) EXTRA=("$@"); break ;;
+    esac
+    if variable=$(flag_variable "$arg" "${SWITCHES[@]}"); then
+      printf -v "$variable" 1
+    elif variable=$(flag_variable "$arg" "${VALUE_FLAGS[@]}"); then
+      need_value "$arg" "$@"
+      printf -v "$variable" '%s' "$1"
+      shift
+    elif [[ $arg == -* ]]; then
+      die "unknown flag $arg (see --help)."
+    else
+      [[ -z $SUBCOMMAND ]] || die "one subcommand at a time, got '$SUBCOMMAND' and '$arg'."
+      SUBCOMMAND=$arg
+    fi
+  done
+}
+
+# flag_variable FLAG FLAG=VARIABLE...: prints the VARIABLE of FLAG; fails when FLAG is not listed.
+flag_variable() {
+  local flag=$1 entry
+  shift
+  for entry in "$@"; do
+    if [[ ${entry%%=*} == "$flag" ]]; then
+      printf '%s' "${entry#*=}"
+      return 0
+    fi
+  done
+  return 1
 }
 
 # quote ARGS...: the arguments as one line that a POSIX shell splits back into the same words.

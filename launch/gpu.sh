@@ -61,34 +61,12 @@ Example:
 EOF
 }
 
-SUBCOMMAND=
-EXTRA=()
-while (($#)); do
-  arg=$1
-  shift
-  if [[ $arg == --*=* ]]; then
-    set -- "${arg#*=}" "$@"
-    arg=${arg%%=*}
-  fi
-  case $arg in
-    -h | --help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1 ;;
-    --venv) need_value "$arg" "$@"; VENV=$1; shift ;;
-    --python) need_value "$arg" "$@"; PYTHON=$1; shift ;;
-    --cuda) need_value "$arg" "$@"; CUDA=$1; shift ;;
-    --extras) need_value "$arg" "$@"; EXTRAS=$1; shift ;;
-    --config) need_value "$arg" "$@"; CONFIG=$1; shift ;;
-    --workdir) need_value "$arg" "$@"; WORKDIR=$1; shift ;;
-    --data-dir) need_value "$arg" "$@"; DATA_DIR=$1; shift ;;
-    --log-file) need_value "$arg" "$@"; LOG_FILE=$1; shift ;;
-    --) EXTRA=("$@"); break ;;
-    -*) die "unknown flag $arg (see --help)." ;;
-    *)
-      [[ -z $SUBCOMMAND ]] || die "one subcommand at a time, got '$SUBCOMMAND' and '$arg'."
-      SUBCOMMAND=$arg
-      ;;
-  esac
-done
+# shellcheck disable=SC2034  # read by parse_args (common.sh)
+SWITCHES=(--dry-run=DRY_RUN)
+# shellcheck disable=SC2034
+VALUE_FLAGS=(--venv=VENV --python=PYTHON --cuda=CUDA --extras=EXTRAS --config=CONFIG
+             --workdir=WORKDIR --data-dir=DATA_DIR --log-file=LOG_FILE)
+parse_args "$@"
 
 [[ -n $SUBCOMMAND ]] || { usage >&2; die "no subcommand given."; }
 PY=$VENV/bin/python

@@ -104,46 +104,15 @@ Example (a v4-32 pod: 4 workers):
 EOF
 }
 
-SUBCOMMAND=
-EXTRA=()
-while (($#)); do
-  arg=$1
-  shift
-  if [[ $arg == --*=* ]]; then
-    set -- "${arg#*=}" "$@"
-    arg=${arg%%=*}
-  fi
-  case $arg in
-    -h | --help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1 ;;
-    --spot) SPOT=1 ;;
-    --follow) FOLLOW=1 ;;
-    --yes) ASSUME_YES=1 ;;
-    --name) need_value "$arg" "$@"; TPU_NAME=$1; shift ;;
-    --zone) need_value "$arg" "$@"; ZONE=$1; shift ;;
-    --project) need_value "$arg" "$@"; PROJECT=$1; shift ;;
-    --accelerator-type) need_value "$arg" "$@"; ACCELERATOR_TYPE=$1; shift ;;
-    --runtime-version) need_value "$arg" "$@"; RUNTIME_VERSION=$1; shift ;;
-    --repo) need_value "$arg" "$@"; REPO_URL=$1; shift ;;
-    --ref) need_value "$arg" "$@"; REPO_REF=$1; shift ;;
-    --python) need_value "$arg" "$@"; PYTHON=$1; shift ;;
-    --extras) need_value "$arg" "$@"; EXTRAS=$1; shift ;;
-    --config) need_value "$arg" "$@"; CONFIG=$1; shift ;;
-    --workdir) need_value "$arg" "$@"; WORKDIR=$1; shift ;;
-    --data-dir) need_value "$arg" "$@"; DATA_DIR=$1; shift ;;
-    --distributed) need_value "$arg" "$@"; DISTRIBUTED=$1; shift ;;
-    --session) need_value "$arg" "$@"; TMUX_SESSION=$1; shift ;;
-    --worker) need_value "$arg" "$@"; LOG_WORKER=$1; shift ;;
-    --lines) need_value "$arg" "$@"; LOG_LINES=$1; shift ;;
-    --dest) need_value "$arg" "$@"; COPY_DEST=$1; shift ;;
-    --) EXTRA=("$@"); break ;;
-    -*) die "unknown flag $arg (see --help)." ;;
-    *)
-      [[ -z $SUBCOMMAND ]] || die "one subcommand at a time, got '$SUBCOMMAND' and '$arg'."
-      SUBCOMMAND=$arg
-      ;;
-  esac
-done
+# shellcheck disable=SC2034  # read by parse_args (common.sh)
+SWITCHES=(--dry-run=DRY_RUN --spot=SPOT --follow=FOLLOW --yes=ASSUME_YES)
+# shellcheck disable=SC2034
+VALUE_FLAGS=(--name=TPU_NAME --zone=ZONE --project=PROJECT --accelerator-type=ACCELERATOR_TYPE
+             --runtime-version=RUNTIME_VERSION --repo=REPO_URL --ref=REPO_REF --python=PYTHON
+             --extras=EXTRAS --config=CONFIG --workdir=WORKDIR --data-dir=DATA_DIR
+             --distributed=DISTRIBUTED --session=TMUX_SESSION --worker=LOG_WORKER
+             --lines=LOG_LINES --dest=COPY_DEST)
+parse_args "$@"
 
 [[ -n $SUBCOMMAND ]] || { usage >&2; die "no subcommand given."; }
 if [[ $SUBCOMMAND != compile ]]; then  # compile runs here and needs no VM

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from ait_jax import checkpointing
+from ait_jax import errors
 from ait_jax import metric_writer
 from ait_jax import train
 from conftest import limit, ROOT, xla_flags
@@ -95,7 +96,7 @@ def test_every_checkpoint_damaged_is_one_sentence(three_saves, tmp_path):
   for step in (2, 4, 6):
     _empty_folder(workdir / 'checkpoints' / str(step))
   ckpt = checkpointing.Checkpointer(str(workdir))
-  with pytest.raises(checkpointing.cli.UserError, match='Every checkpoint in .* is damaged'):
+  with pytest.raises(errors.UserError, match='Every checkpoint in .* is damaged'):
     ckpt.restore(trainer.abstract_with_shardings())
   ckpt.close()
 

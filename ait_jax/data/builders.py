@@ -23,6 +23,7 @@ from tensorflow_datasets.core import example_serializer
 from tensorflow_datasets.core.utils import tqdm_utils
 import tqdm
 
+from ait_jax import errors
 from ait_jax.data import cifar
 from ait_jax.data import oxford_iiit_pet as pet
 from ait_jax.data import sort_of_clevr as clevr
@@ -104,7 +105,7 @@ class _ArchiveBuilder(_OwnBuilder):
   archives: dict[str, str] = {}
 
 
-class ArchiveError(ValueError):
+class ArchiveError(errors.InputError):
   """An archive (checksummed, or put there by hand) that does not read as the published one."""
 
 

@@ -7,6 +7,7 @@ The input pipeline, the on-device preprocessing, the trainer and the figures all
 from collections.abc import Sequence
 import dataclasses
 
+from ait_jax import errors
 from ait_jax.data import imagenet100 as inet
 from ait_jax.data import sort_of_clevr as clevr
 from ait_jax.data import triangle as tri
@@ -100,15 +101,16 @@ def get_info(name: str, question_types: Sequence[str] | None = None) -> DatasetI
   """
   base, _, config = name.partition('/')
   if base not in DATASETS:
-    raise ValueError(f'Unknown dataset {name!r}; use one of {sorted(DATASETS)}.')
+    raise errors.ConfigError(f'Unknown dataset {name!r}; use one of {sorted(DATASETS)}.')
   info = DATASETS[base]
   if config:
     from ait_jax.data import builders  # pylint: disable=g-import-not-at-top  (imports TFDS)
     if not info.generated:
-      raise ValueError(f'Only {sorted(builders.GENERATED)} take a config suffix, got {name!r}.')
+      raise errors.ConfigError(
+          f'Only {sorted(builders.GENERATED)} take a config suffix, got {name!r}.')
     configs = {c.name: c for c in builders.GENERATED[base].BUILDER_CONFIGS}
     if config not in configs:
-      raise ValueError(f'Unknown config in {name!r}; use one of {sorted(configs)}.')
+      raise errors.ConfigError(f'Unknown config in {name!r}; use one of {sorted(configs)}.')
     c = configs[config]
     per_image = _Q if info.has_question else 1
     info = dataclasses.replace(info, name=name, tfds_name=f'{base}/{config}',
@@ -118,5 +120,5 @@ def get_info(name: str, question_types: Sequence[str] | None = None) -> DatasetI
     info = dataclasses.replace(info, num_train=round(info.num_train * kept),
                                num_test=round(info.num_test * kept))
   elif question_types:
-    raise ValueError(f'question_types is only for datasets with questions, not {name!r}.')
+    raise errors.ConfigError(f'question_types is only for datasets with questions, not {name!r}.')
   return info

@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ait_jax import errors
 from ait_jax import sharding as sharding_lib
 from ait_jax.data import input_pipeline
 
@@ -63,9 +64,10 @@ class DeviceData:
     examples, images = _shard_sizes(source, self.shard_count)
     size = images * int(np.prod(source.info.image_shape))
     if size > MAX_BYTES:
-      raise ValueError(f'device_data=True would put {size / 2 ** 30:.1f} GiB of {source.info.name} '
-                       f'images on every device (at most {MAX_BYTES / 2 ** 30:.0f} GiB); set '
-                       'device_data=False for this dataset.')
+      raise errors.ConfigError(
+          f'device_data=True would put {size / 2 ** 30:.1f} GiB of {source.info.name} '
+          f'images on every device (at most {MAX_BYTES / 2 ** 30:.0f} GiB); set '
+          'device_data=False for this dataset.')
     columns = source.columns(keys)
     self.sharding = NamedSharding(mesh, P(sharding_lib.DATA))
     rows = mesh.shape[sharding_lib.DATA]
@@ -156,11 +158,8 @@ class DeviceBatches:
     return {'grain': {'next_index': self._next}, 'fingerprint': self._fingerprint}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    if (state.get('fingerprint') != self._fingerprint
-        or 'next_index' not in state.get('grain', {})):
-      raise ValueError(f'The saved input state belongs to {state.get("fingerprint")!r}, not to '
-                       f'{self._fingerprint!r}; resume with the same dataset, seed and processes.')
-    self._next = int(state['grain']['next_index'])
+    self._next = int(input_pipeline.saved_position(state, self._fingerprint,
+                                                   'next_index')['next_index'])
 
   def close(self) -> None:
     self._pool.shutdown(wait=False, cancel_futures=True)

@@ -15,7 +15,7 @@ import urllib.request
 
 import tqdm
 
-from ait_jax import cli
+from ait_jax import errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ TIMEOUT_S = 20
 _CHUNK = 1 << 20
 
 
-class DownloadError(cli.UserError):
+class DownloadError(errors.UserError):
   """An archive that cannot be fetched or is not the published one; the sentence says what to do."""
 
 

@@ -13,6 +13,8 @@ import pathlib
 from absl import logging
 import numpy as np
 
+from ait_jax import errors
+
 TFDS_NAME = 'imagenet2012'
 # ImageNet cannot be downloaded automatically: TFDS's manual-download flow builds imagenet2012
 # from these two archives of image-net.org, placed in <data_dir>/downloads/manual/.
@@ -51,8 +53,8 @@ def label_map(all_names: Sequence[str], kept: Sequence[str]) -> np.ndarray:
   position = {name: i for i, name in enumerate(all_names)}
   missing = [name for name in kept if name not in position]
   if missing or len(set(kept)) != len(kept):
-    raise ValueError(f'The class subset must be distinct classes of the dataset; '
-                     f'{missing or "duplicates"} are not.')
+    raise errors.ConfigError(f'The class subset must be distinct classes of the dataset; '
+                             f'{missing or "duplicates"} are not.')
   out = np.full(len(all_names), -1, np.int32)
   out[[position[name] for name in kept]] = np.arange(len(kept), dtype=np.int32)
   return out
@@ -75,8 +77,8 @@ def load_or_build_index(path: pathlib.Path, num_records: int,
   if path.exists():
     index = np.load(path)
     if index.ndim != 1 or (index.size and not 0 <= index.min() <= index.max() < num_records):
-      raise ValueError(f'{path} is not an index of {num_records} records; delete it and run '
-                       'again to rebuild it.')
+      raise errors.InputError(f'{path} is not an index of {num_records} records; delete it and run '
+                              'again to rebuild it.')
     return index.astype(np.int64)
   logging.warning('Indexing the kept classes once: reading the labels of all %d records; the '
                   'result is saved to %s for later runs.', num_records, path)

@@ -17,7 +17,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
-from ait_jax import cli
+from ait_jax import errors
 from ait_jax.data import builders
 from ait_jax.data import datasets
 from ait_jax.data import imagenet100 as inet
@@ -35,12 +35,13 @@ def require_data_dir(data_dir: str | None) -> None:
   """An empty data_dir (`--config.data_dir=` with an unset shell variable) is refused: TFDS would
   read and write datasets in the current folder."""
   if data_dir == '':
-    raise ValueError('The data_dir is empty (--config.data_dir= or --data_dir=; is the shell '
-                     'variable in it set?); pass the folder that holds the datasets, e.g. '
-                     '--config.data_dir=~/tensorflow_datasets (it is created if missing).')
+    raise errors.ConfigError(
+        'The data_dir is empty (--config.data_dir= or --data_dir=; is the shell '
+        'variable in it set?); pass the folder that holds the datasets, e.g. '
+        '--config.data_dir=~/tensorflow_datasets (it is created if missing).')
 
 
-class DamagedDataError(cli.UserError):
+class DamagedDataError(errors.UserError):
   """A dataset file cannot be read (a truncated ArrayRecord, bytes damaged mid-file)."""
 
 
@@ -264,8 +265,9 @@ class ExampleSource:
 def _local_batch_size(global_batch_size: int) -> int:
   n = jax.process_count()
   if global_batch_size <= 0 or global_batch_size % n:
-    raise ValueError(f'global_batch_size={global_batch_size} must be a positive multiple of the '
-                     f'process count {n}; change the batch size.')
+    raise errors.ConfigError(
+        f'global_batch_size={global_batch_size} must be a positive multiple of the '
+        f'process count {n}; change the batch size.')
   return global_batch_size // n
 
 
@@ -287,6 +289,18 @@ def train_fingerprint(source: 'ExampleSource', seed: int, shard_count: int,
                       local_batch_size: int) -> str:
   """What a saved input position belongs to; a resume with another one is refused."""
   return f'{source!r} seed={seed} shards={shard_count} batch={local_batch_size}'
+
+
+def saved_position(state: dict[str, Any], fingerprint: str, *keys: str) -> Any:
+  """The position ('grain') of a saved input state (a `get_state()` of the training batches),
+  refused in one sentence when the state belongs to another fingerprint (dataset, seed, process
+  count, batch size) or its position lacks `keys`."""
+  if (state.get('fingerprint') != fingerprint or 'grain' not in state
+      or any(k not in state['grain'] for k in keys)):
+    raise errors.InputError(
+        f'The saved input state belongs to {state.get("fingerprint")!r}, not to '
+        f'{fingerprint!r}; resume with the same dataset, seed and processes.')
+  return state['grain']
 
 
 class TrainBatches:
@@ -325,10 +339,7 @@ class TrainBatches:
     return {'grain': self._iter.get_state(), 'fingerprint': self._fingerprint}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    if state.get('fingerprint') != self._fingerprint or 'grain' not in state:
-      raise ValueError(f'The saved input state belongs to {state.get("fingerprint")!r}, not to '
-                       f'{self._fingerprint!r}; resume with the same dataset, seed and processes.')
-    self._iter.set_state(state['grain'])
+    self._iter.set_state(saved_position(state, self._fingerprint))
 
 
 def make_train_iterator(name: str, *, data_dir: str | None, global_batch_size: int, seed: int,

@@ -24,6 +24,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from ait_jax import cli
+from ait_jax import errors
+from ait_jax import paths
 from ait_jax.data import builders
 from ait_jax.data import datasets
 from ait_jax.data import downloads
@@ -47,16 +49,15 @@ def check_data_dir(data_dir: str) -> None:
   if '://' in data_dir:
     if data_dir.startswith('gs://') and not any(importlib.util.find_spec(m)
                                                 for m in ('gcsfs', 'tensorflow')):
-      raise ValueError(f'The data_dir {data_dir} is on Google Cloud Storage, which needs gcsfs: '
-                       'pip install -e .[gcs] (or pip install gcsfs), or use a local folder.')
+      raise errors.InputError(
+          f'The data_dir {data_dir} is on Google Cloud Storage, which needs gcsfs: '
+          'pip install -e .[gcs] (or pip install gcsfs), or use a local folder.')
     return
-  existing = os.path.abspath(data_dir)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
+  existing = paths.nearest_existing(data_dir)
   if not os.path.isdir(existing):
     where = 'a file' if existing == os.path.abspath(data_dir) else f'inside the file {existing}'
-    raise ValueError(f'--data_dir={data_dir} is {where}; pass a folder (it is created if '
-                     'missing).')
+    raise errors.InputError(f'--data_dir={data_dir} is {where}; pass a folder (it is created if '
+                            'missing).')
 
 
 def dataset_dir(info: datasets.DatasetInfo, data_dir: str) -> epath.Path:
@@ -90,15 +91,16 @@ def prepare(name: str, data_dir: str, read_all: bool = True) -> tuple[str, bool]
       _index_subset(info, data_dir)
       return str(path), False
     if not ours:
-      raise cli.UserError(f'{path} {problem}, so {name} is incomplete or damaged; delete that '
-                          f'folder and run `{input_pipeline.prepare_command(name, data_dir)}` '
-                          'again.')
+      raise errors.UserError(f'{path} {problem}, so {name} is incomplete or damaged; delete that '
+                             f'folder and run `{input_pipeline.prepare_command(name, data_dir)}` '
+                             'again.')
     _say(f'{name} in {path} is incomplete or damaged (the folder {problem}); rebuilding it.')
   if '://' in data_dir:  # a bucket has no atomic rename
-    raise cli.UserError(f'{name} is not prepared in {data_dir}, and prepare writes only into a '
-                        f'local folder: run `{input_pipeline.prepare_command(name, "DIR")}` with '
-                        f'a local DIR, then copy DIR/{base} to {data_dir}/{base} (gcloud storage '
-                        'rsync -r).')
+    raise errors.UserError(
+        f'{name} is not prepared in {data_dir}, and prepare writes only into a '
+        f'local folder: run `{input_pipeline.prepare_command(name, "DIR")}` with '
+        f'a local DIR, then copy DIR/{base} to {data_dir}/{base} (gcloud storage '
+        'rsync -r).')
   if not ours:
     _check_catalog_needs(info, name, data_dir)
   path = pathlib.Path(path)
@@ -128,15 +130,16 @@ def _check_catalog_needs(info: datasets.DatasetInfo, name: str, data_dir: str) -
   manual = downloads.manual_dir(data_dir)
   missing = [f for f in info.manual_download if not (manual / f).exists()]
   if missing:
-    raise cli.UserError(f'{name!r} cannot be downloaded automatically: put {" and ".join(missing)} '
-                        f'(ImageNet: from image-net.org, after registering) in {manual} and run '
-                        'this command again.')
+    raise errors.UserError(
+        f'{name!r} cannot be downloaded automatically: put {" and ".join(missing)} '
+        f'(ImageNet: from image-net.org, after registering) in {manual} and run '
+        'this command again.')
   # The TFDS catalog builders serialise through TensorFlow and probe importlib_resources.
   missing = [m for m in ('tensorflow', 'importlib_resources')
              if importlib.util.find_spec(m) is None]
   if missing:
-    raise cli.UserError(f'Preparing {name!r} needs {" and ".join(missing)}; install them with '
-                        f'`pip install -e .[prepare] importlib_resources` and run again.')
+    raise errors.UserError(f'Preparing {name!r} needs {" and ".join(missing)}; install them with '
+                           f'`pip install -e .[prepare] importlib_resources` and run again.')
 
 
 def _index_subset(info: datasets.DatasetInfo, data_dir: str) -> None:
@@ -228,8 +231,8 @@ def ensure_prepared(info: datasets.DatasetInfo, data_dir: str) -> None:
   if error is not None:
     raise error
   if failed:
-    raise cli.UserError(f'Process 0 could not prepare {info.name} in {data_dir} (its error line '
-                        'says why); fix that and run again.')
+    raise errors.UserError(f'Process 0 could not prepare {info.name} in {data_dir} (its error line '
+                           'says why); fix that and run again.')
   if not whole():
     build()
 

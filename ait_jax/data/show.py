@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np
 
 from ait_jax import cli  # pylint: disable=wrong-import-position
+from ait_jax import errors
 from ait_jax.data import datasets
 from ait_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ait_jax.data import sort_of_clevr as clevr  # pylint: disable=wrong-import-position
@@ -48,7 +49,7 @@ def examples(name: str, num: int, data_dir: str | None, split: str = 'train',
         out.append((d['image'][i // 3], _clevr_caption(d['questions'][i // 3, q],
                                                        d['answers'][i // 3, q])))
       return out
-    raise ValueError(f'{name!r} is read from a prepared dataset; pass --data_dir.')
+    raise errors.ConfigError(f'{name!r} is read from a prepared dataset; pass --data_dir.')
   info = datasets.get_info(name)
   source = input_pipeline.ExampleSource(info, split, data_dir)
   step = max(1, len(source) // num)

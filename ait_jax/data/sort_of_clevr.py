@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ait_jax import errors
+
 IMAGE_SIZE = 75
 NUM_TRAIN = 9_800
 NUM_TEST = 200
@@ -210,6 +212,6 @@ def question_type_indices(question_types: Sequence[str] | None) -> list[int]:
     question_types = (question_types,)
   unknown = [t for t in question_types if t not in QUESTION_TYPES]
   if unknown or not question_types:
-    raise ValueError(f'question_types must be a non-empty subset of {QUESTION_TYPES}, '
-                     f'got {tuple(question_types)!r}.')
+    raise errors.ConfigError(f'question_types must be a non-empty subset of {QUESTION_TYPES}, '
+                             f'got {tuple(question_types)!r}.')
   return sorted({QUESTION_TYPES.index(t) for t in question_types})
