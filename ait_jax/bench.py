@@ -188,36 +188,36 @@ def benchmark(config, *, devices, steps: int, warmup: int, peak_tflops=None,
   state = jax.block_until_ready(trainer.init(trainer.rng))
 
   t0 = time.perf_counter()
-  compiled = trainer.train_step.lower(state, batch).compile()
+  compiled = trainer.steps_fn(1).lower(state, [batch]).compile()
   compile_s = time.perf_counter() - t0
   if dump_hlo:
     with open(dump_hlo, 'w') as f:
       f.write(compiled.as_text())
 
   for _ in range(warmup):
-    state, metrics = compiled(state, batch)
+    state, metrics = compiled(state, [batch])
   jax.block_until_ready((state, metrics))
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
-    state, metrics = compiled(state, batch)
+    state, metrics = compiled(state, [batch])
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t0)
   # The training loop does not wait on the device between steps; neither does this measure, which
   # gives images/s (the per-step times above add one dispatch latency each).
   t0 = time.perf_counter()
   for _ in range(steps):
-    state, metrics = compiled(state, batch)
+    state, metrics = compiled(state, [batch])
   jax.block_until_ready((state, metrics))
   pipelined = (time.perf_counter() - t0) / steps
-  loss = float(metrics['loss'])
+  loss = float(metrics['loss'][0])  # steps_fn(1) stacks one step's metrics
   if not math.isfinite(loss):
     raise errors.ConfigError(
         f'The benchmarked step gave a non-finite loss ({loss}); try dtype=float32.')
 
   n_dev = len(devices)
   median = statistics.median(times)
-  analytic = forward_flops(s.model, b, s.image_shape, s.question_dim)
+  analytic = forward_flops(s.model, b, s.info.input_shape, s.info.question_dim)
   flops = 3 * analytic['total']
   xla = _xla_flops(compiled, n_dev)
   tflops = flops / pipelined / 1e12
@@ -227,7 +227,7 @@ def benchmark(config, *, devices, steps: int, warmup: int, peak_tflops=None,
       'scope': None if c.vit else c.bottleneck_scope, 'batch': b, 'devices': n_dev,
       'dims': {k: getattr(s.model, k) for k in ('depth', 'width', 'mlp_dim', 'num_heads')},
       'bottleneck_k': None if c.vit else c.bottleneck_k,
-      'image_shape': list(s.image_shape), 'steps': steps, 'warmup': warmup,
+      'image_shape': list(s.info.input_shape), 'steps': steps, 'warmup': warmup,
       'compile_s': compile_s,
       'ms_per_step_median': 1e3 * median, 'ms_per_step_mean': 1e3 * statistics.fmean(times),
       'ms_per_step_min': 1e3 * min(times), 'ms_per_step_max': 1e3 * max(times),
@@ -378,11 +378,11 @@ def abstract_batch(trainer, batch_size: int, eval_batch: bool = False) -> dict:
   s, b = trainer.s, batch_size
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding)
   batch = {'image': spec((b,) + tuple(s.info.image_shape), np.uint8), 'label': spec((b,), np.int32)}
-  if s.question_dim:
-    batch['question'] = spec((b, s.question_dim), np.float32)
+  if s.info.has_question:
+    batch['question'] = spec((b, s.info.question_dim), np.float32)
   if eval_batch:  # train.Trainer.evaluate feeds these keys (train._EVAL_KEYS)
     batch['mask'] = spec((b,), np.bool_)
-    if s.question_dim:
+    if s.info.has_question:
       batch['qtype'] = spec((b,), np.int32)
       batch['qsubtype'] = spec((b,), np.int32)
   return batch
@@ -406,7 +406,7 @@ def compile_train_step(config, devices):
   from ait_jax import train  # pylint: disable=g-import-not-at-top
   trainer = train.Trainer(config, devices=devices)
   batch = abstract_batch(trainer, config.batch_size)
-  return trainer, trainer.train_step.lower(trainer.abstract_with_shardings(), batch).compile()
+  return trainer, trainer.steps_fn(1).lower(trainer.abstract_with_shardings(), [batch]).compile()
 
 
 def collective_report(config, devices) -> dict:

@@ -210,8 +210,7 @@ def compile_step(config, devices, which: str, hbm_bytes: int) -> dict:
   if which == 'train':
     k = int(config.steps_per_call)
     batch = bench.abstract_batch(trainer, batch_size)
-    fn, args = ((trainer.train_step, (state, batch)) if k == 1 else
-                (trainer.steps_fn(k), (state, [batch] * k)))
+    fn, args = trainer.steps_fn(k), (state, [batch] * k)
   else:
     fn, args = trainer.eval_step, (state.params, state.memory,
                                    bench.abstract_batch(trainer, batch_size, eval_batch=True))
@@ -271,7 +270,7 @@ _MAX_EXPONENT = 16  # 65,536 images per chip: no search goes higher
 def search_batch(config, devices, which: str, report: dict, hbm_bytes: int, hosts: int) -> dict:
   """The largest power-of-two per-chip batch of `which` that fits, by compiling; its trials."""
   from ait_jax import sharding  # pylint: disable=g-import-not-at-top
-  from ait_jax import steps  # pylint: disable=g-import-not-at-top
+  from ait_jax import validation  # pylint: disable=g-import-not-at-top
   field = 'batch_size' if which == 'train' else 'eval_batch_size'
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.model, devices)
   shards = mesh.shape[sharding.DATA]
@@ -280,8 +279,7 @@ def search_batch(config, devices, which: str, report: dict, hbm_bytes: int, host
     c = config.copy_and_resolve_references()
     c[field] = 2 ** e * shards
     try:  # e.g. bottleneck_k above a small batch's tokens, or more images than the dataset has
-      steps.setup(c)
-      sharding.check_batch_size(c[field], mesh, field, processes=hosts)
+      validation.validate(c, mesh, processes=hosts, batch_fields=(field,))
     except ValueError:
       return None
     return c
@@ -474,19 +472,18 @@ def main(fv: flags.FlagValues) -> dict | None:
     raise errors.ConfigError('--config.device_data=True keeps the dataset on the chips, which '
                              'ait_jax.compile does not model; compile without it.')
   from ait_jax import sharding  # pylint: disable=g-import-not-at-top
-  from ait_jax import steps  # pylint: disable=g-import-not-at-top
-  steps.setup(config)  # a bad config value fails here, before libtpu starts
+  from ait_jax import validation  # pylint: disable=g-import-not-at-top
+  validation.validate(config)  # a bad config value fails here, before libtpu starts
   cli.skip_absent_tpu(force_cpu=True)  # this host only compiles
   t_start = time.perf_counter()
   devices = topology_devices(spec, fv.num_slices)
   hosts = hosts_of(devices)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.model, devices)
   which = ['train', 'eval'] if fv.steps == 'both' else [fv.steps]
-  for step in which:  # against the slice's hosts, not this host's one process
-    field = 'batch_size' if step == 'train' else 'eval_batch_size'
-    sharding.check_batch_size(config[field], mesh, field, processes=hosts)
+  # The batches against the slice's hosts, not this host's one process.
+  model = validation.validate(config, mesh, processes=hosts, batch_fields=tuple(
+      'batch_size' if step == 'train' else 'eval_batch_size' for step in which)).model
   c = config.model
-  model = steps.setup(config).model
   spec_arg = config_flags.get_config_filename(fv['config'])
   result = {
       'command': _command(fv, spec_arg),

@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.mesh = ml_collections.ConfigDict({'data': -1, 'model': 1})
+  # How parameters and optimizer state lie on the mesh (sharding.RULES): 'replicated' on every
+  # data shard, or 'fsdp', split over 'data' and gathered where used (less HBM per chip).
+  c.sharding = 'replicated'
   c.prefetch = 2  # global batches grain keeps ready
   c.read_threads = 1  # grain threads reading and decoding batches (zlib and PIL free the GIL)
   # Tiny steps (Triangle, Sort-of-CLEVR) are bound by the host, not the accelerator:

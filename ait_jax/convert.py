@@ -197,13 +197,14 @@ def _check_leftovers(state_dict: Mapping, used: set, model) -> None:
 
 
 def abstract_variables(model, image_shape, question_dim: int = 0, batch_size: int = 1) -> dict:
-  """The shapes of `model`'s variables, without allocating them."""
+  """The shapes of `model`'s variables (unboxed from their logical axes), without allocating them."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   images = jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), jnp.float32)
   question = jax.ShapeDtypeStruct((batch_size, question_dim), jnp.float32) if question_dim else None
-  return jax.eval_shape(
+  return nn.unbox(jax.eval_shape(
       lambda rng, x, q: model.init({'params': rng, 'dropout': rng}, x, q, train=True),
-      jax.random.key(0), images, question)
+      jax.random.key(0), images, question))
 
 
 def _load_npz(path: str) -> dict:

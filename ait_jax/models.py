@@ -32,9 +32,29 @@ WRITE_LN_EPS = 1e-6  # docs/model.md#memory-write
 
 _dense_init = nn.initializers.xavier_uniform()
 
+# Every parameter names its dimensions with these logical axes (nn.with_logical_partitioning);
+# ait_jax/sharding.py's rule tables map them to the mesh, so a new parameter needs no edit there.
+# 'norm' (LayerNorm scales and biases) and 'classes' stay replicated under every rule set.
+LOGICAL_AXES = ('patch', 'question', 'embed', 'heads', 'head_dim', 'mlp', 'memory_dim',
+                'memory_heads', 'head_in', 'classes', 'norm')
 
-def _layer_norm(name: str | None = None, eps: float = BACKBONE_LN_EPS, **kw) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=eps, name=name, **kw)
+
+def _logical(init, *axes):
+  return nn.with_logical_partitioning(init, axes)
+
+
+def _dense(features: int, axes: tuple[str, str], *, name: str, use_bias: bool = True,
+           **kw) -> nn.Dense:
+  """nn.Dense with the reference's Xavier-uniform kernel, its kernel's axes (in, out) named."""
+  return nn.Dense(features, use_bias=use_bias, kernel_init=_logical(_dense_init, *axes),
+                  bias_init=_logical(nn.initializers.zeros_init(), axes[1]), name=name, **kw)
+
+
+def _layer_norm(name: str | None = None, eps: float = BACKBONE_LN_EPS, axis: str = 'norm',
+                **kw) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=eps, name=name,
+                      scale_init=_logical(nn.initializers.ones_init(), axis),
+                      bias_init=_logical(nn.initializers.zeros_init(), axis), **kw)
 
 
 class SelfAttention(nn.Module):
@@ -46,12 +66,12 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, n, d = x.shape
-    qkv = nn.Dense(3 * d, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                   kernel_init=_dense_init, name='qkv')(x)
+    qkv = _dense(3 * d, ('embed', 'heads'), use_bias=False, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name='qkv')(x)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 3, axis=2)
     out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
-    return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init,
-                    name='out')(out.reshape(b, n, d))
+    return _dense(d, ('heads', 'embed'), dtype=self.dtype, param_dtype=self.param_dtype,
+                  name='out')(out.reshape(b, n, d))
 
 
 class FeedForward(nn.Module):
@@ -62,9 +82,9 @@ class FeedForward(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init)
-    h = nn.gelu(nn.Dense(self.mlp_dim, name='fc1', **kw)(x), approximate=False)
-    return nn.Dense(x.shape[-1], name='fc2', **kw)(h)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = nn.gelu(_dense(self.mlp_dim, ('embed', 'mlp'), name='fc1', **kw)(x), approximate=False)
+    return _dense(x.shape[-1], ('mlp', 'embed'), name='fc2', **kw)(h)
 
 
 class GlobalWorkspace(nn.Module):
@@ -98,68 +118,95 @@ class GlobalWorkspace(nn.Module):
 
   @nn.compact
   def __call__(self, s, *, train: bool, token_mask=None):
-    b, n, d = s.shape
-    m, dm, hm = self.memory_slots, self.memory_dim, self.memory_heads
-    memory = self.variable(
-        'memory', 'slots',
-        lambda: jax.random.normal(self.make_rng('params'), (m, dm), jnp.float32))
-    # The memory is state: the optimizer never sees it and no gradient reaches it (docs/model.md#gradient-flow).
+    """docs/model.md#block, one line each: the write (§3–4), the priors, the retrieval (§5)."""
+    memory = self.variable('memory', 'slots', lambda: jax.random.normal(
+        self.make_rng('params'), (self.memory_slots, self.memory_dim), jnp.float32))
+    # The memory is state: the optimizer never sees it and no gradient reaches it (§6).
     mem = jax.lax.stop_gradient(memory.value)
-    kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-              kernel_init=_dense_init)
-
-    balance = jnp.zeros((), jnp.float32)
     if train or self.eval_writes_memory or self.is_initializing():
-      q = nn.Dense(hm * dm, name='query', **kw)(mem.astype(self.dtype))
-      k = nn.Dense(hm * dm, name='key', **kw)(s)
-      v = nn.Dense(hm * dm, name='value', **kw)(s)
-      groups, per_group = (1, b * n) if self.bottleneck_scope == 'batch' else (b, n)
-      split = lambda t: t.reshape(groups, per_group, hm, dm).transpose(0, 2, 1, 3)
-      top_k = self.bottleneck_k if self.bottleneck else None
-      if top_k is not None and top_k > per_group and (not train or self.is_initializing()):
-        # Evaluation (or init) on a batch smaller than the training one: keep every token rather
-        # than fail; training batches are checked by the config (`bottleneck_k`).
-        top_k = per_group
-      # Init only needs shapes (and may run outside any mesh): every selection gives the same.
-      selection = ('full' if self.is_initializing() else
-                   workspace.resolve_selection(self.selection, groups, per_group, top_k))
-      mask = None if token_mask is None else token_mask.reshape(groups, per_group)
-      out = workspace.bottleneck_attention(q.reshape(m, hm, dm).transpose(1, 0, 2), split(k),
-                                           split(v), top_k, selection, token_mask=mask)
-      read = out.read.transpose(1, 0, 2).reshape(m, hm * dm)
-      y = nn.Dense(dm, name='out', **kw)(read)
-      y = nn.Dropout(self.write_dropout)(y, deterministic=not train)
-      y = nn.LayerNorm(epsilon=WRITE_LN_EPS, param_dtype=self.param_dtype,
-                       name='write_norm')(y.astype(jnp.float32) + mem)
-      if self.gradient_mode == 'reference':
-        y = jax.lax.stop_gradient(y)  # docs/model.md#gradient-flow: Wv, Wo and write_norm get no gradient
-      written = workspace.ema_write(mem, y, self.memory_momentum)
-      if not self.memory_reset and not self.is_initializing():
-        if not self.is_mutable_collection('memory'):
-          raise ValueError("This call writes the memory (train=True or eval_writes_memory=True): "
-                           "pass mutable=['memory'] to apply and keep the returned memory.")
-        memory.value = jax.lax.stop_gradient(written)
-      balance = workspace.balance_loss(out.importance, out.load, self.balance_coef)
-      if self.is_mutable_collection('intermediates'):
-        self.sow('intermediates', 'bottleneck_indices', out.indices)
-        self.sow('intermediates', 'bottleneck_weights', out.weights)
-    else:
-      written = mem  # read-only evaluation: predictions independent of the batch (docs/model.md#batch-dependence)
-
-    priors = nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init,
-                      name='prior_proj')(written.astype(self.dtype))  # [M, D]
-    if self.retrieval == 'hopfield':
-      r = hopfield.hopfield_retrieve(s, priors, self.hopfield_beta, self.hopfield_steps)
-    else:  # docs/model.md#ablations ablation: a learned cross-attention from tokens to priors
-      r = nn.MultiHeadDotProductAttention(
-          num_heads=max(1, d // 64), dtype=self.dtype, param_dtype=self.param_dtype,
-          name='cross_attention')(s, jnp.broadcast_to(priors, (b, m, d)))
+      mem_new, balance = self._write(mem, s, train=train, token_mask=token_mask)
+      self._store(memory, mem_new)
+    else:  # read-only evaluation: predictions independent of the batch (§7)
+      mem_new, balance = mem, jnp.zeros((), jnp.float32)
+    priors = _dense(s.shape[-1], ('memory_dim', 'embed'), name='prior_proj',
+                    **self._kw())(mem_new.astype(self.dtype))  # P, [M, D]
+    r = self._retrieve(s, priors)
     if self.is_mutable_collection('intermediates'):
       self.sow('intermediates', 'energy_before', hopfield.hopfield_energy(s, priors,
                                                                           self.hopfield_beta))
       self.sow('intermediates', 'energy_after', hopfield.hopfield_energy(r, priors,
                                                                          self.hopfield_beta))
     return r.astype(s.dtype), balance
+
+  def _kw(self) -> dict:
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+  def _write(self, mem, s, *, train: bool, token_mask):
+    """(mem_new, balance): the bottleneck attention of the memory's queries over the tokens in
+    scope, the write's Dense, dropout and LayerNorm, and the EMA (docs/model.md#memory-write)."""
+    b, n, _ = s.shape
+    m, dm, hm = self.memory_slots, self.memory_dim, self.memory_heads
+    q = _dense(hm * dm, ('memory_dim', 'memory_heads'), use_bias=False, name='query',
+               **self._kw())(mem.astype(self.dtype))
+    k = _dense(hm * dm, ('embed', 'memory_heads'), use_bias=False, name='key', **self._kw())(s)
+    v = _dense(hm * dm, ('embed', 'memory_heads'), use_bias=False, name='value', **self._kw())(s)
+    groups, per_group = (1, b * n) if self.bottleneck_scope == 'batch' else (b, n)
+    split = lambda t: t.reshape(groups, per_group, hm, dm).transpose(0, 2, 1, 3)
+    top_k = self._top_k(per_group, train)
+    # Init only needs shapes (and may run outside any mesh): every selection gives the same.
+    selection = ('full' if self.is_initializing() else
+                 workspace.resolve_selection(self.selection, groups, per_group, top_k))
+    mask = None if token_mask is None else token_mask.reshape(groups, per_group)
+    out = workspace.bottleneck_attention(q.reshape(m, hm, dm).transpose(1, 0, 2), split(k),
+                                         split(v), top_k, selection, token_mask=mask)
+    read = out.read.transpose(1, 0, 2).reshape(m, hm * dm)
+    y = _dense(dm, ('memory_heads', 'memory_dim'), use_bias=False, name='out',
+               **self._kw())(read)
+    y = nn.Dropout(self.write_dropout)(y, deterministic=not train)
+    y = _layer_norm('write_norm', eps=WRITE_LN_EPS, param_dtype=self.param_dtype)(
+        y.astype(jnp.float32) + mem)
+    if self.gradient_mode == 'reference':
+      y = jax.lax.stop_gradient(y)  # §6: Wv, Wo and write_norm get no gradient
+    if self.is_mutable_collection('intermediates'):
+      self.sow('intermediates', 'bottleneck_indices', out.indices)
+      self.sow('intermediates', 'bottleneck_weights', out.weights)
+    return (workspace.ema_write(mem, y, self.memory_momentum),
+            workspace.balance_loss(out.importance, out.load, self.balance_coef))
+
+  def _top_k(self, per_group: int, train: bool) -> int | None:
+    """The tokens each (head, slot) keeps: None without the bottleneck. Training batches are
+    checked by the config (`models.validate`); an evaluation (or init) on a smaller batch keeps
+    every token rather than fail."""
+    if not self.bottleneck:
+      return None
+    if not train or self.is_initializing():
+      return min(self.bottleneck_k, per_group)
+    return self.bottleneck_k
+
+  def _store(self, memory, mem_new) -> None:
+    """mem_new becomes the stored memory, except at init and with memory_reset (§3)."""
+    if self.memory_reset or self.is_initializing():
+      return
+    if not self.is_mutable_collection('memory'):
+      raise ValueError("This call writes the memory (train=True or eval_writes_memory=True): "
+                       "pass mutable=['memory'] to apply and keep the returned memory.")
+    memory.value = jax.lax.stop_gradient(mem_new)
+
+  def _retrieve(self, s, priors):
+    """Each token reads the priors: one Hopfield step (§5), or the 'without Hopfield' ablation's
+    learned cross-attention (§9)."""
+    if self.retrieval == 'hopfield':
+      return hopfield.hopfield_retrieve(s, priors, self.hopfield_beta, self.hopfield_steps)
+    b, m, d = s.shape[0], *priors.shape
+    kernel = nn.linear.default_kernel_init
+    zeros = nn.initializers.zeros_init()
+    return nn.MultiHeadDotProductAttention(
+        num_heads=max(1, d // 64), name='cross_attention',
+        kernel_init=_logical(kernel, 'embed', 'heads', 'head_dim'),
+        bias_init=_logical(zeros, 'heads', 'head_dim'),
+        out_kernel_init=_logical(kernel, 'heads', 'head_dim', 'embed'),
+        out_bias_init=_logical(zeros, 'embed'), **self._kw(),
+    )(s, jnp.broadcast_to(priors, (b, m, d)))
 
 
 class Block(nn.Module):
@@ -219,18 +266,19 @@ class AiT(nn.Module):
     x = images.reshape(b, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(b, (hh // p) * (ww // p), p * p * c).astype(self.dtype)
     x = _layer_norm('patch_norm_in', **kw)(x)
-    x = nn.Dense(self.width, kernel_init=_dense_init, name='patch_embed', **kw)(x)
+    x = _dense(self.width, ('patch', 'embed'), name='patch_embed', **kw)(x)
     x = _layer_norm('patch_norm_out', **kw)(x)
     if self.posemb == 'learned':
-      x = x + self.param('posemb', nn.initializers.normal(0.02), (1,) + x.shape[1:],
-                         self.param_dtype).astype(self.dtype)
+      x = x + self.param('posemb', _logical(nn.initializers.normal(0.02), None, None, 'embed'),
+                         (1,) + x.shape[1:], self.param_dtype).astype(self.dtype)
     if question is not None:  # docs/model.md#question-token: one extra token before the patches
       qt = _layer_norm('question_norm_in', **kw)(question.astype(self.dtype))
-      qt = nn.Dense(self.width, kernel_init=_dense_init, name='question_embed', **kw)(qt)
+      qt = _dense(self.width, ('question', 'embed'), name='question_embed', **kw)(qt)
       qt = _layer_norm('question_norm_out', **kw)(qt)
       x = jnp.concatenate([qt[:, None], x], axis=1)
     if self.head == 'cls':
-      cls = self.param('cls', nn.initializers.zeros, (1, 1, self.width), self.param_dtype)
+      cls = self.param('cls', _logical(nn.initializers.zeros, None, None, 'embed'),
+                       (1, 1, self.width), self.param_dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(self.dtype), x], 1)
 
     token_mask = (None if example_mask is None else  # the question and CLS tokens too
@@ -248,9 +296,8 @@ class AiT(nn.Module):
       x = x.mean(axis=1)
     else:
       x = x[:, 0]
-    x = _layer_norm('head_norm', **kw)(x)
-    logits = nn.Dense(self.num_classes, kernel_init=_dense_init, name='head',
-                      **kw)(x)
+    x = _layer_norm('head_norm', axis='head_in', **kw)(x)
+    logits = _dense(self.num_classes, ('head_in', 'classes'), name='head', **kw)(x)
     return logits.astype(jnp.float32), {'balance_loss': balance}
 
 

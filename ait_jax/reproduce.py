@@ -227,7 +227,7 @@ def main(fv: flags.FlagValues) -> None:
     _check_writable_folder(flag, fv[flag].value)
   scale, out, data_dir, workdir_root = fv.scale, fv.out, fv.data_dir, fv.workdir_root
   import jax  # pylint: disable=g-import-not-at-top
-  from ait_jax import checkpointing, metric_writer, steps, train, visualize  # pylint: disable=g-import-not-at-top
+  from ait_jax import checkpointing, metric_writer, train, validation, visualize  # pylint: disable=g-import-not-at-top
   plans = {}
   for run, (name, variant, overrides) in runs.items():
     config = _load_config(name, variant, overrides)
@@ -248,7 +248,7 @@ def main(fv: flags.FlagValues) -> None:
   for run, (name, variant, overrides) in runs.items():
     config, workdir = plans[run]
     command = _command(name, variant, overrides, data_dir, workdir)
-    if _finished(workdir, steps.setup(config).total_steps):
+    if _finished(workdir, validation.validate(config).total_steps):
       print(f'== {run}: reusing the finished run in {workdir} ({command})', flush=True)
     else:
       print(f'== {run}: {command}', flush=True)

@@ -1,10 +1,15 @@
-"""The device mesh and the shardings of the train state and batches (jax.jit with shardings).
+"""The device mesh, and the shardings of the train state and batches (jax.jit with shardings).
 
-Batches are split over the 'data' axis; parameters are replicated, or with a 'model' axis > 1 their
-large kernels are split along their output dimension. The memory state is small and replicated.
+Batches are split over the 'data' axis. Every parameter names its dimensions with logical axes
+(`models.LOGICAL_AXES`, through nn.with_logical_partitioning), and one rule table per
+`config.sharding` maps those names to mesh axes, as Flax's logical_axis_rules and big_vision's
+parameter rules do: adding a parameter needs no edit here. Under every rule set a 'model' axis
+> 1 splits the attention heads and the MLP (tensor parallelism); 'fsdp' also splits each
+parameter's 'embed' dimension (and the head's input) over 'data', so parameters and optimizer
+state take 1/data of the memory and XLA gathers them where they are used. The memory state is
+small and replicated.
 """
-import math
-
+import flax.linen as nn
 import jax
 from jax.experimental import mesh_utils
 import numpy as np
@@ -14,9 +19,14 @@ from jax.sharding import PartitionSpec as P
 from ait_jax import errors
 
 DATA, MODEL = 'data', 'model'
-# Kernels smaller than this stay replicated even with a model axis: splitting them costs more in
-# communication than it saves in memory.
-MIN_SHARDED_SIZE = 2 ** 16
+
+# {config.sharding: ((logical axis, mesh axis), ...)}. A logical axis that no rule names stays
+# replicated, and so does a dimension that its mesh axis does not divide.
+_TENSOR_PARALLEL = (('heads', MODEL), ('mlp', MODEL))
+RULES = {
+    'replicated': _TENSOR_PARALLEL,
+    'fsdp': _TENSOR_PARALLEL + (('embed', DATA), ('head_in', DATA)),
+}
 
 
 def make_mesh(data: int = -1, model: int = 1, devices=None) -> jax.sharding.Mesh:
@@ -53,18 +63,35 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def param_sharding(mesh, abstract_tree):
-  """Shardings for a pytree of parameters (or optimizer state shaped like them)."""
-  model_size = mesh.shape[MODEL]
+def _is_boxed(x) -> bool:
+  return isinstance(x, nn.LogicallyPartitioned)
 
-  def spec(x):
-    shape = getattr(x, 'shape', ())
-    if (model_size > 1 and len(shape) >= 2 and shape[-1] % model_size == 0
-        and math.prod(shape) >= MIN_SHARDED_SIZE):
-      return NamedSharding(mesh, P(*([None] * (len(shape) - 1)), MODEL))
-    return replicated(mesh)
 
-  return jax.tree.map(spec, abstract_tree)
+def logical_shardings(mesh, boxed_tree, rules: str, *, require_axes: bool = False):
+  """The NamedSharding of every leaf of a tree whose leaves are nn.LogicallyPartitioned boxes
+  (parameters, and optimizer state initialised from them) or plain arrays (replicated).
+
+  require_axes: every leaf must name its axes (the parameters), else ValueError names the first
+  that does not.
+  """
+  table = dict(RULES[rules])
+
+  def shard(path, x):
+    if not _is_boxed(x):
+      if require_axes:
+        raise ValueError(f'Parameter {jax.tree_util.keystr(path)} has no logical axes: create '
+                         'it with nn.with_logical_partitioning (ait_jax/models.py).')
+      return replicated(mesh)
+    shape, names = x.value.shape, x.names
+    if len(names) != len(shape):
+      raise ValueError(f'Parameter {jax.tree_util.keystr(path)} of shape {shape} names '
+                       f'{len(names)} axes {names}.')
+    spec = [table.get(name) for name in names]
+    spec = [axis if axis and mesh.shape[axis] > 1 and dim % mesh.shape[axis] == 0 else None
+            for axis, dim in zip(spec, shape)]
+    return NamedSharding(mesh, P(*spec))
+
+  return jax.tree_util.tree_map_with_path(shard, boxed_tree, is_leaf=_is_boxed)
 
 
 def check_batch_size(batch_size: int, mesh, name: str = 'batch_size',

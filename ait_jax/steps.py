@@ -1,27 +1,24 @@
-"""What one step computes, as pure functions of (Setup, state, batch): the validated setup of a run,
-the schedule and optimizer, the train state, the loss and its gradients, the train step and the
-eval step. `train.py` compiles them once (jax.jit, state donated) and runs the loop around them.
+"""What one step computes, as pure functions of (Setup, state, batch): the schedule and optimizer,
+the train state, the loss and its gradients, the train step and the eval step. They take arrays
+and the dataset's registry entry (`Setup.info`), and know nothing else of the data layer: the
+preprocessing comes in `Setup.preprocess` and the device feed's gather as an argument.
+`validation.py` builds the Setup; `train.py` compiles these once (jax.jit, state donated) and
+runs the loop around them.
 """
 import dataclasses
-import os
-from typing import Any
+from typing import Any, Callable
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from ait_jax import errors
 from ait_jax import models
 from ait_jax import sharding
-from ait_jax.data import augment
-from ait_jax.data import datasets
-from ait_jax.data import device_data
-from ait_jax.data import sort_of_clevr as clevr
-
-QUESTION_TYPES = clevr.QUESTION_TYPES
+from ait_jax.data.datasets import DatasetInfo
 
 
 @flax.struct.dataclass
@@ -35,117 +32,17 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  """Everything derived from a config, computed and checked before anything is compiled."""
+  """Everything derived from a config, computed and checked before anything is compiled
+  (`validation.validate` builds it): the dataset's registry entry, the model, the step counts and
+  the on-device preprocessing (uint8 images, rng, train -> float32 model inputs)."""
   config: ml_collections.ConfigDict
-  info: Any
+  info: DatasetInfo
   model: models.AiT
-  image_shape: tuple
-  question_dim: int
   steps_per_epoch: int
   total_steps: int
   eval_every: int
-  num_train: int
-
-
-def _host_memory_bytes() -> int:
-  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-
-
-def _size(n: float) -> str:
-  return f'{n / 2 ** 30:.1f} GiB' if n >= 2 ** 30 else f'{n / 2 ** 20:.1f} MiB'
-
-
-def _check_pipeline(config: ml_collections.ConfigDict, info) -> None:
-  """The input pipeline's options (`setup`): reader threads, prefetched batches, the evaluation
-  batch and device_data, against this host's memory and the devices' budget."""
-  if int(config.prefetch) < 0:
-    raise errors.ConfigError(
-        f'prefetch={config.prefetch} must be 0 (read in the training thread) or a '
-        'positive number of batches to keep ready (default 2).')
-  most_threads = 8 * (os.cpu_count() or 1)
-  if not 1 <= int(config.read_threads) <= most_threads:
-    raise errors.ConfigError(
-        f'read_threads={config.read_threads} must be between 1 and {most_threads} '
-        '(8 per CPU core of this host); the default is 1.')
-  per_example = int(np.prod(info.image_shape)) + 4 * info.question_dim + 16  # uint8 image, labels
-  budget = _host_memory_bytes() // 2  # the other half: the process, grain, the eval batch
-  processes = jax.process_count()
-  ready = max(int(config.prefetch), 1) * (config.batch_size // processes) * per_example
-  if ready > budget:
-    raise errors.ConfigError(f'prefetch={config.prefetch} batches of {config.batch_size} need '
-                             f'{_size(ready)} of host memory, more than half of this host\'s '
-                             f'{_size(2 * budget)}; lower prefetch.')
-  # A larger eval batch than the split is cut to the split (train.Trainer.eval_batch_size).
-  evaluated = min(int(config.eval_batch_size), info.num_test) // processes * per_example
-  if evaluated > budget:
-    raise errors.ConfigError(
-        f'eval_batch_size={config.eval_batch_size} needs {_size(evaluated)} of host '
-        f'memory per evaluation batch, more than half of this host\'s '
-        f'{_size(2 * budget)}; lower eval_batch_size.')
-  if config.device_data:
-    records = info.num_train
-    if info.has_question:  # one record per image, expanded to its questions of the kept types
-      kept = clevr.question_type_indices(tuple(config.question_types) or None)
-      records = info.num_train // (clevr.QUESTIONS_PER_TYPE * len(kept))
-    size = -(-records // processes) * int(np.prod(info.image_shape))
-    if size > device_data.MAX_BYTES:
-      raise errors.ConfigError(f'device_data=True would put {_size(size)} of {info.name} images on '
-                               f'every device (at most {_size(device_data.MAX_BYTES)}); set '
-                               'device_data=False for this dataset.')
-
-
-def setup(config: ml_collections.ConfigDict) -> Setup:
-  """Validates the config (each bad value raises one ValueError naming its field)."""
-  for field in ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_steps',
-                'keep_checkpoints'):
-    if int(config[field]) < 1:
-      raise errors.ConfigError(f'{field}={config[field]} must be a positive integer.')
-  for field in ('lr', 'warmup_init_lr', 'end_lr', 'weight_decay', 'grad_clip_norm',
-                'warmup_epochs'):
-    if not config[field] >= 0:
-      raise errors.ConfigError(f'{field}={config[field]} must be non-negative.')
-  for field in ('b1', 'b2'):  # AdamW's moment decays; 1 would never forget, >1 diverges
-    if not 0 <= config[field] < 1:
-      raise errors.ConfigError(f'{field}={config[field]} must be in [0, 1) (e.g. 0.9 and 0.999).')
-  if not config.adam_eps > 0:
-    raise errors.ConfigError(f'adam_eps={config.adam_eps} must be positive (e.g. 1e-8).')
-  if config.schedule_unit not in ('epoch', 'step'):
-    raise errors.ConfigError(f"schedule_unit={config.schedule_unit!r} must be 'epoch' or 'step'.")
-  info = datasets.get_info(config.dataset, tuple(config.question_types) or None)
-  _check_pipeline(config, info)
-  if int(config.steps_per_call) < 1:
-    raise errors.ConfigError(f'steps_per_call={config.steps_per_call} must be a positive integer '
-                             '(1: one step per call).')
-  steps_per_epoch = info.num_train // config.batch_size
-  if steps_per_epoch < 1:
-    raise errors.ConfigError(f'batch_size={config.batch_size} is larger than the {info.num_train} '
-                             'training examples.')
-  total_steps = (config.total_steps if config.total_steps > 0 else
-                 int(round(config.num_epochs * steps_per_epoch)))
-  if total_steps < 1:
-    raise errors.ConfigError('num_epochs or total_steps must give at least one step.')
-  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
-  model = models.create_model(config.model, num_classes=info.num_classes,
-                              image_shape=info.input_shape, question_dim=info.question_dim,
-                              batch_size=config.batch_size)
-  return Setup(config, info, model, info.input_shape, info.question_dim, steps_per_epoch,
-               total_steps, eval_every, info.num_train)
-
-
-TRAIN_EVAL_MAX = 10_000  # the default train-split subset: min(test split, this)
-
-
-def train_eval_examples(s: Setup) -> int:
-  """How many train-split examples each evaluation also scores (`config.eval_train_examples`);
-  raises one ValueError for a value other than -1, 0 or a positive whole number."""
-  n = s.config.eval_train_examples
-  if not isinstance(n, int) or isinstance(n, bool) or n < -1:
-    raise errors.ConfigError(
-        f'eval_train_examples={n!r} must be -1 (as many as the test split, at most '
-        f'{TRAIN_EVAL_MAX:,}), 0 (none) or a positive whole number.')
-  if n == -1:
-    n = min(s.info.num_test, TRAIN_EVAL_MAX)
-  return min(n, s.num_train)
+  train_eval_examples: int  # train-split examples scored at every evaluation
+  preprocess: Callable[..., jax.Array]
 
 
 def learning_rate_fn(s: Setup) -> optax.Schedule:
@@ -218,32 +115,38 @@ def make_optimizer(s: Setup) -> optax.GradientTransformation:
 
 
 def _dummy_inputs(s: Setup, batch: int):
-  images = jnp.zeros((batch,) + s.image_shape, jnp.float32)
-  question = jnp.zeros((batch, s.question_dim), jnp.float32) if s.question_dim else None
+  images = jnp.zeros((batch,) + s.info.input_shape, jnp.float32)
+  question = (jnp.zeros((batch, s.info.question_dim), jnp.float32) if s.info.has_question else
+              None)
   return images, question
 
 
-def init_state(s: Setup, tx, rng) -> TrainState:
+def init_state(s: Setup, tx, rng, *, boxed: bool = False) -> TrainState:
+  """The initial state; boxed=True keeps the parameters (and the optimizer state initialised
+  from them) in their nn.LogicallyPartitioned boxes, which `state_shardings` reads."""
   params_rng, state_rng = jax.random.split(rng)
   images, question = _dummy_inputs(s, s.config.batch_size)
   variables = s.model.init({'params': params_rng, 'dropout': params_rng}, images, question,
                            train=True)
   params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    memory=variables.get('memory', {}), rng=state_rng)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     memory=variables.get('memory', {}), rng=state_rng)
+  return state if boxed else nn.unbox(state)
 
 
-def state_shardings(mesh, abstract_state: TrainState):
+def state_shardings(mesh, boxed_state: TrainState, rules: str) -> TrainState:
+  """The state's shardings from the parameters' logical axes (`init_state(boxed=True)`, abstract)
+  and the rule set `rules` (`config.sharding`, sharding.RULES); the memory is replicated."""
   rep = sharding.replicated(mesh)
-  return TrainState(step=rep, params=sharding.param_sharding(mesh, abstract_state.params),
-                    opt_state=sharding.param_sharding(mesh, abstract_state.opt_state),
-                    memory=jax.tree.map(lambda _: rep, abstract_state.memory), rng=rep)
+  return TrainState(
+      step=rep, params=sharding.logical_shardings(mesh, boxed_state.params, rules,
+                                                  require_axes=True),
+      opt_state=sharding.logical_shardings(mesh, boxed_state.opt_state, rules),
+      memory=jax.tree.map(lambda _: rep, boxed_state.memory), rng=rep)
 
 
 def _model_inputs(s: Setup, batch, rng, train: bool):
-  images = augment.preprocess(batch['image'], rng, dataset=s.config.dataset, train=train,
-                              augment=s.config.augment)
-  return images, batch.get('question')
+  return s.preprocess(batch['image'], rng, train=train), batch.get('question')
 
 
 def loss_and_grads(s: Setup, state: TrainState, batch):
@@ -284,19 +187,22 @@ def train_step(s: Setup, tx, state: TrainState, batch):
                        rng=state.rng), metrics
 
 
-def train_steps(s: Setup, tx, state: TrainState, batches, data=None, batch_sharding=None):
-  """Several optimisation steps in one call (`config.steps_per_call`): a lax.scan of train_step.
+def train_steps(s: Setup, tx, state: TrainState, batches, data=None, *, gather=None,
+                batch_sharding=None):
+  """K optimisation steps in one call (`config.steps_per_call`; K = 1 too): a lax.scan of
+  train_step, the one train path that the Trainer compiles.
 
-  `batches` is either a list of K batches (host data, stacked here) or, with `data` (the
-  `device_data.DeviceData` arrays), [K, B] example indices gathered on device each step. Returns
-  the state after the K steps and each step's metrics stacked along a leading axis of K.
-  Per-step randomness stays fold_in(rng, step), so K steps here equal K calls of train_step.
+  `batches` is either a list of K batches (host data, stacked here) or, with `data` (arrays that
+  stay on the devices), [K, B] example indices that `gather(data, indices)` turns into each
+  step's batch on device (the device feed's gather). Returns the state after the K steps and each
+  step's metrics stacked along a leading axis of K. Per-step randomness stays
+  fold_in(rng, step), so K steps here equal K calls of train_step.
   """
   if data is None:
     batches = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
 
   def body(state, xs):
-    batch = device_data.gather(data, xs) if data is not None else xs
+    batch = gather(data, xs) if data is not None else xs
     if batch_sharding is not None:  # the gathered batch is split like a host batch
       batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     return train_step(s, tx, state, batch)
@@ -330,10 +236,12 @@ def eval_step(s: Setup, params, memory, batch):
       'class_correct': jax.ops.segment_sum(correct, labels, n),
       'class_count': jax.ops.segment_sum(mask, labels, n),
   }
-  if s.question_dim:
-    kind = batch['qtype'] * 3 + batch['qsubtype']
-    sums['type_correct'] = jax.ops.segment_sum(correct, kind, 9)
-    sums['type_count'] = jax.ops.segment_sum(mask, kind, 9)
+  if s.info.has_question:  # per (question type, subtype) of the registry
+    per_type = s.info.question_subtypes
+    kinds = len(s.info.question_types) * per_type
+    kind = batch['qtype'] * per_type + batch['qsubtype']
+    sums['type_correct'] = jax.ops.segment_sum(correct, kind, kinds)
+    sums['type_count'] = jax.ops.segment_sum(mask, kind, kinds)
   return sums, memory, jnp.argmax(logits, -1).astype(jnp.int32)
 
 
@@ -347,12 +255,14 @@ def summarize_eval(s: Setup, sums) -> dict:
     per_class = sums['class_correct'] / sums['class_count']
   out['per_class_accuracy'] = [None if np.isnan(a) else float(a) for a in per_class]
   if 'type_correct' in sums:
-    for t, tname in enumerate(QUESTION_TYPES):
-      c, n = sums['type_correct'][3 * t:3 * t + 3], sums['type_count'][3 * t:3 * t + 3]
+    per_type = s.info.question_subtypes
+    for t, tname in enumerate(s.info.question_types):
+      rows = slice(per_type * t, per_type * (t + 1))
+      c, n = sums['type_correct'][rows], sums['type_count'][rows]
       if n.sum() == 0:
         continue
       out[f'accuracy_{tname}'] = float(c.sum() / n.sum())
-      for sub in range(3):
+      for sub in range(per_type):
         if n[sub]:
           out[f'accuracy_{tname}_{sub}'] = float(c[sub] / n[sub])
   return out

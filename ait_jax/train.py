@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,6 +25,7 @@ from ait_jax import metric_writer
 from ait_jax import models
 from ait_jax import sharding
 from ait_jax import steps
+from ait_jax import validation
 from ait_jax.data import device_data
 from ait_jax.data import input_pipeline
 from ait_jax.data import prepare
@@ -50,7 +52,7 @@ RESUMABLE_FIELDS = frozenset({
     # where the data lies and how it is read: the same examples in the same order
     'data_dir', 'prefetch', 'read_threads', 'device_data', 'steps_per_call', 'eval_batch_size',
     # the devices: a run resumes on another device count
-    'mesh.data', 'mesh.model',
+    'mesh.data', 'mesh.model', 'sharding',
     # the learning-rate recipe of the remaining steps (e.g. lowered after a non-finite loss)
     'lr', 'warmup_epochs', 'warmup_init_lr', 'end_lr', 'schedule_unit', 'weight_decay',
     # how the same parameters are computed with or evaluated
@@ -88,29 +90,24 @@ class Trainer:
   """Holds the compiled steps, mesh and shardings of one run."""
 
   def __init__(self, config: ml_collections.ConfigDict, devices=None):
-    self.s = steps.setup(config)
     c = config
     self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.model, devices)
-    sharding.check_batch_size(c.batch_size, self.mesh, 'batch_size')
-    sharding.check_batch_size(c.eval_batch_size, self.mesh, 'eval_batch_size')
+    self.s = validation.validate(config, self.mesh)  # every field, before any workdir
     self.tx = steps.make_optimizer(self.s)
-    self.train_eval_examples = steps.train_eval_examples(self.s)  # checked before any workdir
     self.batch_sharding = sharding.batch_sharding(self.mesh)
-    rng = jax.random.PRNGKey(c.seed)
-    self.abstract_state = jax.eval_shape(functools.partial(steps.init_state, self.s, self.tx), rng)
-    self.state_sharding = steps.state_shardings(self.mesh, self.abstract_state)
+    self.rng = jax.random.PRNGKey(c.seed)
+    boxed = jax.eval_shape(functools.partial(steps.init_state, self.s, self.tx, boxed=True),
+                           self.rng)
+    self.abstract_state = nn.unbox(boxed)
+    self.state_sharding = steps.state_shardings(self.mesh, boxed, c.sharding)
     rep = sharding.replicated(self.mesh)
     self.init = _MeshJit(self.mesh, functools.partial(steps.init_state, self.s, self.tx),
                          out_shardings=self.state_sharding)
-    self.train_step = _MeshJit(self.mesh, functools.partial(steps.train_step, self.s, self.tx),
-                               in_shardings=(self.state_sharding, self.batch_sharding),
-                               out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
     self.eval_step = _MeshJit(self.mesh, functools.partial(steps.eval_step, self.s),
                               in_shardings=(self.state_sharding.params, self.state_sharding.memory,
                                             self.batch_sharding),
                               out_shardings=(rep, self.state_sharding.memory, rep))
     self._steps_fns = {}  # steps_fn's: one program per k (host data), one for device data
-    self.rng = rng
 
   def restore(self, workdir: str, which: str = 'best'):
     """(step, state) of the `which` ('best' or 'latest') checkpoint of workdir, with this
@@ -153,11 +150,12 @@ class Trainer:
     return _DeviceFeed(self, data, order)
 
   def steps_fn(self, k: int, data=None) -> _MeshJit:
-    """The jitted, state-donating function of k steps (`steps.train_steps`), compiled once per
-    k (with device data, once per k through its index shape)."""
+    """The one jitted train path: the state-donating function of k steps (`steps.train_steps`),
+    compiled once per k (with device data, once per k through its index shape)."""
     key = 'device' if data is not None else k
     if key not in self._steps_fns:
       fn = functools.partial(steps.train_steps, self.s, self.tx,
+                             gather=device_data.gather if data is not None else None,
                              batch_sharding=self.batch_sharding)
       batches = ((data.index_sharding(), data.shardings()) if data is not None else
                  ([self.batch_sharding] * k,))
@@ -166,6 +164,11 @@ class Trainer:
           out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
           donate_argnums=(0,))
     return self._steps_fns[key]
+
+  def train_step(self, state, batch):
+    """One step on one host batch, `steps_fn(1)` with its metrics unstacked (tests, examples)."""
+    state, metrics = self.steps_fn(1)(state, [batch])
+    return state, jax.tree.map(lambda m: m[0], metrics)
 
   def eval_batch_size(self, split: str | None = None) -> int:
     """config.eval_batch_size, or, for a smaller split, the split's size rounded up to the data
@@ -201,7 +204,7 @@ _TRAIN_KEYS = ('image', 'label', 'question')
 
 
 class _HostFeed:
-  """Steps on grain batches: one step per call as train_step, or k stacked in one call."""
+  """Steps on grain batches: k of them stacked into one call."""
 
   def __init__(self, trainer: Trainer, iterator):
     self.trainer, self.iterator = trainer, iterator
@@ -209,10 +212,6 @@ class _HostFeed:
   def run(self, state, k: int):
     batches = [{key: v for key, v in next(self.iterator).items() if key in _TRAIN_KEYS}
                for _ in range(k)]
-    if k == 1 and self.trainer.s.config.steps_per_call == 1:
-      # steps_per_call=1 (the default) runs train_step, not a scan of one step: the program
-      # every run compiled before steps_per_call existed, whose numerics checkpoints carry on.
-      return self.trainer.train_step(state, batches[0])
     return self.trainer.steps_fn(k)(state, batches)
 
   def get_state(self):
@@ -509,10 +508,10 @@ def _evaluate_and_log(trainer: 'Trainer', writer: metric_writer.MetricWriter, st
   (memorisation shows); returns the test split's."""
   last_eval = trainer.evaluate(state.params, state.memory)
   writer.write(step, _scalars(last_eval), prefix='eval')
-  if trainer.train_eval_examples:
+  if trainer.s.train_eval_examples:
     writer.write(step, _scalars(trainer.evaluate(
         state.params, state.memory, trainer.s.info.train_split,
-        limit=trainer.train_eval_examples)), prefix='eval_train')
+        limit=trainer.s.train_eval_examples)), prefix='eval_train')
   return last_eval
 
 

@@ -28,7 +28,6 @@ from ait_jax import errors  # pylint: disable=wrong-import-position
 from ait_jax import metric_writer  # pylint: disable=wrong-import-position
 from ait_jax import train  # pylint: disable=wrong-import-position
 from ait_jax import workspace  # pylint: disable=wrong-import-position
-from ait_jax.data import augment  # pylint: disable=wrong-import-position
 from ait_jax.data import input_pipeline  # pylint: disable=wrong-import-position
 from ait_jax.data import sort_of_clevr as clevr  # pylint: disable=wrong-import-position
 from ait_jax.data import triangle as tri  # pylint: disable=wrong-import-position
@@ -120,7 +119,7 @@ def collect(trainer, state) -> dict:
       sharding=trainer.batch_sharding, question_types=tuple(c.question_types) or None)
   batch = next(batches)
   batches.close()
-  images = augment.preprocess(batch['image'], None, dataset=c.dataset, train=False)
+  images = s.preprocess(batch['image'], None, train=False)
   question = batch.get('question')
   apply = jax.jit(functools.partial(s.model.apply, train=False,
                                     mutable=['memory', 'intermediates']))

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from ait_jax import errors
+from ait_jax.sharding import DATA as DATA_AXIS  # the mesh axis the batch is split over
 
 CV_EPS = 1e-10  # docs/model.md#balance-loss: cv² = var / (mean² + 1e-10)
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
-DATA_AXIS = 'data'  # the mesh axis the batch is split over (ait_jax/sharding.py)
 SELECTIONS = ('auto', 'full', 'chunked', 'sharded', 'threshold')
 
 

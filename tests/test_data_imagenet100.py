@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from ait_jax import train
-from ait_jax import steps
+from ait_jax import validation
 from ait_jax.data import datasets
 from ait_jax.data import imagenet100 as inet
 from ait_jax.data import input_pipeline as ip
@@ -134,8 +134,8 @@ def test_a_short_training_run_on_mock_data_evaluates_on_validation(mock_imagenet
 
 
 def test_configs_follow_the_paper():
-  pet = steps.setup(load_config('pet'))
+  pet = validation.validate(load_config('pet'))
   assert pet.config.batch_size == 128 and pet.model.workspace['memory_slots'] == 128
-  inet100 = steps.setup(load_config('imagenet100'))
+  inet100 = validation.validate(load_config('imagenet100'))
   assert inet100.info.num_classes == 100 and inet100.model.depth == 6  # AiT-Medium
   assert inet100.steps_per_epoch == 126_689 // 512

@@ -6,7 +6,7 @@ import pytest
 
 from ait_jax import checkpointing
 from ait_jax import sharding
-from ait_jax import steps
+from ait_jax import validation
 from ait_jax import train
 from ait_jax.data import device_data
 from ait_jax.data import input_pipeline
@@ -52,7 +52,7 @@ def test_bad_steps_per_call_is_one_sentence():
   c = load_config('triangle', 'quick')
   c.steps_per_call = 0
   with pytest.raises(ValueError, match='steps_per_call=0 must be a positive integer'):
-    steps.setup(c)
+    validation.validate(c)
 
 
 @pytest.fixture(scope='module')

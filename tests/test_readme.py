@@ -85,7 +85,7 @@ def _set_override(config, arg: str) -> None:
 
 def test_training_commands_are_valid_configs():
   """The README's `ait_jax.main` commands name configs and fields that pass validation."""
-  from ait_jax import steps  # pylint: disable=g-import-not-at-top
+  from ait_jax import validation  # pylint: disable=g-import-not-at-top
   from conftest import load_config  # pylint: disable=g-import-not-at-top
   commands = [l for l in _shell_lines() if l.startswith('python -m ait_jax.main')]
   assert len(commands) >= 5
@@ -97,7 +97,7 @@ def test_training_commands_are_valid_configs():
     for arg in args:
       if arg.startswith('--config.'):
         _set_override(config, arg)
-    steps.setup(config)  # raises on any invalid field
+    validation.validate(config)  # raises on any invalid field
 
 
 def test_launch_commands_dry_run():

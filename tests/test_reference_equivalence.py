@@ -22,6 +22,7 @@ import pytest
 from ait_jax import convert
 from ait_jax import models
 from ait_jax import steps
+from ait_jax import validation
 from conftest import limit
 
 DATA = pathlib.Path(__file__).resolve().parent / 'data'
@@ -215,7 +216,7 @@ def _quick_setup(**model) -> steps.Setup:
   from conftest import load_config  # pylint: disable=g-import-not-at-top
   config = load_config('triangle', 'quick')
   config.model.update(model)
-  return steps.setup(config)
+  return validation.validate(config)
 
 
 def _leaves(tree, keep) -> set[str]:

@@ -18,6 +18,7 @@ from ait_jax import cli
 from ait_jax import main as main_cmd
 from ait_jax import train
 from ait_jax import steps
+from ait_jax import validation
 from ait_jax.data import input_pipeline
 from conftest import limit, load_config, ROOT, xla_flags
 
@@ -201,13 +202,13 @@ def test_train_split_is_scored_beside_the_test_split(uninterrupted):
 def test_train_split_subset_size(generated_data_dir, monkeypatch):
   sizes = {}
   for n in (-1, 0, 30, 10 ** 9):
-    s = steps.setup(quick_config(generated_data_dir, eval_train_examples=n))
-    sizes[n] = steps.train_eval_examples(s)
+    s = validation.validate(quick_config(generated_data_dir, eval_train_examples=n))
+    sizes[n] = s.train_eval_examples
   assert sizes == {-1: 200, 0: 0, 30: 30, 10 ** 9: 512}  # the test split's 200; the whole split
-  assert steps.train_eval_examples(steps.setup(load_config('sort_of_clevr'))) == 2_000
-  monkeypatch.setattr(steps, 'TRAIN_EVAL_MAX', 100)  # no dataset's test split exceeds 10,000
-  assert steps.train_eval_examples(steps.setup(quick_config(generated_data_dir,
-                                                           eval_train_examples=-1))) == 100
+  assert validation.validate(load_config('sort_of_clevr')).train_eval_examples == 2_000
+  monkeypatch.setattr(validation, 'TRAIN_EVAL_MAX', 100)  # no dataset's test split exceeds 10,000
+  assert validation.validate(quick_config(generated_data_dir,
+                                                           eval_train_examples=-1)).train_eval_examples == 100
 
 
 def test_sort_of_clevr_reports_question_types(generated_data_dir):
@@ -289,7 +290,7 @@ def test_unknown_variant_is_rejected():
 
 def test_learning_rate_schedule():
   c = load_config('cifar100')
-  s = steps.setup(c)
+  s = validation.validate(c)
   lr = steps.learning_rate_fn(s)
   spe = s.steps_per_epoch
   assert spe == 50_000 // 512

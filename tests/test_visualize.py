@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ait_jax import train
-from ait_jax import steps
+from ait_jax import validation
 from ait_jax import visualize
 from conftest import limit, load_config, ROOT
 
@@ -53,7 +53,7 @@ def test_writes_four_figures_of_the_stated_size(trained_workdir, tmp_path):
 def test_config_json_round_trips(trained_workdir):
   config = visualize.load_config(trained_workdir)
   assert config.dataset == 'triangle/small' and config.model.patch_size == 32
-  assert steps.setup(config).model.depth == 1
+  assert validation.validate(config).model.depth == 1
 
 
 def test_missing_checkpoint_is_one_sentence(tmp_path):

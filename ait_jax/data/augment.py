@@ -42,15 +42,14 @@ def normalize(images: jax.Array, mean_std=(datasets.CIFAR_MEAN, datasets.CIFAR_S
   return (images - jnp.asarray(mean)) / jnp.asarray(std)
 
 
-def preprocess(images: jax.Array, rng: jax.Array | None, *, dataset: str, train: bool,
-               augment: bool = True) -> jax.Array:
+def preprocess(images: jax.Array, rng: jax.Array | None, *, info: datasets.DatasetInfo,
+               train: bool, augment: bool = True) -> jax.Array:
   """uint8 [B, H, W, C] as stored → float32 [B, H, W, 3] model inputs.
 
-  What happens is the dataset's `DatasetInfo` (crop, flip, normalisation); dataset may carry a
-  builder config ('triangle/small'). rng is only used when training with augment; one-channel
+  What happens is the dataset's `DatasetInfo` (crop, flip, normalisation), e.g.
+  `datasets.get_info('cifar10')`. rng is only used when training with augment; one-channel
   images (Triangle) are repeated to 3 channels.
   """
-  info = datasets.get_info(dataset)
   x = images
   if train and augment and (info.flip or info.crop_padding):
     if rng is None:

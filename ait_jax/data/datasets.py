@@ -41,6 +41,10 @@ class DatasetInfo:
   test_split: str = 'test'
   label_names: tuple[str, ...] | None = None
   question_dim: int = 0  # > 0: every example has a question vector of this size
+  # The question types (index = an example's 'qtype'), each with this many subtypes ('qsubtype'),
+  # by which evaluation reports accuracies.
+  question_types: tuple[str, ...] = ()
+  question_subtypes: int = 0
   generated: bool = False  # built locally by a TFDS builder of `builders.py`, no download
   crop_padding: int = 0  # > 0: random crop after zero padding by this much (training)
   flip: bool = False  # random left-right flip (training)
@@ -90,7 +94,8 @@ DATASETS = {
                                  (clevr.IMAGE_SIZE, clevr.IMAGE_SIZE, 3), clevr.NUM_ANSWERS,
                                  clevr.NUM_TRAIN * _Q, clevr.NUM_TEST * _Q,
                                  label_names=clevr.ANSWERS, question_dim=clevr.QUESTION_DIM,
-                                 generated=True),
+                                 question_types=clevr.QUESTION_TYPES,
+                                 question_subtypes=len(clevr.SUBTYPES[0]), generated=True),
 }
 
 
