@@ -22,6 +22,7 @@ from ait_jax import convert
 from ait_jax import main as main_cmd
 from ait_jax import reproduce
 from ait_jax import steps
+from ait_jax import validation
 from ait_jax import train
 from ait_jax import visualize
 from ait_jax.data import benchmark
@@ -335,10 +336,10 @@ def test_device_data_and_memory_budgets(generated_data_dir, tmp_path, capsys, mo
   _assert_one_error_line(*_run_in_process(main_cmd, argv + ['--config.device_data=True'], capsys),
                          'device_data=True would put 2.0 MiB of triangle/small images on every '
                          'device (at most 1.0 MiB)')
-  monkeypatch.setattr(steps, '_host_memory_bytes', lambda: 3 * 2 ** 19)  # 1.5 MiB
+  monkeypatch.setattr(validation, '_host_memory_bytes', lambda: 3 * 2 ** 19)  # 1.5 MiB
   _assert_one_error_line(*_run_in_process(main_cmd, argv, capsys),
                          'eval_batch_size=256 needs 0.8 MiB of host memory per evaluation batch')
-  monkeypatch.setattr(steps, '_host_memory_bytes', lambda: 2 ** 30)
+  monkeypatch.setattr(validation, '_host_memory_bytes', lambda: 2 ** 30)
   _assert_one_error_line(*_run_in_process(main_cmd, argv + ['--config.prefetch=3000'], capsys),
                          'prefetch=3000 batches of 64 need 752.9 MiB of host memory, more than '
                          "half of this host's 1.0 GiB")
