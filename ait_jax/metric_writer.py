@@ -142,9 +142,12 @@ class MetricWriter:
           f.write(line)
       except OSError as e:  # e.g. a full disk: name the file
         raise checkpointing.disk_error(e, self.path) from None
-    for k, v in metrics.items():
-      self.tb.add_scalar(f'{prefix}/{k}', v, step)
-    self.tb.flush()
+    try:  # the TensorBoard events file: a full disk names it too, not a bare errno
+      for k, v in metrics.items():
+        self.tb.add_scalar(f'{prefix}/{k}', v, step)
+      self.tb.flush()
+    except OSError as e:
+      raise checkpointing.disk_error(e, self.tb.logdir) from None
     if prefix == 'train':
       line = (f'[train] step {step}: loss {metrics["loss"]:.4f} '
               f'acc {metrics["accuracy"]:.4f}')
