@@ -69,13 +69,18 @@ def generated_data_dir(tmp_path_factory) -> str:
 
 
 # Files whose tests run whole commands or multi-device steps (tens of seconds each) go first, so
-# that pytest-xdist's workers do not end with one of them alone at the tail of the run.
+# that pytest-xdist's workers do not end with one of them alone at the tail of the run. Only then:
+# a serial run keeps the order of its command line (`-p no:randomly` and the files reversed runs
+# the suite backwards, to show that no test leans on one that ran before it).
 _SLOW_FIRST = ('test_readme.py', 'test_train.py', 'test_compile.py', 'test_checkpointing.py',
                'test_bench.py', 'test_fast_loop.py', 'test_selection.py',
                'test_data_imagenet100.py')
 
 
 def pytest_collection_modifyitems(items):
+  if not os.environ.get('PYTEST_XDIST_WORKER'):
+    return
+
   def rank(item):
     name = item.path.name
     return _SLOW_FIRST.index(name) if name in _SLOW_FIRST else len(_SLOW_FIRST)

@@ -26,38 +26,32 @@ def _disc_stamp(radius: int) -> np.ndarray:
 _STAMP = _disc_stamp(_DISC_RADIUS)
 
 
-def _uniform_vertex(rng: np.random.Generator) -> np.ndarray:
-  return rng.integers(1, IMAGE_SIZE, size=2)  # [1, 63]²
+def _uniform_vertex(rng: np.random.Generator) -> list[int]:
+  return rng.integers(1, IMAGE_SIZE, size=2).tolist()  # [1, 63]²
 
 
-def sample_vertices(rng: np.random.Generator, label: int) -> np.ndarray:
-  """Returns int [3, 2] vertices (x, y) for one triangle of the given label."""
+def sample_vertices(rng: np.random.Generator, label: int) -> list[list[int]]:
+  """[3, 2] vertices (x, y) for one triangle of the given label."""
+  # Python scalars: 60,000 images make this loop the generator's cost, and NumPy's per-call
+  # overhead on 2-vectors was most of it. The draws and the float64 arithmetic are as before.
   while True:
     p1, p2 = _uniform_vertex(rng), _uniform_vertex(rng)
     if label == 1:
-      return np.stack([p1, p2, _uniform_vertex(rng)])
-    dx, dy = p2 - p1
+      return [p1, p2, _uniform_vertex(rng)]
+    dx, dy = p2[0] - p1[0], p2[1] - p1[1]
     # int() truncates towards zero, as in the reference generator.
-    p3 = np.array([int(p1[0] + _COS60 * dx + _SIN60 * dy),
-                   int(p1[1] - _SIN60 * dx + _COS60 * dy)])
+    p3 = [int(p1[0] + _COS60 * dx + _SIN60 * dy), int(p1[1] - _SIN60 * dx + _COS60 * dy)]
     # The reference rejects p3 - 1 < 0 or p3 + 1 > 64, so p3 lies in [1, 63]² like p1 and p2.
-    if np.all(p3 - 1 >= 0) and np.all(p3 + 1 <= IMAGE_SIZE):
-      return np.stack([p1, p2, p3])
+    if 1 <= p3[0] <= IMAGE_SIZE - 1 and 1 <= p3[1] <= IMAGE_SIZE - 1:
+      return [p1, p2, p3]
 
 
-def draw(vertices: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """Draws the three vertex clusters on a black canvas; returns uint8 [64, 64]."""
-  return _stamp_discs(_cluster_points(vertices, rng)[None])[0]
-
-
-def _cluster_points(vertices: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """int [24, 2] disc centres (x, y): per vertex 4 random offsets within ±1 and their mirrors."""
-  points = []
-  for v in vertices:
-    offsets = rng.integers(-1, 2, size=(_POINTS_PER_VERTEX, 2))
-    for o in offsets:
-      points += [v + o, v - o]
-  return np.stack(points)
+def _cluster_points(vertices: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+  """int [n, 24, 2] disc centres (x, y) of vertices [n, 3, 2] and offsets [n, 3, 4, 2]: per
+  vertex, each offset and its mirror through the vertex (v + o, v - o, then the next offset)."""
+  v = vertices[:, :, None, :]
+  points = np.stack([v + offsets, v - offsets], axis=3)  # [n, 3, 4, 2 (±), 2 (x, y)]
+  return points.reshape(len(vertices), 3 * 2 * _POINTS_PER_VERTEX, 2)
 
 
 def _stamp_discs(points: np.ndarray) -> np.ndarray:
@@ -92,9 +86,10 @@ def generate(num_images: int, seed: int | Sequence[int]) -> dict[str, np.ndarray
   images = np.zeros((num_images, IMAGE_SIZE, IMAGE_SIZE, 1), np.uint8)
   labels = rng.integers(0, 2, size=num_images).astype(np.int32)
   vertices = np.zeros((num_images, 3, 2), np.int32)
-  points = np.zeros((num_images, 3 * 2 * _POINTS_PER_VERTEX, 2), np.int64)
+  offsets = np.zeros((num_images, 3, _POINTS_PER_VERTEX, 2), np.int64)
   for i in range(num_images):  # the random draws of one image, in order, then the next image's
     vertices[i] = sample_vertices(rng, int(labels[i]))
-    points[i] = _cluster_points(vertices[i], rng)
-  images[..., 0] = _stamp_discs(points)
+    for v in range(3):  # per vertex, 4 random offsets within ±1
+      offsets[i, v] = rng.integers(-1, 2, size=(_POINTS_PER_VERTEX, 2))
+  images[..., 0] = _stamp_discs(_cluster_points(vertices.astype(np.int64), offsets))
   return {'image': images, 'label': labels, 'vertices': vertices}
