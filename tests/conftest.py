@@ -3,6 +3,7 @@ import fcntl
 import importlib.util
 import os
 import pathlib
+import shutil
 import tempfile
 
 
@@ -10,9 +11,11 @@ import tempfile
 def xla_flags(devices: int) -> str:
   """XLA_FLAGS for `devices` virtual CPU devices. Tests check numbers, not speed: XLA's backend
   optimisations roughly double compile time on CPU for no gain here (compiling dominates these tiny
-  steps), so they are off in tests and in the commands tests run."""
+  steps), and its fusion emitters double it again (3.0 against 1.5 s for a tiny model's forward
+  and gradient), so both are off in tests and in the commands tests run."""
   return (f'--xla_force_host_platform_device_count={devices} '
-          '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true')
+          '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true '
+          '--xla_cpu_use_fusion_emitters=false')
 
 
 os.environ.setdefault('XLA_FLAGS', xla_flags(8))
@@ -50,22 +53,33 @@ def load_config(name: str, arg: str | None = None):
   return module.get_config(arg)
 
 
-@pytest.fixture(scope='session')
-def generated_data_dir(tmp_path_factory) -> str:
-  """A TFDS data_dir holding triangle/small and sort_of_clevr/small, built once per test run:
-  pytest-xdist's workers share it (the first builds it under a file lock, the others wait)."""
-  from ait_jax.data import builders  # pylint: disable=g-import-not-at-top
+def once_per_run(tmp_path_factory, name: str, build) -> pathlib.Path:
+  """The folder `name`, filled by `build(folder)` once per test run: pytest-xdist's workers share
+  it (the first builds it under a file lock, the others wait for it, which costs them no more than
+  building it themselves)."""
   shared = tmp_path_factory.getbasetemp()
   if os.environ.get('PYTEST_XDIST_WORKER'):
     shared = shared.parent  # the run's folder, above every worker's own
-  data_dir = shared / 'tfds_generated'
-  with open(shared / 'tfds_generated.lock', 'w') as lock:
+  folder, done = shared / name, shared / f'{name}.done'
+  with open(shared / f'{name}.lock', 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
-    if not (data_dir / 'done').exists():
-      builders.prepare_generated('triangle', str(data_dir), 'small')
-      builders.prepare_generated('sort_of_clevr', str(data_dir), 'small')
-      (data_dir / 'done').touch()
-  return str(data_dir)
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)  # a build that failed in another worker
+      folder.mkdir()
+      build(folder)
+      done.touch()
+  return folder
+
+
+@pytest.fixture(scope='session')
+def generated_data_dir(tmp_path_factory) -> str:
+  """A TFDS data_dir holding triangle/small and sort_of_clevr/small, built once per test run."""
+  from ait_jax.data import builders  # pylint: disable=g-import-not-at-top
+
+  def build(data_dir):
+    builders.prepare_generated('triangle', str(data_dir), 'small')
+    builders.prepare_generated('sort_of_clevr', str(data_dir), 'small')
+  return str(once_per_run(tmp_path_factory, 'tfds_generated', build))
 
 
 # Files whose tests run whole commands or multi-device steps (tens of seconds each) go first, so

@@ -79,8 +79,19 @@ def test_k_step_scan_equals_k_single_steps(trainer):
   single = jax.device_get((state, jax.tree.map(lambda *x: np.stack(x), *single)))
   assert int(scanned[0].step) == 4 and scanned[1]['loss'].shape == (4,)
   assert c.batch_size == 64
-  # Bit for bit on CPU: the scanned steps are the same computation, fed by the device gather.
-  chex.assert_trees_all_equal(scanned, single)
+  # The scanned steps are the same computation, fed by the device gather. With XLA's CPU fusion
+  # emitters (its default) they were equal bit for bit; the tests turn those off
+  # (conftest.xla_flags), and the older emitters fuse a loop body otherwise than the same ops at
+  # the top level, which moves the last bits of float sums. Measured against each leaf's largest
+  # value, parameters, optimizer state and metrics then differ by up to 1.8e-5; one step more or
+  # less, or other batches, moves some leaf by 0.85 to 2 of its largest value.
+  chex.assert_trees_all_equal_structs(scanned, single)
+  for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(scanned)[0],
+                               jax.tree.leaves(single)):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = float(np.max(np.abs(want), initial=0))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale,
+                               err_msg=jax.tree_util.keystr(path))
 
 
 def _run_feed(trainer, calls):

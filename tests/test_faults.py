@@ -33,7 +33,7 @@ from ait_jax import metric_writer
 from ait_jax import reproduce
 from ait_jax import train
 from ait_jax import visualize
-from conftest import limit, ROOT, xla_flags
+from conftest import limit, once_per_run, ROOT, xla_flags
 
 # absl log records (W1129 15:27:08.78 ... file.py:12] text) and libtpu's start-up notes (it is
 # installed, and probes for a TPU) are not error output.
@@ -516,18 +516,16 @@ def _reproduce_argv(root, data_dir, *extra):
 
 
 @pytest.fixture(scope='module')
-def reproduced(generated_data_dir, tmp_path_factory):
-  """A finished reproduce of the two tiny runs (its --out and its workdirs)."""
-  root = tmp_path_factory.mktemp('reproduced')
-  saved, reproduce.RUNS = reproduce.RUNS, _tiny_runs()
-  try:
-    with pytest.raises(SystemExit) as exit_info:
-      cli.run(reproduce.define_flags, reproduce.main,
-              ['ait_jax.reproduce'] + _reproduce_argv(root, generated_data_dir))
-  finally:
-    reproduce.RUNS = saved
-  assert exit_info.value.code == 0
-  return root
+def reproduced(generated_data_dir, tmp_path_factory, request):
+  """A finished reproduce of the two tiny runs (its --out and its workdirs), forked from the
+  zygote once per test run (pytest-xdist's workers share it): the uninterrupted reference of the
+  kill tests (its tiny_a is the command they run) and what the rerun tests copy."""
+  def build(root):
+    zygote = request.getfixturevalue('zygote')  # started only where the run is built
+    child = zygote.start('reproduce', _reproduce_argv(root, generated_data_dir),
+                         root.with_name(root.name + '_logs'), setup=_TINY_RUNS_SETUP)
+    assert zygote.wait(child) == 0, child.err()
+  return once_per_run(tmp_path_factory, 'reproduced', build)
 
 
 @pytest.fixture
@@ -678,10 +676,14 @@ class Child:
 
 
 class Zygote:
-  """One process that imported ait_jax (not yet any JAX backend) and forks a command on demand."""
+  """One process that imported ait_jax (not yet any JAX backend) and forks a command on demand.
+  Its commands see 8 virtual devices, as this process does, so that a run resumed here (on one of
+  them, mesh.data=1) continues what a forked run began on the same kind of XLA client: with 1
+  device in the fork and XLA's fusion emitters on, the same run's eval loss once differed from
+  this process's at the 8th digit."""
 
   def __init__(self):
-    env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS='cpu', OPENBLAS_NUM_THREADS='1',
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS='cpu', OPENBLAS_NUM_THREADS='1',
                PYTHONPATH=str(ROOT))
     self.proc = subprocess.Popen([sys.executable, '-c', _ZYGOTE], cwd=ROOT, env=env,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -774,28 +776,17 @@ def _event(kind, step, workdir, eval_every):
   return lambda c: f'[train] step {step}:' in c.out()
 
 
-@pytest.fixture(scope='module')
-def reproduced_in_zygote(zygote, generated_data_dir, tmp_path_factory):
-  """An uninterrupted reproduce of the tiny runs, in a forked process: the reference of the kill
-  tests (its run tiny_a is the command the kill test runs, with the same config)."""
-  root = tmp_path_factory.mktemp('reproduced_in_zygote')
-  child = zygote.start('reproduce', _reproduce_argv(root, generated_data_dir), root,
-                       setup=_TINY_RUNS_SETUP)
-  assert zygote.wait(child) == 0, child.err()
-  return root
-
-
 _TINY_RUNS_SETUP = ('from ait_jax import reproduce\nimport test_faults\n'
                     'reproduce.RUNS = test_faults._tiny_runs()')
 
 
-def test_kill_9_at_ten_moments_then_rerun(zygote, reproduced_in_zygote, tmp_path):
+def test_kill_9_at_ten_moments_then_rerun(zygote, reproduced, tmp_path):
   """kill -9 at 10 moments of a quick run (during data generation, training, evaluation, saving
   and restoring), each followed by the same command again; the run that finally completes has
   the metrics of an uninterrupted run, bit for bit, each step's row once; no run printed a
   traceback. The uninterrupted run is reproduce's tiny_a, the same config on the test data,
   which is byte-identical to what the first run here generates."""
-  reference_dir = reproduced_in_zygote / 'work' / 'cpu' / 'tiny_a'
+  reference_dir = reproduced / 'work' / 'cpu' / 'tiny_a'
   workdir = tmp_path / 'run'
   data_dir = tmp_path / 'data'  # absent: the first run generates it, and is killed doing so
   moments = _moments(random.Random(25), TINY['total_steps'], TINY['eval_every_steps'],
@@ -822,7 +813,7 @@ def test_kill_9_at_ten_moments_then_rerun(zygote, reproduced_in_zygote, tmp_path
   assert sum(kinds.values()) == 10 and kinds.get('evaluating') and kinds.get('saving')
 
 
-def test_reproduce_killed_mid_run_resumes_on_rerun(zygote, reproduced_in_zygote,
+def test_reproduce_killed_mid_run_resumes_on_rerun(zygote, reproduced,
                                                    generated_data_dir, tmp_path):
   """kill -9 of reproduce while its second run trains; the rerun reuses the first run, resumes
   the second and ends with the summary of an uninterrupted reproduce, bit for bit; nothing was
@@ -839,4 +830,4 @@ def test_reproduce_killed_mid_run_resumes_on_rerun(zygote, reproduced_in_zygote,
   assert 'Traceback' not in child.err() + rerun.err()
   assert 'reusing the finished run in' in rerun.out() and 'Resumed from step' in rerun.out()
   assert _files(tmp_path / 'work' / 'cpu' / 'tiny_a') == kept
-  assert _summary(argv) == _summary(_reproduce_argv(reproduced_in_zygote, generated_data_dir))
+  assert _summary(argv) == _summary(_reproduce_argv(reproduced, generated_data_dir))
