@@ -275,6 +275,10 @@ def _handlers():
   return {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()}
 
 
+def _barriers_named(prefix: str) -> ocp.options.MultiprocessingOptions:
+  return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f'ait_jax_{prefix}')
+
+
 class Checkpointer:
   """Saves and restores {'state': pytree, 'data': JSON} under a workdir.
 
@@ -287,13 +291,19 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3):
     _quiet_closed_loop_callbacks()  # they can print before a failure is even seen
     self.root = workdir_path(workdir)
+    # With several processes every save meets the others at barriers named for what it is doing
+    # and its step's folder; the two managers save the same step at once (an evaluated step is
+    # saved as latest and as best), so each names its barriers apart, or one process's `best`
+    # meets another's `latest` and a save fails or hangs.
     self.latest = ocp.CheckpointManager(
         self.root / 'checkpoints', item_handlers=_handlers(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             multiprocessing_options=_barriers_named('latest')))
     self.best = ocp.CheckpointManager(
         self.root / 'best', item_handlers=_handlers(),
         options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m['accuracy'],
-                                             best_mode='max', create=True))
+                                             best_mode='max', create=True,
+                                             multiprocessing_options=_barriers_named('best')))
     self.skipped = []  # (manager dir, step, reason) of the damaged checkpoints restore skipped
     self._pending = {}  # manager -> the step it is saving in the background
 
