@@ -166,6 +166,16 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _two_processes(code: str, *args: str) -> list[subprocess.Popen]:
+  """`python -c code *args` as the 2 processes (one CPU device each) of one JAX job."""
+  port = _free_port()
+  return [subprocess.Popen(
+      [sys.executable, '-c', code, *args], cwd=ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True,
+      env=dict(os.environ, AIT_JAX_COORDINATOR=f'127.0.0.1:{port}', AIT_JAX_NUM_PROCESSES='2',
+               AIT_JAX_PROCESS_ID=str(i), XLA_FLAGS=xla_flags(1))) for i in range(2)]
+
+
 def _outputs(procs) -> list[str]:
   """Every process's output; past the limit all are killed and the test fails with all their
   outputs (one hung process keeps the others waiting in a collective, so each tells half)."""
@@ -203,14 +213,7 @@ print('RESULT', json.dumps({'process': jax.process_index(), 'devices': jax.devic
 def test_one_process_preempted_both_stop_at_the_same_step(generated_data_dir, tmp_path):
   """Two processes over gloo train one model (the same losses on both, metrics written once by
   process 0); only process 1 receives SIGTERM, and both save the same step and stop."""
-  port = _free_port()
-  procs = []
-  for i in range(2):
-    env = dict(os.environ, AIT_JAX_COORDINATOR=f'127.0.0.1:{port}', AIT_JAX_NUM_PROCESSES='2',
-               AIT_JAX_PROCESS_ID=str(i), XLA_FLAGS=xla_flags(1))
-    procs.append(subprocess.Popen([sys.executable, '-c', _DRIVER, generated_data_dir,
-                                   str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+  procs = _two_processes(_DRIVER, generated_data_dir, str(tmp_path))
   metrics = tmp_path / 'metrics.jsonl'
   deadline = time.time() + limit()
   while time.time() < deadline and all(p.poll() is None for p in procs):
@@ -259,12 +262,7 @@ def test_two_processes_save_latest_and_best_at_once(tmp_path):
   """Every step saved as latest and as best by two processes, each manager in the background
   while the other starts: their barriers must not meet across managers. (With orbax's default
   names, step 1's save failed on one process, a barrier 'already ongoing', and the other hung.)"""
-  port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, '-c', _SAVES, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True,
-      env=dict(os.environ, AIT_JAX_COORDINATOR=f'127.0.0.1:{port}', AIT_JAX_NUM_PROCESSES='2',
-               AIT_JAX_PROCESS_ID=str(i), XLA_FLAGS=xla_flags(1))) for i in range(2)]
+  procs = _two_processes(_SAVES, str(tmp_path))
   for p, out in zip(procs, _outputs(procs)):
     assert p.returncode == 0 and 'SAVED 2' in out, out
   ckpt = checkpointing.Checkpointer(str(tmp_path))
