@@ -1,6 +1,7 @@
 """`prepare` and the first run's build: an interrupted build leaves nothing that looks prepared, a
 half-written or damaged dataset is found and rebuilt (ours) or named (the catalog's), an empty
 data_dir is refused, and generating prints one line and a progress bar, nothing of TFDS's."""
+import errno
 import os
 import pathlib
 import re
@@ -187,3 +188,66 @@ def test_generating_prints_one_line_and_a_progress_bar(tmp_path, capfd):
   assert sorted(p.name for p in data_dir.iterdir()) == ['triangle']
   prepare.ensure_prepared(datasets.get_info(SMALL), str(data_dir))  # prepared: silent
   assert capfd.readouterr() == ('', '')
+
+
+@pytest.mark.parametrize('command', ['prepare', 'main'])
+def test_full_disk_while_building_is_one_line_naming_the_folder_and_the_need(command, tmp_path,
+                                                                              monkeypatch, capfd):
+  """A full disk while the test split is written. `prepare` gets the error TFDS's writer raises
+  (a RuntimeError quoting the write's errno: a traceback before), the first `main` run a bare
+  OSError without a path (`error: [Errno 28] No space left on device` before). Both: one line
+  naming the data_dir and about how much the build needs, and nothing left."""
+  data_dir, workdir = tmp_path / 'data', tmp_path / 'work'
+  generate = triangle.generate
+
+  def full(num_images, seed):
+    if seed[1] == 1:
+      if command == 'prepare':
+        raise RuntimeError('Failed to finalize writing of split "test": write() failed: No space '
+                           'left on device')
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return generate(num_images, seed)
+
+  monkeypatch.setattr(triangle, 'generate', full)
+  if command == 'prepare':
+    code, _, err = _run(prepare, [f'--dataset={SMALL}', f'--data_dir={data_dir}'], capfd)
+  else:
+    code, _, err = _run(main_cmd, ['--config=' + str(ROOT / 'configs/triangle.py:quick'),
+                                   f'--config.dataset={SMALL}', f'--config.data_dir={data_dir}',
+                                   f'--workdir={workdir}'], capfd)
+  lines = [l for l in _text_lines(err) if not l.startswith('triangle/small is not prepared')]
+  assert code == 2 and 'Traceback' not in err and len(lines) == 1, err
+  # 340 KiB: builders.DATASET_BYTES, the space a build of triangle/small takes.
+  assert lines[0].startswith(f'error: Not enough space on the disk of {data_dir}: preparing '
+                             'triangle/small needs about 340 KiB free there ('), lines[0]
+  assert lines[0].endswith('free now); nothing half-written was kept. Free some space (or pass '
+                           'another data_dir) and run the command again.')
+  assert not data_dir.exists() and not workdir.exists()
+
+
+def test_manual_download_line_names_a_folder_that_exists(tmp_path, capfd):
+  """ImageNet's archives are put by hand into downloads/manual/: the line that says so names the
+  folder, which is there to copy into (it was not: `cp X D/downloads/manual/` failed)."""
+  data_dir = tmp_path / 'data'
+  code, _, err = _run(prepare, ['--dataset=imagenet100', f'--data_dir={data_dir}'], capfd)
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert code == 2 and len(lines) == 1, err
+  assert f'into {data_dir}/downloads/manual/ and run this command again.' in lines[0]
+  assert (data_dir / 'downloads' / 'manual').is_dir()
+  assert sorted(str(p.relative_to(data_dir)) for p in data_dir.rglob('*')) == [
+      'downloads', 'downloads/manual']
+
+
+def test_blank_data_dir_is_refused_with_one_sentence(tmp_path, monkeypatch, capfd):
+  """`--data_dir=" "` (a variable of spaces) wrote the dataset into a folder named ' ' in the
+  current folder; `prepare` and the first run refuse it, and write nothing."""
+  monkeypatch.chdir(tmp_path)
+  code, _, err = _run(prepare, [f'--dataset={SMALL}', '--data_dir= '], capfd)
+  assert code == 2 and err.strip() == ("error: The data_dir ' ' is blank (only spaces); pass the "
+                                       'folder that holds the datasets (it is created if '
+                                       'missing).'), err
+  code, _, err = _run(main_cmd, ['--config=' + str(ROOT / 'configs/triangle.py:quick'),
+                                 f'--config.dataset={SMALL}', '--config.data_dir=  ',
+                                 f'--workdir={tmp_path / "work"}'], capfd)
+  assert code == 2 and err.strip().startswith('error: The data_dir ') and 'is blank' in err, err
+  assert list(tmp_path.iterdir()) == []

@@ -2,14 +2,18 @@
 routine that fetches them: checksummed, with a progress bar, failing fast in one sentence.
 
 An archive put by hand into <data_dir>/downloads/manual/ is used as it is (once its checksum
-matches), so a machine without internet prepares from archives copied onto it.
+matches), so a machine without internet prepares from archives copied onto it. A download never
+writes more than the published size, and one that stalls (STALL_BYTES in STALL_S) ends.
 """
 import dataclasses
+import errno
 import hashlib
 import http.client
 import os
 import pathlib
+import shutil
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -43,9 +47,16 @@ ARCHIVES = {
         '52425fb6de5c424942b7626b428656fcbd798db970a937df61750c0f1d358e91'),
 }
 # Seconds to wait for a connection and then for each read. One try, no retry: a machine without
-# internet learns it at once (TFDS's downloader retried for minutes), and a stalled server
+# internet learns it at once (TFDS's downloader retried for minutes), and a silent server
 # within this time.
 TIMEOUT_S = 20
+# The stall rule (docs/data.md): a download that brings fewer than STALL_BYTES in a period of
+# STALL_S seconds ends. The read timeout alone never fires on a trickle (each byte restarts it),
+# so the periods are counted here: a period is judged when a read returns after its end, so a
+# stalled download ends within STALL_S + TIMEOUT_S seconds of the period's start. 256 KiB a
+# minute (4 KiB/s) would take half a day for a CIFAR archive: past that, copy it by hand.
+STALL_S = 60
+STALL_BYTES = 256 * 1024
 _CHUNK = 1 << 20
 
 
@@ -63,9 +74,70 @@ def downloads_dir(data_dir: str) -> pathlib.Path:
   return pathlib.Path(data_dir) / 'downloads'
 
 
+def manual_folder_named(data_dir: str) -> str:
+  """downloads/manual/ of data_dir, created (empty) so that a line that asks the user to copy an
+  archive into it can be followed as written; if it cannot be created, the line says to."""
+  folder = manual_dir(data_dir)
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+  except OSError:
+    return f'{folder}/ (create that folder)'
+  return f'{folder}/'
+
+
 def _offline_hint(name: str, data_dir: str) -> str:
   return (f'to prepare without internet, put {name} (from that address) into '
-          f'{manual_dir(data_dir)}/ and run the command again')
+          f'{manual_folder_named(data_dir)} and run the command again')
+
+
+def size_text(size: float) -> str:
+  """A size in the largest binary unit that keeps it at least 1 ('162 MiB', '361 KiB')."""
+  for unit, scale in (('GiB', 2**30), ('MiB', 2**20), ('KiB', 2**10)):
+    if size >= scale:
+      return f'{size / scale:.{1 if size < 10 * scale else 0}f} {unit}'
+  return f'{size:.0f} bytes'
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """Whether `error` (or what it wraps) is a full disk or an exceeded quota: an OSError with that
+  errno, or a library's error that quotes one (TFDS's writer: 'write() failed: No space left on
+  device')."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if any(text in str(error) for text in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def free_bytes(folder: pathlib.Path | str) -> int | None:
+  """Free bytes on the disk of folder (or of its nearest existing parent); None if unknown."""
+  folder = pathlib.Path(folder).absolute()
+  while not folder.exists() and folder != folder.parent:
+    folder = folder.parent
+  try:
+    return shutil.disk_usage(folder).free
+  except OSError:
+    return None
+
+
+class DiskFullError(errors.UserError):
+  """The disk of the data_dir is full (or would be): the sentence names the folder, about how
+  much it needs, and how much is free when it is read (after the attempt's files are gone)."""
+
+  def __init__(self, folder, what: str, need: int | None):
+    super().__init__(folder, what, need)
+    self.folder, self.what, self.need = folder, what, need
+
+  def __str__(self) -> str:
+    free = free_bytes(self.folder)
+    need = (f'needs about {size_text(self.need)} free there' if self.need else
+            'needs more space there')
+    free = '' if free is None else f' ({size_text(free)} free now)'
+    return (f'Not enough space on the disk of {self.folder}: {self.what} {need}{free}; nothing '
+            'half-written was kept. Free some space (or pass another data_dir) and run the '
+            'command again.')
 
 
 def fetch(name: str, data_dir: str, scratch: pathlib.Path) -> pathlib.Path:
@@ -88,6 +160,9 @@ def fetch(name: str, data_dir: str, scratch: pathlib.Path) -> pathlib.Path:
     print(f'{kept} {problem}; downloading it again.', file=sys.stderr, flush=True)
     kept.unlink()
   part = scratch / name
+  free = free_bytes(scratch)
+  if free is not None and free < archive.size:
+    raise DiskFullError(data_dir, f'downloading {name}', archive.size)
   try:
     _download(archive, part, name, data_dir)
     problem = _problem(part, archive)
@@ -102,6 +177,8 @@ def fetch(name: str, data_dir: str, scratch: pathlib.Path) -> pathlib.Path:
 
 
 def _download(archive: Archive, part: pathlib.Path, name: str, data_dir: str) -> None:
+  """Writes the body at archive.url into part: at most archive.size bytes, within the stall rule
+  (STALL_BYTES per STALL_S) and TIMEOUT_S per read; anything else is one DownloadError."""
   request = urllib.request.Request(archive.url, headers={'User-Agent': 'ait_jax'})
   try:
     response = urllib.request.urlopen(  # pylint: disable=consider-using-with
@@ -112,29 +189,56 @@ def _download(archive: Archive, part: pathlib.Path, name: str, data_dir: str) ->
   except (OSError, http.client.HTTPException, ValueError) as e:
     raise DownloadError(f'Cannot download {archive.url} ({_reason(e)}); '
                         f'{_offline_hint(name, data_dir)}.') from None
-  size = (f'{archive.size / 2**20:.0f} MiB' if archive.size >= 2**20 else
-          f'{archive.size / 2**10:.0f} KiB')
-  print(f'Downloading {archive.url} ({size}) into '
-        f'{downloads_dir(data_dir)}/.', file=sys.stderr, flush=True)
-  got = 0
-  with response, open(part, 'wb') as f, tqdm.tqdm(
-      total=int(response.headers.get('Content-Length') or archive.size), unit='B',
-      unit_scale=True, unit_divisor=1024, desc=name, file=sys.stderr, mininterval=0.5) as bar:
+  with response:
+    announced = response.headers.get('Content-Length')
+    if announced and announced.isdigit() and int(announced) != archive.size:
+      raise DownloadError(f'Cannot download {archive.url} (the server announces '
+                          f'{int(announced):,} bytes, not the {archive.size:,} of the published '
+                          f'archive); {_offline_hint(name, data_dir)}.')
+    print(f'Downloading {archive.url} ({size_text(archive.size)}) into '
+          f'{downloads_dir(data_dir)}/.', file=sys.stderr, flush=True)
+    _receive(response, archive, part, name, data_dir)
+
+
+def _receive(response, archive: Archive, part: pathlib.Path, name: str, data_dir: str) -> None:
+  got, period_start, period_got = 0, time.monotonic(), 0
+  with open(part, 'wb') as f, tqdm.tqdm(
+      total=archive.size, unit='B', unit_scale=True, unit_divisor=1024, desc=name,
+      file=sys.stderr, mininterval=0.5) as bar:
     while True:
       try:
-        chunk = response.read(_CHUNK)
+        # read1: what has arrived, up to one byte past the published size; read() would wait
+        # for a whole chunk, so a trickle would never come back to the stall check.
+        chunk = response.read1(min(_CHUNK, archive.size - got + 1))
       except (OSError, http.client.HTTPException) as e:
         raise DownloadError(f'The download of {archive.url} broke off after {got:,} of '
                             f'{archive.size:,} bytes ({_reason(e)}); run the command again, or '
                             f'{_offline_hint(name, data_dir)}.') from None
       if not chunk:
         break
+      if got + len(chunk) > archive.size:  # nothing past the published size is written
+        raise DownloadError(f'The server of {archive.url} sent more than the {archive.size:,} '
+                            'bytes of the published archive, so the download was stopped there '
+                            f'(and deleted); run the command again, or '
+                            f'{_offline_hint(name, data_dir)}.')
       try:
         f.write(chunk)
-      except OSError as e:  # the local disk, not the network: name the file
+      except OSError as e:  # the local disk, not the network
+        if is_disk_full(e):
+          raise DiskFullError(data_dir, f'downloading {name}', archive.size) from None
         raise OSError(e.errno, e.strerror, str(part)) from None
       got += len(chunk)
+      period_got += len(chunk)
       bar.update(len(chunk))
+      now = time.monotonic()
+      if now - period_start >= STALL_S:
+        if period_got < STALL_BYTES:
+          raise DownloadError(
+              f'The download of {archive.url} stalled: {period_got:,} bytes in the last '
+              f'{now - period_start:.0f} s, fewer than the {STALL_BYTES:,} a download must bring '
+              f'every {STALL_S:g} s (after {got:,} of {archive.size:,} bytes); run the command '
+              f'again, or {_offline_hint(name, data_dir)}.')
+        period_start, period_got = now, 0
   if got < archive.size:
     raise DownloadError(f'The download of {archive.url} broke off after {got:,} of '
                         f'{archive.size:,} bytes (the server closed the connection); run the '

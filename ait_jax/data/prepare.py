@@ -8,14 +8,19 @@ checksummed, or put by hand into DIR/downloads/manual/. ImageNet-100 is built by
 (with TensorFlow, `pip install -e .[prepare]`) from archives the user downloads by hand; prepare
 also writes its class-subset index. Every build is written into a temporary folder of DIR and
 renamed into place once whole, and an existing dataset is read back before it counts as prepared.
+SIGINT and SIGTERM end it in one line with nothing half-written left (`prepare` exits 128 + the
+signal's number, 130 or 143; a training run that was preparing its data exits 75, as for any stop
+by a signal), and a full disk is one line naming the folder and about how much it needs.
 """
 import contextlib
 import importlib.util
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 
 from absl import flags
@@ -43,9 +48,13 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def check_data_dir(data_dir: str) -> None:
-  """An empty data_dir, one that is, or lies inside, a file, and a bucket that cannot be read are
-  refused before anything is written."""
+  """An empty or blank data_dir, one that is, or lies inside, a file, and a bucket that cannot be
+  read are refused before anything is written."""
   input_pipeline.require_data_dir(data_dir)
+  if data_dir and not data_dir.strip():  # `--data_dir=" "`: a folder named by spaces, here
+    raise errors.InputError(
+        f'The data_dir {data_dir!r} is blank (only spaces); pass the folder that holds the '
+        'datasets (it is created if missing).')
   if '://' in data_dir:
     if data_dir.startswith('gs://') and not any(importlib.util.find_spec(m)
                                                 for m in ('gcsfs', 'tensorflow')):
@@ -73,6 +82,68 @@ def _say(text: str) -> None:
   print(text, file=sys.stderr, flush=True)
 
 
+class Stopped(SystemExit):
+  """SIGINT or SIGTERM arrived while a dataset was prepared. Raised where the process was, so the
+  `finally`s on the way out remove what the attempt wrote; a SystemExit, so that no `except
+  Exception` on the way (ours or TFDS's) holds it up, with 128 + the signal's number (130, 143)
+  as its code, the status a shell gives a command stopped by that signal."""
+
+  def __init__(self, signum: int, name: str, data_dir: str):
+    super().__init__(128 + signum)
+    self.signal_name = signal.Signals(signum).name
+    self.name, self.data_dir = name, data_dir
+
+  def line(self, code: int, then: str) -> str:
+    return (f'{self.signal_name}: stopped preparing {self.name}; nothing half-written was kept '
+            f'in {self.data_dir}; {then} (exit status {code}).')
+
+
+@contextlib.contextmanager
+def _stopped_by_signals(name: str, data_dir: str):
+  """Turns SIGINT and SIGTERM into Stopped while the block runs (only the main thread can
+  receive signals; elsewhere nothing changes). SIGTERM's default would end the process at once,
+  leaving the temporary folder; Ctrl-C's KeyboardInterrupt would end in a traceback. A second
+  signal raises again: it may cut the clean-up short, and the next attempt removes the rest."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handler(signum, frame):
+    del frame
+    raise Stopped(signum, name, data_dir)
+
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield
+  finally:
+    for s, handler_before in previous.items():
+      signal.signal(s, handler_before)
+
+
+def _dataset_key(info: datasets.DatasetInfo) -> str:
+  """'cifar10', 'triangle/full': the name with its builder config, as builders.DATASET_BYTES
+  keys it."""
+  base, _, config = info.tfds_name.partition('/')
+  cls = builders.BUILDERS.get(base)
+  if cls is not None and cls.BUILDER_CONFIGS and not config:
+    config = cls.BUILDER_CONFIGS[0].name
+  return f'{base}/{config}' if config else base
+
+
+def _space_needed(info: datasets.DatasetInfo, data_dir: str) -> int | None:
+  """About how many bytes preparing `info` still needs in data_dir: its dataset, and the
+  archives not there yet; None where the dataset's size is not known (the catalog's ImageNet)."""
+  size = builders.DATASET_BYTES.get(_dataset_key(info))
+  if size is None:
+    return None
+  base = info.tfds_name.partition('/')[0]
+  for archive in getattr(builders.BUILDERS.get(base), 'ARCHIVES', ()):
+    if not any((folder / archive).exists() for folder in (downloads.manual_dir(data_dir),
+                                                          downloads.downloads_dir(data_dir))):
+      size += downloads.ARCHIVES[archive].size
+  return size
+
+
 def prepare(name: str, data_dir: str, read_all: bool = True) -> tuple[str, bool]:
   """Makes `name` prepared in data_dir; returns (its folder, whether it was built now).
 
@@ -82,6 +153,22 @@ def prepare(name: str, data_dir: str, read_all: bool = True) -> tuple[str, bool]
   """
   info = datasets.get_info(name)
   check_data_dir(data_dir)
+  with _stopped_by_signals(name, data_dir):
+    try:
+      return _prepare(info, name, data_dir, read_all)
+    except errors.UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (re-raised unless the disk is full)
+      # TFDS's writer reports a full disk as a RuntimeError quoting the write's error, other
+      # writes as a bare OSError without a path: either way, name the folder and the need.
+      if not downloads.is_disk_full(e):
+        raise
+      raise downloads.DiskFullError(data_dir, f'preparing {name}',
+                                    _space_needed(info, data_dir)) from None
+
+
+def _prepare(info: datasets.DatasetInfo, name: str, data_dir: str,
+             read_all: bool) -> tuple[str, bool]:
   path = dataset_dir(info, data_dir)
   base, _, config = info.tfds_name.partition('/')
   ours = base in builders.BUILDERS
@@ -132,8 +219,8 @@ def _check_catalog_needs(info: datasets.DatasetInfo, name: str, data_dir: str) -
   if missing:
     raise errors.UserError(
         f'{name!r} cannot be downloaded automatically: put {" and ".join(missing)} '
-        f'(ImageNet: from image-net.org, after registering) in {manual} and run '
-        'this command again.')
+        f'(ImageNet: from image-net.org, after registering) into '
+        f'{downloads.manual_folder_named(data_dir)} and run this command again.')
   # The TFDS catalog builders serialise through TensorFlow and probe importlib_resources.
   missing = [m for m in ('tensorflow', 'importlib_resources')
              if importlib.util.find_spec(m) is None]
@@ -206,6 +293,18 @@ def ensure_prepared(info: datasets.DatasetInfo, data_dir: str) -> None:
   check_data_dir(data_dir)
   if info.tfds_name.partition('/')[0] not in builders.BUILDERS:
     return
+  try:
+    with _stopped_by_signals(info.name, data_dir):
+      _ensure_prepared(info, data_dir)
+  except Stopped as e:
+    from ait_jax import checkpointing  # pylint: disable=g-import-not-at-top
+    # The status of any run stopped by a signal: a job script requeues on it, and the rerun
+    # resumes (downloaded archives are kept).
+    _say(e.line(checkpointing.EXIT_PREEMPTED, 'rerun the same command to resume'))
+    raise SystemExit(checkpointing.EXIT_PREEMPTED) from None
+
+
+def _ensure_prepared(info: datasets.DatasetInfo, data_dir: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top  (the command itself needs no JAX)
 
   def whole() -> bool:
@@ -241,7 +340,12 @@ def main(fv: flags.FlagValues) -> None:
   cli.require(fv, 'dataset', hint=f'NAME (one of {", ".join(sorted(datasets.DATASETS))})')
   cli.require(fv, 'data_dir', hint='DIR (where the dataset is written)')
   start = time.time()
-  path, built = prepare(fv.dataset, fv.data_dir)
+  try:
+    path, built = prepare(fv.dataset, fv.data_dir)
+  except Stopped as e:
+    sys.stdout.flush()
+    _say(e.line(e.code, 'the same command prepares it again'))
+    raise SystemExit(e.code) from None
   if built:
     print(f'Prepared {fv.dataset} in {path} in {time.time() - start:.1f} s.')
   else:
