@@ -459,7 +459,7 @@ def test_trickle_ends_by_the_stall_rule(server, tmp_path, monkeypatch, capsys):
   lines = _download_lines(err)
   assert code == 2 and 'Traceback' not in err and len(lines) == 1, err
   assert lines[0].startswith(f'error: The download of {url}/cifar-10-binary.tar.gz stalled: ')
-  assert 'fewer than the 64 a download must bring every 1 s' in lines[0]
+  assert 'fewer than the 64 bytes a download must bring every 1 s' in lines[0]
   assert elapsed < limit(1 + 2), elapsed  # STALL_S + TIMEOUT_S
   assert _files(data_dir) == ['downloads', 'downloads/manual']
 

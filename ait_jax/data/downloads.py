@@ -235,9 +235,9 @@ def _receive(response, archive: Archive, part: pathlib.Path, name: str, data_dir
         if period_got < STALL_BYTES:
           raise DownloadError(
               f'The download of {archive.url} stalled: {period_got:,} bytes in the last '
-              f'{now - period_start:.0f} s, fewer than the {STALL_BYTES:,} a download must bring '
-              f'every {STALL_S:g} s (after {got:,} of {archive.size:,} bytes); run the command '
-              f'again, or {_offline_hint(name, data_dir)}.')
+              f'{now - period_start:.0f} s, fewer than the {STALL_BYTES:,} bytes a download '
+              f'must bring every {STALL_S:g} s (after {got:,} of {archive.size:,} bytes); run '
+              f'the command again, or {_offline_hint(name, data_dir)}.')
         period_start, period_got = now, 0
   if got < archive.size:
     raise DownloadError(f'The download of {archive.url} broke off after {got:,} of '
