@@ -603,22 +603,24 @@ _QUICK_CIFAR10 = [
     '--config.model.bottleneck_k=16']
 
 
-def test_first_run_stopped_mid_download_by_keyboardinterrupt(server, tmp_path, monkeypatch,
-                                                             capsys):
-  """Ctrl-C (SIGINT: a KeyboardInterrupt traceback before) while the first `ait_jax.main` run
-  downloads its dataset: one line, the status of any run stopped by a signal (75: rerun to
-  resume), nothing left in the data_dir or the workdir."""
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
+def test_first_run_stopped_mid_download_by_keyboardinterrupt_or_sigterm(signum, server, tmp_path,
+                                                                        monkeypatch, capsys):
+  """Ctrl-C (SIGINT: a KeyboardInterrupt traceback before) or SIGTERM (no line, .incomplete.*
+  left) while the first `ait_jax.main` run downloads its dataset: one line, the status of any
+  run stopped by a signal (75: rerun to resume), nothing left in the data_dir or the workdir."""
   folder, url, answers = server
   write_cifar10(folder / 'cifar-10-binary.tar.gz')
-  answers['cifar-10-binary.tar.gz'] = _signal_midway(signal.SIGINT)
+  answers['cifar-10-binary.tar.gz'] = _signal_midway(signum)
   _publish(monkeypatch, folder, url)
   data_dir, workdir = tmp_path / 'data', tmp_path / 'work'
   code, err = _main_cmd([*_QUICK_CIFAR10, f'--workdir={workdir}',
                          f'--config.data_dir={data_dir}'], capsys)
   lines = _download_lines(err)
   assert code == 75 and 'Traceback' not in err, err
-  assert lines[-1] == (f'SIGINT: stopped preparing cifar10; nothing half-written was kept in '
-                       f'{data_dir}; rerun the same command to resume (exit status 75).'), err
+  assert lines[-1] == (f'{signal.Signals(signum).name}: stopped preparing cifar10; nothing '
+                       f'half-written was kept in {data_dir}; rerun the same command to resume '
+                       '(exit status 75).'), err
   assert not data_dir.exists() and not workdir.exists()
 
 
