@@ -522,6 +522,26 @@ def test_full_disk_while_downloading_names_the_folder_and_the_need(server, tmp_p
   assert not data_dir.exists()
 
 
+def test_damaged_kept_archive_is_set_aside_and_downloaded_again(server, tmp_path, monkeypatch,
+                                                                capsys):
+  """An archive kept in downloads/ that no longer matches (cut short here) is moved to
+  damaged/, never deleted, with a line saying where, and downloaded again."""
+  folder, url, _ = server
+  write_cifar10(folder / 'cifar-10-binary.tar.gz')
+  _publish(monkeypatch, folder, url)
+  data_dir = tmp_path / 'data'
+  kept = data_dir / 'downloads' / 'cifar-10-binary.tar.gz'
+  kept.parent.mkdir(parents=True)
+  kept.write_bytes((folder / 'cifar-10-binary.tar.gz').read_bytes()[:1000])
+  code, out, err = _prepare_cmd(['--dataset=cifar10', f'--data_dir={data_dir}'], capsys)
+  assert code == 0 and 'Prepared cifar10' in out, err
+  aside, = (data_dir / 'damaged').iterdir()
+  assert f'{kept} is 1,000 bytes, not the ' in err
+  assert f': moved to {aside}, downloading it again.' in err
+  assert aside.read_bytes() == (folder / 'cifar-10-binary.tar.gz').read_bytes()[:1000]
+  assert kept.read_bytes() == (folder / 'cifar-10-binary.tar.gz').read_bytes()
+
+
 def test_wrong_checksum_is_one_sentence_and_the_file_is_deleted(server, tmp_path, monkeypatch,
                                                                capsys):
   folder, url, _ = server

@@ -118,6 +118,11 @@ def test_half_written_dataset_info_is_rebuilt_by_the_first_run(generated_data_di
           'a dataset_info.json that does not parse') in err and 'rebuilding it.' in err
   assert 'Traceback' not in err
   assert info_file.read_text() == text and _record_files(data_dir) == original
+  # The damaged folder is set aside, not deleted, where the line says.
+  aside, = (data_dir / 'damaged').iterdir()
+  assert f'moved to {aside}, rebuilding it.' in err
+  assert aside.name.startswith('triangle_small_1.1.0_')
+  assert (aside / 'dataset_info.json').read_text() == text[:len(text) // 2]
 
 
 @pytest.mark.parametrize('damage', ['truncated', 'overwritten mid-file'])
@@ -138,6 +143,9 @@ def test_prepare_reads_back_and_rebuilds_a_damaged_dataset(generated_data_dir, t
   assert f'has a damaged {train_file.name} (' in err and 'rebuilding it.' in err
   assert 'Prepared triangle/small' in out
   assert _record_files(data_dir) == original  # the damage is gone, the same bytes rebuilt
+  aside, = (data_dir / 'damaged').iterdir()  # and kept where the line says
+  assert f'moved to {aside}, rebuilding it.' in err
+  assert (aside / train_file.name).read_bytes() != original[train_file.name]
 
 
 def test_damaged_catalog_dataset_names_the_folder_to_delete(tmp_path, capfd):

@@ -74,6 +74,25 @@ def downloads_dir(data_dir: str) -> pathlib.Path:
   return pathlib.Path(data_dir) / 'downloads'
 
 
+# Where a damaged dataset folder or kept archive goes (<data_dir>/damaged/<name>_<unix time>):
+# prepare replaces them, and deletes nothing it finds.
+DAMAGED_DIR = 'damaged'
+
+
+def set_aside(path: pathlib.Path, data_dir: str, label: str) -> pathlib.Path:
+  """Moves a damaged file or folder of data_dir to <data_dir>/damaged/<label>_<unix time> (a
+  rename: the same disk, no copy); returns where it went."""
+  folder = pathlib.Path(data_dir) / DAMAGED_DIR
+  folder.mkdir(parents=True, exist_ok=True)
+  stamp, n = int(time.time()), 0
+  target = folder / f'{label}_{stamp}'
+  while target.exists():  # two in one second
+    n += 1
+    target = folder / f'{label}_{stamp}_{n}'
+  os.rename(path, target)
+  return target
+
+
 def manual_folder_named(data_dir: str) -> str:
   """downloads/manual/ of data_dir, created (empty) so that a line that asks the user to copy an
   archive into it can be followed as written; if it cannot be created, the line says to."""
@@ -157,8 +176,9 @@ def fetch(name: str, data_dir: str, scratch: pathlib.Path) -> pathlib.Path:
     problem = _problem(kept, archive)
     if problem is None:
       return kept
-    print(f'{kept} {problem}; downloading it again.', file=sys.stderr, flush=True)
-    kept.unlink()
+    aside = set_aside(kept, data_dir, name)
+    print(f'{kept} {problem}: moved to {aside}, downloading it again.', file=sys.stderr,
+          flush=True)
   part = scratch / name
   free = free_bytes(scratch)
   if free is not None and free < archive.size:

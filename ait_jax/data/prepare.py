@@ -181,7 +181,13 @@ def _prepare(info: datasets.DatasetInfo, name: str, data_dir: str,
       raise errors.UserError(f'{path} {problem}, so {name} is incomplete or damaged; delete that '
                              f'folder and run `{input_pipeline.prepare_command(name, data_dir)}` '
                              'again.')
-    _say(f'{name} in {path} is incomplete or damaged (the folder {problem}); rebuilding it.')
+    if '://' in data_dir:  # refused below: a bucket is prepared by copying
+      _say(f'{name} in {path} is incomplete or damaged (the folder {problem}).')
+    else:  # set aside, not deleted: the line says where
+      aside = downloads.set_aside(pathlib.Path(path), data_dir,
+                                  '_'.join(pathlib.Path(path).relative_to(data_dir).parts))
+      _say(f'{name} in {path} is incomplete or damaged (the folder {problem}): moved to '
+           f'{aside}, rebuilding it.')
   if '://' in data_dir:  # a bucket has no atomic rename
     raise errors.UserError(
         f'{name} is not prepared in {data_dir}, and prepare writes only into a '
@@ -271,7 +277,8 @@ def _alive(pid: str) -> bool:
 
 def _move_into_place(built: pathlib.Path, path: pathlib.Path, scratch: pathlib.Path,
                      dataset_root: pathlib.Path) -> None:
-  """Renames the built version folder to `path`; a damaged one there goes into scratch first,
+  """Renames the built version folder to `path`. One there now was built meanwhile by another
+  process (a damaged one was set aside before the build): the same bytes, so it goes into scratch,
   to be removed with it. TFDS's default-config file comes along if the data_dir lacks it."""
   path.parent.mkdir(parents=True, exist_ok=True)
   if path.exists():
