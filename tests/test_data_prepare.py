@@ -259,3 +259,40 @@ def test_blank_data_dir_is_refused_with_one_sentence(tmp_path, monkeypatch, capf
                                  f'--workdir={tmp_path / "work"}'], capfd)
   assert code == 2 and err.strip().startswith('error: The data_dir ') and 'is blank' in err, err
   assert list(tmp_path.iterdir()) == []
+
+
+_ON_A_SMALL_TMPFS = r'''
+import ctypes, os, subprocess, sys
+if ctypes.CDLL(None, use_errno=True).unshare(0x00020000) != 0:  # CLONE_NEWNS: a private mount
+  raise SystemExit(97)                                             # namespace, gone with us
+subprocess.run(['mount', '--make-rprivate', '/'], check=True, capture_output=True)
+subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=200k', 'tmpfs', sys.argv[1]], check=True,
+               capture_output=True)
+from ait_jax import cli
+from ait_jax.data import prepare
+try:
+  cli.run(prepare.define_flags, prepare.main, ['prepare', '--dataset=triangle/small',
+                                               '--data_dir=' + sys.argv[1] + '/data'])
+finally:
+  print('left on the tmpfs:', sorted(os.listdir(sys.argv[1])), flush=True)
+'''
+
+
+def test_full_disk_on_a_real_tmpfs(tmp_path):
+  """The probe's case itself, where a tmpfs can be mounted (root, in a private mount namespace):
+  `prepare` on a 200 KiB disk, where TFDS's writer fails (it raised a RuntimeError with a
+  traceback): one line naming the data_dir and the need, and the disk left empty."""
+  if os.geteuid() != 0 or not shutil.which('mount'):
+    pytest.skip('mounting a tmpfs needs root; the tests above inject the full disk instead')
+  mount = tmp_path / 'tmpfs'
+  mount.mkdir()
+  run = subprocess.run([sys.executable, '-c', _ON_A_SMALL_TMPFS, str(mount)], cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                       text=True, timeout=limit(), check=False)
+  if run.returncode == 97 or 'CalledProcessError' in run.stderr:  # the mount itself failed
+    pytest.skip(f'no private mount namespace or tmpfs here: {run.stderr[-300:]}')
+  lines = [l for l in _text_lines(run.stderr) if not l.startswith('triangle/small is not')]
+  assert run.returncode == 2 and 'Traceback' not in run.stderr and len(lines) == 1, run.stderr
+  assert lines[0].startswith(f'error: Not enough space on the disk of {mount}/data: preparing '
+                             'triangle/small needs about 340 KiB free there ('), lines[0]
+  assert run.stdout.strip() == 'left on the tmpfs: []'
