@@ -6,6 +6,7 @@ replaced by small fakes on PATH that run the remote command lines locally.
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -368,3 +369,28 @@ def test_gpu_train_logs_and_propagates_failure(tmp_path):
       '[-m][ait_jax.distributed]',
       f'[-m][ait_jax.main][--config=configs/c.py][--workdir={tmp_path}/wd][{NASTY}]',
   ]
+
+
+def test_launch_readme_commands_dry_run(tmp_path):
+  """launch/README.md's launch lines run as written, with --dry-run added at the end, in the
+  environment its `export` lines set; a recording fake gcloud shows that nothing ran."""
+  text = (LAUNCH / 'README.md').read_text()
+  blocks = re.findall(r'^```bash\n(.*?)^```', text, re.M | re.S)
+  lines = [l.split('  #')[0].strip() for l in '\n'.join(blocks).replace('\\\n', ' ').splitlines()]
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  _fake(bin_dir, 'gcloud', f'echo "gcloud $*" >> {tmp_path / "calls"}\n')
+  env = _env(PATH=f'{bin_dir}:{os.environ["PATH"]}')
+  ran = 0
+  for line in lines:
+    words = shlex.split(line) if line else []
+    if words[:1] == ['export']:
+      env.update(word.split('=', 1) for word in words[1:])
+    while words and '=' in words[0] and not words[0].startswith('launch/'):
+      words = words[1:]  # VAR=value before the command
+    if words[:1] and words[0].startswith('launch/'):
+      result = _run(ROOT / words[0], *words[1:], '--dry-run', env=env)
+      assert result.returncode == 0, f'{line}\n{result.stderr}'
+      ran += 1
+  assert ran >= 10
+  assert not (tmp_path / 'calls').exists()

@@ -3,6 +3,7 @@ folder (the configs ship inside it as ait_jax.configs; setup.cfg)."""
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -162,3 +163,16 @@ def test_editable_clone_runs_from_its_parent_folder(tmp_path):
   where = json.loads(out.stdout.splitlines()[0])
   assert where['package'] == str(clone / 'ait_jax' / '__init__.py'), where
   assert '--dataset' in out.stdout and '--scale' in out.stdout  # prepare's and reproduce's help
+
+
+def test_documented_installs_go_through_constraints():
+  """Every `pip install` that the docs give to run (their code blocks) pins through
+  constraints.txt, so that TPU and GPU machines get the versions CI tests, as the CPU does."""
+  docs = [ROOT / 'README.md', ROOT / 'launch' / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
+  unpinned = []
+  for doc in docs:
+    blocks = re.findall(r'^```[^\n]*\n(.*?)^```', doc.read_text(), re.M | re.S)
+    unpinned += [f'{doc.relative_to(ROOT)}: {line.strip()}' for block in blocks
+                 for line in block.splitlines()
+                 if 'pip install' in line and not re.search(r'-c \S*constraints\.txt', line)]
+  assert not unpinned, unpinned
