@@ -26,14 +26,22 @@ require() {
   [[ -n $1 ]] || die "no $2 given: pass $2 or set $3."
 }
 
+# Flags renamed since, as OLD=NEW words: the old spelling stops with one line naming the new one.
+# --data_dir is the data folder's spelling everywhere (ait_jax.data.prepare, --config.data_dir).
+RENAMED=(--data-dir=--data_dir)
+
 # parse_args ARGS...: the scripts' one flag loop. A script names its flags in two arrays of
 # FLAG=VARIABLE words, SWITCHES (the flag sets VARIABLE to 1) and VALUE_FLAGS (the flag takes a
 # value, as --flag VALUE or --flag=VALUE), and defines usage. Sets SUBCOMMAND (the one word that is
-# not a flag) and EXTRA (the words after --).
+# not a flag) and EXTRA (the words after --). --dry-run counts wherever it stands, after -- too
+# (and is not passed on): a flag added at the end of a command line must never launch for real.
 parse_args() {
   SUBCOMMAND=
   EXTRA=()
   local arg variable
+  for arg in "$@"; do
+    [[ $arg != --dry-run ]] || DRY_RUN=1
+  done
   while (($#)); do
     arg=$1
     shift
@@ -43,7 +51,11 @@ parse_args() {
     fi
     case $arg in
       -h | --help) usage; exit 0 ;;
-      --) EXTRA=("$@"); break ;;
+      --)
+        for arg in "$@"; do
+          [[ $arg == --dry-run ]] || EXTRA+=("$arg")
+        done
+        break ;;
     esac
     if variable=$(flag_variable "$arg" "${SWITCHES[@]}"); then
       printf -v "$variable" 1
@@ -51,6 +63,8 @@ parse_args() {
       need_value "$arg" "$@"
       printf -v "$variable" '%s' "$1"
       shift
+    elif variable=$(flag_variable "$arg" "${RENAMED[@]}"); then
+      die "$arg is now spelled $variable (see --help)."
     elif [[ $arg == -* ]]; then
       die "unknown flag $arg (see --help)."
     else

@@ -30,7 +30,9 @@ Usage: $PROG <subcommand> [flags] [-- extra flags for python -m ait_jax.main]
 Runs ait_jax on this machine's GPUs, from this checkout ($ROOT).
 
 Subcommands:
-  install   create the venv, pip install jax[cuda<CUDA>]==$AIT_JAX_VERSION and the package (pip install -e)
+  install   create the venv, then install jax[cuda<CUDA>]==$AIT_JAX_VERSION and the package through the
+            checkout's constraints.txt (every dependency as CI tests it, on Python 3.11):
+            pip install -c constraints.txt 'jax[cuda<CUDA>]==$AIT_JAX_VERSION' -e '.[EXTRAS]'
   check     print jax.devices() (fails when JAX sees no GPU), then the preflight
             python -m ait_jax.distributed (process index, process count, devices)
   train     the preflight, then python -m ait_jax.main --config=CONFIG --workdir=WORKDIR
@@ -38,15 +40,15 @@ Subcommands:
 
 Flags (environment variable, default):
   --venv DIR          VENV        ($D_VENV)
-  --python PYTHON     PYTHON      ($D_PYTHON; creates the venv, needs Python >= 3.11)
+  --python PYTHON     PYTHON      ($D_PYTHON; creates the venv, needs Python >= 3.11; CI tests 3.11)
   --cuda 12|13        CUDA        ($D_CUDA; jax[cuda12] needs an NVIDIA driver >= 525, jax[cuda13] >= 580)
-  --extras EXTRAS     EXTRAS      (none; e.g. prepare, for the TFDS data preparation)
+  --extras EXTRAS     EXTRAS      (none; e.g. gcs for a gs:// workdir, prepare for ImageNet-100)
   --config CONFIG     CONFIG      (required by train; e.g. configs/cifar100.py:model=base)
   --workdir DIR       WORKDIR     (required by train; a local folder or gs:// path)
                                   CONFIG is relative to the checkout, other paths to the current folder
-  --data-dir DIR      DATA_DIR    (none: the config's data_dir; e.g. gs://BUCKET/tfds)
+  --data_dir DIR      DATA_DIR    (none: the config's data_dir; e.g. gs://BUCKET/tfds)
   --log-file FILE     LOG_FILE    (WORKDIR/train.log; \$HOME/ait_logs/train.log for a gs:// workdir)
-  --dry-run           DRY_RUN=1   (0; print each command instead of running it)
+  --dry-run           DRY_RUN=1   (0; print each command instead of running it; anywhere, after -- too)
   -h, --help          this help
 
 Several GPU hosts: run the same train command on each host with
@@ -57,7 +59,7 @@ Example:
   $PROG install
   $PROG check
   $PROG train --config configs/cifar100.py:model=base --workdir workdir/cifar100 \\
-      --data-dir ~/tensorflow_datasets -- --config.seed=1
+      --data_dir ~/tensorflow_datasets -- --config.seed=1
 EOF
 }
 
@@ -65,7 +67,7 @@ EOF
 SWITCHES=(--dry-run=DRY_RUN)
 # shellcheck disable=SC2034
 VALUE_FLAGS=(--venv=VENV --python=PYTHON --cuda=CUDA --extras=EXTRAS --config=CONFIG
-             --workdir=WORKDIR --data-dir=DATA_DIR --log-file=LOG_FILE)
+             --workdir=WORKDIR --data_dir=DATA_DIR --log-file=LOG_FILE)
 parse_args "$@"
 
 [[ -n $SUBCOMMAND ]] || { usage >&2; die "no subcommand given."; }
@@ -82,8 +84,8 @@ cmd_install() {
   [[ -z $EXTRAS ]] || package="${ROOT}[$EXTRAS]"
   run "$PYTHON" -m venv "$VENV"
   run "$PY" -m pip install -U pip
-  run "$PY" -m pip install "jax[cuda$CUDA]==$AIT_JAX_VERSION"
-  run "$PY" -m pip install -e "$package"
+  # One resolve, so that the CUDA plugins and the package's dependencies agree with the pins.
+  run "$PY" -m pip install -c "$ROOT/constraints.txt" "jax[cuda$CUDA]==$AIT_JAX_VERSION" -e "$package"
 }
 
 cmd_check() {

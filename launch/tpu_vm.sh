@@ -12,7 +12,6 @@ source "$HERE/common.sh"
 # Defaults; each is overridden by the environment variable of the same name, then by its flag.
 D_ZONE=us-central2-b
 D_ACCELERATOR_TYPE=v4-32
-D_RUNTIME_VERSION=tpu-ubuntu2204-base
 D_REPO_REF=main
 D_PYTHON=python3.11
 D_DISTRIBUTED=on
@@ -24,7 +23,7 @@ TPU_NAME=${TPU_NAME:-}
 ZONE=${ZONE:-$D_ZONE}
 PROJECT=${PROJECT:-}
 ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-$D_ACCELERATOR_TYPE}
-RUNTIME_VERSION=${RUNTIME_VERSION:-$D_RUNTIME_VERSION}
+RUNTIME_VERSION=${RUNTIME_VERSION:-}
 SPOT=${SPOT:-0}
 REPO_URL=${REPO_URL:-}
 REPO_REF=${REPO_REF:-$D_REPO_REF}
@@ -51,11 +50,13 @@ a virtualenv in ~/ait_venv and its training log in ~/ait_logs/worker-<hostname>.
 Subcommands:
   compile   here, before create (no TPU and no gcloud needed): python -m ait_jax.compile
             --config=CONFIG --topology=ACCELERATOR_TYPE [extra], i.e. the train and eval steps
-            compiled for that slice by libtpu (pip install -e '.[tpu]'), HBM per chip and whether
-            it fits; exit status 1 when it does not
+            compiled for that slice by libtpu (pip install -c constraints.txt -e '.[tpu]'), HBM
+            per chip and whether it fits; exit status 1 when it does not
   create    gcloud compute tpus tpu-vm create (name, zone, accelerator type, runtime version)
   install   put the code on every worker (scp of the local git tree, or git clone of --repo), then
-            install tmux, a venv, jax[tpu]==$AIT_JAX_VERSION and the package (pip install -e)
+            install tmux, a venv and the package with its tpu and gcs extras through the code's
+            constraints.txt (jax[tpu]==$AIT_JAX_VERSION, its libtpu, every dependency as CI tests it):
+            pip install -c constraints.txt -e '.[tpu,gcs,EXTRAS]'
   check     the preflight on every worker: python -m ait_jax.distributed (process index, devices)
   train     on every worker (--worker=all), in a detached tmux session: the preflight, then
             python -m ait_jax.main --config=CONFIG --workdir=WORKDIR [--config.data_dir=DATA_DIR] [extra]
@@ -69,19 +70,22 @@ Flags (environment variable, default):
   --zone ZONE               ZONE               ($D_ZONE)
   --project PROJECT         PROJECT            (gcloud's configured project)
   --accelerator-type TYPE   ACCELERATOR_TYPE   ($D_ACCELERATOR_TYPE; e.g. v5litepod-8, v6e-8)
-  --runtime-version VER     RUNTIME_VERSION    ($D_RUNTIME_VERSION; e.g. v2-alpha-tpuv5-lite)
+  --runtime-version VER     RUNTIME_VERSION    (from the accelerator type, as Cloud TPU's docs give
+                                                it: v2, v3, v4 tpu-ubuntu2204-base, v5e (v5litepod)
+                                                v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5, v6e
+                                                v2-alpha-tpuv6e)
   --spot                    SPOT=1             (0: on-demand VM)
   --repo URL                REPO_URL           (empty: copy this checkout, tracked and untracked
                                                 non-ignored files, with tpu-vm scp)
   --ref REF                 REPO_REF           ($D_REPO_REF; branch or tag cloned from --repo)
   --python PYTHON           PYTHON             ($D_PYTHON; jax $AIT_JAX_VERSION needs Python >= 3.11,
                                                 installed with apt if missing)
-  --extras EXTRAS           EXTRAS             (none; e.g. prepare, to run the data preparation there)
+  --extras EXTRAS           EXTRAS             (none beyond tpu,gcs; e.g. prepare, for ImageNet-100)
   --config CONFIG           CONFIG             (required by train and compile; e.g.
                                                 configs/cifar100.py:model=base)
   --workdir DIR             WORKDIR            (required by train; a gs:// path on a pod, so that all
                                                 workers write checkpoints to one place)
-  --data-dir DIR            DATA_DIR           (none: the config's data_dir; e.g. gs://BUCKET/tfds)
+  --data_dir DIR            DATA_DIR           (none: the config's data_dir; e.g. gs://BUCKET/tfds)
   --distributed MODE        DISTRIBUTED        ($D_DISTRIBUTED; AIT_JAX_DISTRIBUTED on the workers)
   --session NAME            TMUX_SESSION       ($D_TMUX_SESSION)
   --worker N|all            LOG_WORKER         ($D_LOG_WORKER; the worker whose log 'logs' shows)
@@ -89,7 +93,8 @@ Flags (environment variable, default):
   --follow                  FOLLOW=1           (0; 'logs' keeps following the log)
   --dest DIR                COPY_DEST          (./ait_results/NAME; where 'copy' puts results)
   --yes                     ASSUME_YES=1       (0; 'delete' without gcloud's confirmation prompt)
-  --dry-run                 DRY_RUN=1          (0; print each command instead of running it)
+  --dry-run                 DRY_RUN=1          (0; print each command instead of running it;
+                                                anywhere on the line, after -- too)
   -h, --help                this help
 
 Example (a v4-32 pod: 4 workers):
@@ -97,7 +102,7 @@ Example (a v4-32 pod: 4 workers):
   $PROG create  --name ait-v4 --zone us-central2-b --accelerator-type v4-32
   $PROG install --name ait-v4
   $PROG train   --name ait-v4 --config configs/cifar100.py:model=base \\
-      --workdir gs://BUCKET/ait/cifar100 --data-dir gs://BUCKET/tfds -- --config.seed=1
+      --workdir gs://BUCKET/ait/cifar100 --data_dir gs://BUCKET/tfds -- --config.seed=1
   $PROG logs    --name ait-v4 --follow
   $PROG copy    --name ait-v4 --workdir gs://BUCKET/ait/cifar100
   $PROG delete  --name ait-v4
@@ -109,7 +114,7 @@ SWITCHES=(--dry-run=DRY_RUN --spot=SPOT --follow=FOLLOW --yes=ASSUME_YES)
 # shellcheck disable=SC2034
 VALUE_FLAGS=(--name=TPU_NAME --zone=ZONE --project=PROJECT --accelerator-type=ACCELERATOR_TYPE
              --runtime-version=RUNTIME_VERSION --repo=REPO_URL --ref=REPO_REF --python=PYTHON
-             --extras=EXTRAS --config=CONFIG --workdir=WORKDIR --data-dir=DATA_DIR
+             --extras=EXTRAS --config=CONFIG --workdir=WORKDIR --data_dir=DATA_DIR
              --distributed=DISTRIBUTED --session=TMUX_SESSION --worker=LOG_WORKER
              --lines=LOG_LINES --dest=COPY_DEST)
 parse_args "$@"
@@ -140,8 +145,25 @@ cmd_compile() {
   run python -m ait_jax.compile "${args[@]}"
 }
 
+# runtime_version ACCELERATOR_TYPE: the TPU software version that Cloud TPU's docs name for the
+# type's generation (cloud.google.com/tpu/docs/runtimes); fails for a type it does not know.
+runtime_version() {
+  case $1 in
+    v2-* | v3-* | v4-*) echo tpu-ubuntu2204-base ;;
+    v5litepod-* | v5e-*) echo v2-alpha-tpuv5-lite ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    *) return 1 ;;
+  esac
+}
+
 cmd_create() {
-  local flags=("--accelerator-type=$ACCELERATOR_TYPE" "--version=$RUNTIME_VERSION")
+  local version=$RUNTIME_VERSION
+  if [[ -z $version ]]; then
+    version=$(runtime_version "$ACCELERATOR_TYPE") ||
+      die "no runtime version known for the accelerator type '$ACCELERATOR_TYPE': pass --runtime-version (see cloud.google.com/tpu/docs/runtimes)."
+  fi
+  local flags=("--accelerator-type=$ACCELERATOR_TYPE" "--version=$version")
   [[ $SPOT != 1 ]] || flags+=(--spot)
   run "${TPU[@]}" create "$TPU_NAME" "${GCLOUD_FLAGS[@]}" ${flags[@]+"${flags[@]}"}
 }
@@ -156,15 +178,14 @@ cmd_install() {
     run "${TPU[@]}" scp "$tarball" "$TPU_NAME:ait_jax.tar.gz" "${GCLOUD_FLAGS[@]}" --worker=all
     get_code="mkdir -p ait_jax && tar -xzf ait_jax.tar.gz -C ait_jax"
   fi
-  local package=./ait_jax
-  [[ -z $EXTRAS ]] || package="./ait_jax[$EXTRAS]"
+  # The tpu extra is jax[tpu] (libtpu), gcs reads and writes gs:// (a pod's workdir and data).
+  local package="./ait_jax[tpu,gcs${EXTRAS:+,$EXTRAS}]"
   local apt="sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600"
   ssh_workers all "set -e; $get_code; \
 $apt -qq update && $apt -qq install -y tmux $(quote "$PYTHON" "$PYTHON-venv"); \
 [ -x ait_venv/bin/python ] || $(quote "$PYTHON") -m venv ait_venv; \
 ait_venv/bin/pip install -q -U pip; \
-ait_venv/bin/pip install $(quote "jax[tpu]==$AIT_JAX_VERSION"); \
-ait_venv/bin/pip install -e $(quote "$package")"
+ait_venv/bin/pip install -c ait_jax/constraints.txt -e $(quote "$package")"
 }
 
 # The preflight and the environment it needs, as a shell line run from the home directory.

@@ -6,6 +6,7 @@ replaced by small fakes on PATH that run the remote command lines locally.
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -20,6 +21,7 @@ LAUNCH = ROOT / 'launch'
 TPU = LAUNCH / 'tpu_vm.sh'
 GPU = LAUNCH / 'gpu.sh'
 SCRIPTS = sorted(LAUNCH.glob('*.sh'))
+BASH = shutil.which('bash')  # by path: some tests put a recording fake `bash` first on PATH
 
 # Settings the scripts read from the environment; cleared so the caller's shell cannot leak in.
 _SETTINGS = ('TPU_NAME', 'ZONE', 'PROJECT', 'ACCELERATOR_TYPE', 'RUNTIME_VERSION', 'SPOT',
@@ -35,7 +37,7 @@ def _env(**extra):
 
 
 def _run(script, *args, env=None, cwd=None):
-  return subprocess.run(['bash', str(script), *args], capture_output=True, text=True,
+  return subprocess.run([BASH, str(script), *args], capture_output=True, text=True,
                         env=env or _env(), cwd=cwd or ROOT, timeout=limit())
 
 
@@ -93,17 +95,17 @@ def test_jax_version_matches_constraints():
 def test_tpu_help_shows_defaults():
   out = _ok(TPU, '--help')
   for text in ('compile', 'create', 'install', 'train', 'status', 'logs', 'copy', 'delete',
-               '--dry-run', "pip install -e '.[tpu]'",
+               '--dry-run', "pip install -c constraints.txt -e '.[tpu]'",
                'TPU_NAME', 'ZONE', 'ACCELERATOR_TYPE', 'RUNTIME_VERSION', 'REPO_URL', 'CONFIG',
-               'WORKDIR', 'DATA_DIR', '(us-central2-b)', '(v4-32', '(tpu-ubuntu2204-base',
-               'jax[tpu]==0.10.2'):
+               'WORKDIR', 'DATA_DIR', '--data_dir', '(us-central2-b)', '(v4-32',
+               'v2-alpha-tpuv5-lite', 'constraints.txt'):
     assert text in out, text
 
 
 def test_gpu_help_shows_defaults():
   out = _ok(GPU, '-h')
   for text in ('install', 'check', 'train', '--dry-run', 'VENV', 'CUDA', '(12;', 'CONFIG',
-               'WORKDIR', 'AIT_JAX_COORDINATOR', 'AIT_JAX_NUM_PROCESSES', 'AIT_JAX_PROCESS_ID',
+               'WORKDIR', '--data_dir', 'constraints.txt', 'AIT_JAX_COORDINATOR', 'AIT_JAX_NUM_PROCESSES', 'AIT_JAX_PROCESS_ID',
                f'({ROOT}/.venv)'):
     assert text in out, text
 
@@ -112,9 +114,11 @@ def test_help_does_not_need_settings():
   assert _run(TPU, 'create', '--help').returncode == 0
 
 
-TPU_FLAGS = ('--dry-run', '--name', 'ait-pod', '--zone', 'us-central2-b', '--accelerator-type',
-             'v4-32', '--config', 'configs/cifar100.py:model=base', '--workdir',
-             'gs://bucket/ait/cifar100', '--data-dir', 'gs://bucket/tfds')
+# Every setting any tpu_vm.sh subcommand needs.
+TPU_SETTINGS = ('--name', 'ait-pod', '--zone', 'us-central2-b', '--accelerator-type', 'v4-32',
+                '--config', 'configs/cifar100.py:model=base', '--workdir',
+                'gs://bucket/ait/cifar100', '--data_dir', 'gs://bucket/tfds')
+TPU_FLAGS = ('--dry-run', *TPU_SETTINGS)
 
 
 def test_tpu_dry_run_pod_lifecycle():
@@ -128,7 +132,9 @@ def test_tpu_dry_run_pod_lifecycle():
                      '--zone=us-central2-b', '--worker=all')
   ssh = _lines_with(install, 'gcloud compute tpus tpu-vm ssh ait-pod', '--zone=us-central2-b',
                     '--worker=all')
-  assert ssh and 'jax[tpu]==0.10.2' in ssh[0] and 'pip install -e ./ait_jax' in ssh[0]
+  # Through the checkout's constraints.txt: the versions CI tests, libtpu included (the tpu extra).
+  assert ssh and 'ait_venv/bin/pip install -c ait_jax/constraints.txt -e ' in ssh[0], ssh
+  assert './ait_jax[tpu,gcs]' in ssh[0] and 'jax[tpu]==' not in ssh[0]
 
   train = _ok(TPU, 'train', *TPU_FLAGS, '--', '--config.seed=3')
   ssh = _lines_with(train, 'gcloud compute tpus tpu-vm ssh ait-pod', '--zone=us-central2-b',
@@ -196,8 +202,8 @@ def test_gpu_dry_run():
   assert out.splitlines() == [
       'python3 -m venv /opt/venv',
       '/opt/venv/bin/python -m pip install -U pip',
-      "/opt/venv/bin/python -m pip install 'jax[cuda13]==0.10.2'",
-      f'/opt/venv/bin/python -m pip install -e {ROOT}',
+      f"/opt/venv/bin/python -m pip install -c {ROOT}/constraints.txt 'jax[cuda13]==0.10.2' "
+      f'-e {ROOT}',
   ]
   check = _ok(GPU, 'check', '--dry-run', '--venv', '/opt/venv')
   assert 'jax.devices()' in check and '-m ait_jax.distributed' in check
@@ -210,6 +216,84 @@ def test_gpu_dry_run():
                '--workdir=/tmp/wd', '--config.seed=2', 'tee -a /tmp/wd/train.log'):
     assert text in line, text
 
+
+
+def _subcommands(script):
+  """The subcommands that a script dispatches (its last `case`), so that a new one is tested too."""
+  (names,) = re.findall(r'^\s*([a-z |]+)\) "cmd_\$SUBCOMMAND"', script.read_text(), re.M)
+  return [name.strip() for name in names.split('|')]
+
+
+# What a launch could run: the cloud and ssh clients, the remote and local shells, the installers
+# and the Pythons (a venv's too, below).
+_LAUNCHERS = ('gcloud', 'ssh', 'scp', 'tmux', 'git', 'tar', 'bash', 'sh', 'sudo', 'apt-get',
+              'mkdir', 'tee', 'pip', 'pip3', 'python', 'python3', 'python3.11', 'nvidia-smi')
+
+
+@pytest.mark.parametrize('where', ['at the end', 'after --'])
+@pytest.mark.parametrize('script', [TPU, GPU], ids=lambda p: p.name)
+def test_dry_run_anywhere_runs_nothing(script, where, tmp_path):
+  """`--dry-run` added to a full command line, even after `--` (where the flags for
+  ait_jax.main go), prints the commands and runs none: a recording fake of every launcher is
+  first on PATH, and the venv's python is one too."""
+  bin_dir, calls = tmp_path / 'bin', tmp_path / 'calls'
+  bin_dir.mkdir()
+  venv_bin = tmp_path / 'venv' / 'bin'
+  venv_bin.mkdir(parents=True)
+  for name in _LAUNCHERS:
+    _fake(bin_dir, name, f'echo "{name} $*" >> {calls}\n')
+  _fake(venv_bin, 'python', f'echo "venv python $*" >> {calls}\n')
+  settings = TPU_SETTINGS if script == TPU else (
+      '--venv', str(tmp_path / 'venv'), '--config', 'configs/c.py', '--workdir',
+      str(tmp_path / 'wd'), '--data_dir', str(tmp_path / 'data'))
+  tail = ('--dry-run',) if where == 'at the end' else ('--', '--config.seed=0', '--dry-run')
+  env = _env(PATH=f'{bin_dir}:{os.environ["PATH"]}', HOME=str(tmp_path))
+  subcommands = _subcommands(script)
+  assert len(subcommands) >= (9 if script == TPU else 3), subcommands
+  for sub in subcommands:
+    result = _run(script, sub, *settings, *tail, env=env, cwd=tmp_path)
+    assert result.returncode == 0, (sub, result.stderr)
+    assert not calls.exists(), (sub, calls.read_text())
+    assert result.stdout.strip(), sub  # what it would run, printed
+    assert '--dry-run' not in result.stdout, (sub, result.stdout)  # not passed on to a command
+    assert not (tmp_path / 'wd').exists()
+
+
+@pytest.mark.parametrize('accelerator,version', [
+    ('v5litepod-8', 'v2-alpha-tpuv5-lite'), ('v5e-16', 'v2-alpha-tpuv5-lite'),
+    ('v4-32', 'tpu-ubuntu2204-base'), ('v3-8', 'tpu-ubuntu2204-base'),
+    ('v2-8', 'tpu-ubuntu2204-base'), ('v5p-8', 'v2-alpha-tpuv5'), ('v6e-8', 'v2-alpha-tpuv6e'),
+])
+def test_tpu_create_picks_the_runtime_version(accelerator, version):
+  """The runtime version that Cloud TPU's docs give for each TPU generation (Cloud TPU software
+  versions, cloud.google.com/tpu/docs/runtimes)."""
+  out = _ok(TPU, 'create', '--dry-run', '--name', 'x', '--accelerator-type', accelerator)
+  assert _lines_with(out, 'tpu-vm create x', f'--accelerator-type={accelerator}',
+                     f'--version={version}'), out
+
+
+def test_tpu_runtime_version_given_wins_and_unknown_type_fails():
+  out = _ok(TPU, 'create', '--dry-run', '--name', 'x', '--accelerator-type', 'v5litepod-8',
+            '--runtime-version', 'v2-alpha-tpuv5-lite-custom')
+  assert '--version=v2-alpha-tpuv5-lite-custom' in out
+  result = _run(TPU, 'create', '--dry-run', '--name', 'x', '--accelerator-type', 'v9z-8')
+  assert result.returncode == 2 and result.stderr.count('error:') == 1, result.stderr
+  assert 'v9z-8' in result.stderr and '--runtime-version' in result.stderr
+  assert 'gcloud' not in result.stdout
+
+
+@pytest.mark.parametrize('script', [TPU, GPU], ids=lambda p: p.name)
+def test_data_dir_is_spelled_as_everywhere_else(script):
+  """--data_dir, as in `ait_jax.data.prepare --data_dir` and `--config.data_dir`; the old
+  --data-dir gets one line that says the new spelling."""
+  settings = TPU_SETTINGS[:-2] if script == TPU else ('--config', 'c.py', '--workdir', '/tmp/w')
+  out = _ok(script, 'train', '--dry-run', *settings, '--data_dir', 'gs://b/tfds')
+  assert '--config.data_dir=gs://b/tfds' in out
+  result = _run(script, 'train', '--dry-run', *settings, '--data-dir', 'gs://b/tfds')
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip().splitlines() == [
+      f'{script.name}: error: --data-dir is now spelled --data_dir (see --help).']
+  assert not result.stdout
 
 @pytest.mark.parametrize('script,args,message', [
     (TPU, ('create', '--dry-run'), 'no --name given: pass --name or set TPU_NAME.'),
@@ -236,7 +320,7 @@ def test_missing_or_bad_setting_fails_clearly(script, args, message):
 
 def _fake(bin_dir, name, body):
   path = bin_dir / name
-  path.write_text('#!/usr/bin/env bash\n' + body)
+  path.write_text(f'#!{BASH}\n' + body)  # by path: `bash` itself may be a fake
   path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
@@ -285,3 +369,28 @@ def test_gpu_train_logs_and_propagates_failure(tmp_path):
       '[-m][ait_jax.distributed]',
       f'[-m][ait_jax.main][--config=configs/c.py][--workdir={tmp_path}/wd][{NASTY}]',
   ]
+
+
+def test_launch_readme_commands_dry_run(tmp_path):
+  """launch/README.md's launch lines run as written, with --dry-run added at the end, in the
+  environment its `export` lines set; a recording fake gcloud shows that nothing ran."""
+  text = (LAUNCH / 'README.md').read_text()
+  blocks = re.findall(r'^```bash\n(.*?)^```', text, re.M | re.S)
+  lines = [l.split('  #')[0].strip() for l in '\n'.join(blocks).replace('\\\n', ' ').splitlines()]
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  _fake(bin_dir, 'gcloud', f'echo "gcloud $*" >> {tmp_path / "calls"}\n')
+  env = _env(PATH=f'{bin_dir}:{os.environ["PATH"]}')
+  ran = 0
+  for line in lines:
+    words = shlex.split(line) if line else []
+    if words[:1] == ['export']:
+      env.update(word.split('=', 1) for word in words[1:])
+    while words and '=' in words[0] and not words[0].startswith('launch/'):
+      words = words[1:]  # VAR=value before the command
+    if words[:1] and words[0].startswith('launch/'):
+      result = _run(ROOT / words[0], *words[1:], '--dry-run', env=env)
+      assert result.returncode == 0, f'{line}\n{result.stderr}'
+      ran += 1
+  assert ran >= 10
+  assert not (tmp_path / 'calls').exists()

@@ -3,6 +3,7 @@ folder (the configs ship inside it as ait_jax.configs; setup.cfg)."""
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,20 @@ _DRIVER = textwrap.dedent('''
 ''')
 
 
+def _venv_with_our_dependencies(venv: pathlib.Path) -> tuple[str, str]:
+  """A venv without pip whose site-packages reach this venv's packages (jax, flax, ..., pip,
+  setuptools) through a plain path line, so that this venv's editable ait_jax is not activated.
+  Returns its python and its site-packages."""
+  subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True,
+                 timeout=limit())
+  python = str(venv / 'bin' / 'python')
+  site = subprocess.run([python, '-c', 'import sysconfig; print(sysconfig.get_path("purelib"))'],
+                        check=True, capture_output=True, text=True).stdout.strip()
+  ours = {sysconfig.get_path('purelib'), sysconfig.get_path('platlib')}
+  (pathlib.Path(site) / 'test_env.pth').write_text('\n'.join(sorted(ours)) + '\n')
+  return python, site
+
+
 def test_wheel_runs_from_an_empty_folder(generated_data_dir, tmp_path):
   """Build the wheel, install it (no dependencies: they are this venv's) into a new venv, and run
   the commands there: the package and its configs come from the wheel, not from this checkout."""
@@ -89,16 +104,7 @@ def test_wheel_runs_from_an_empty_folder(generated_data_dir, tmp_path):
   expected |= {f'ait_jax/configs/{name}.py' for name in SHIPPED}
   assert expected <= packaged, sorted(expected - packaged)
 
-  venv = tmp_path / 'venv'
-  subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True,
-                 timeout=limit())
-  python = str(venv / 'bin' / 'python')
-  site = subprocess.run([python, '-c', 'import sysconfig; print(sysconfig.get_path("purelib"))'],
-                        check=True, capture_output=True, text=True).stdout.strip()
-  # This venv's packages (jax, flax, ..., pip) as dependencies; a plain path line, so that its
-  # editable ait_jax (a .pth there) is not activated.
-  ours = {sysconfig.get_path('purelib'), sysconfig.get_path('platlib')}
-  (pathlib.Path(site) / 'test_env.pth').write_text('\n'.join(sorted(ours)) + '\n')
+  python, site = _venv_with_our_dependencies(tmp_path / 'venv')
   subprocess.run([python, '-m', 'pip', 'install', '-q', '--no-deps', str(wheel)], check=True,
                  env=env, timeout=limit())
 
@@ -126,3 +132,47 @@ def test_wheel_runs_from_an_empty_folder(generated_data_dir, tmp_path):
   assert json.loads((empty / 'bench.json').read_text())['rows'][0]['steps'] == 1
   assert '--scale' in out.stdout  # reproduce's help
   assert len(list((empty / 'figures').glob('*.png'))) == 4
+
+
+def test_editable_clone_runs_from_its_parent_folder(tmp_path):
+  """The README clones into a folder named ait_jax, and its one command makes data/ in it. From
+  the folder above, Python sees that clone as a namespace package `ait_jax` (the current folder
+  comes first on sys.path), whose data/ hid ait_jax.data under setuptools' default editable
+  install (an import hook that runs after the path search). setup.cfg's layout (package_dir '.')
+  makes the editable install a path entry instead, and a regular package on any path entry wins
+  over a namespace folder."""
+  clone = tmp_path / 'ait_jax'
+  clone.mkdir()
+  for name in ('setup.cfg', 'pyproject.toml', 'README.md'):
+    shutil.copy(ROOT / name, clone / name)
+  for name in ('ait_jax', 'configs'):
+    shutil.copytree(ROOT / name, clone / name, symlinks=True,
+                    ignore=shutil.ignore_patterns('__pycache__'))
+  (clone / 'data').mkdir()  # what the README's one command makes (--config.data_dir=data)
+  python, _ = _venv_with_our_dependencies(tmp_path / 'venv')
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  env.update(PIP_DISABLE_PIP_VERSION_CHECK='1', PIP_NO_INDEX='1')
+  subprocess.run([python, '-m', 'pip', 'install', '-q', '--no-deps', '--no-build-isolation', '-e',
+                  str(clone)], check=True, capture_output=True, env=env, timeout=limit())
+  # From the clone's parent: prepare's and reproduce's --help (each command imports
+  # ait_jax.data through the same package), in one interpreter with the package's location.
+  commands = [['ait_jax.data.prepare', '--help'], ['ait_jax.reproduce', '--help']]
+  out = subprocess.run([python, '-c', _DRIVER, json.dumps(commands)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=limit())
+  assert out.returncode == 0, f'{out.stdout[-3000:]}\n{out.stderr[-3000:]}'
+  where = json.loads(out.stdout.splitlines()[0])
+  assert where['package'] == str(clone / 'ait_jax' / '__init__.py'), where
+  assert '--dataset' in out.stdout and '--scale' in out.stdout  # prepare's and reproduce's help
+
+
+def test_documented_installs_go_through_constraints():
+  """Every `pip install` that the docs give to run (their code blocks) pins through
+  constraints.txt, so that TPU and GPU machines get the versions CI tests, as the CPU does."""
+  docs = [ROOT / 'README.md', ROOT / 'launch' / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
+  unpinned = []
+  for doc in docs:
+    blocks = re.findall(r'^```[^\n]*\n(.*?)^```', doc.read_text(), re.M | re.S)
+    unpinned += [f'{doc.relative_to(ROOT)}: {line.strip()}' for block in blocks
+                 for line in block.splitlines()
+                 if 'pip install' in line and not re.search(r'-c \S*constraints\.txt', line)]
+  assert not unpinned, unpinned
