@@ -60,7 +60,7 @@ def main(fv: flags.FlagValues) -> None:
 
 def eval_table(result: dict, config) -> str:
   """`--mode=eval`'s summary: overall accuracy, then per question type and subtype (Sort-of-CLEVR)
-  or per class; every figure is also in eval_<checkpoint>.json."""
+  or per class; every number is also in eval_<checkpoint>.json."""
   from ait_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from ait_jax.data import sort_of_clevr as clevr  # pylint: disable=g-import-not-at-top
   info = datasets.get_info(config.dataset, tuple(config.question_types) or None)
@@ -83,8 +83,8 @@ def eval_table(result: dict, config) -> str:
       rows += [(f'class {n}', a) for n, a in per_class]
   width = max(len(name) for name, _ in rows)
   head = (f'{result["checkpoint"].capitalize()} checkpoint (step {result["step"]}) on '
-          f'{config.dataset} {result["split"]}: {result["num_examples"]:,} examples, loss '
-          f'{result["loss"]:.4f}; all figures in eval_{result["checkpoint"]}.json')
+          f'{config.dataset} {result["split"]}: {result["num_examples"]:,} examples, '
+          f'cross-entropy {result["loss"]:.4f}; all numbers in eval_{result["checkpoint"]}.json')
   lines = [head, f'  {"":{width}}  accuracy']
   lines += [f'  {name:{width}}  {pct(a)}' for name, a in rows]
   return '\n'.join(lines)
