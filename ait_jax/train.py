@@ -474,7 +474,8 @@ def closing_line(workdir: str, s: steps.Setup, result: dict,
   if best is not None:
     parts.append(f'best {100 * best[1]:.2f}% at step {best[0]} (checkpoint in {root / "best"})')
   parts.append(f'results in {root} (eval_final.json, metrics.jsonl, tensorboard/); figures: '
-               f'python -m ait_jax.visualize --workdir={workdir} --out={root / "figures"}')
+               f'python -m ait_jax.visualize --workdir={workdir} '
+               f'--out={str(workdir).rstrip("/")}/figures')
   return '; '.join(parts) + '.'
 
 
