@@ -120,7 +120,7 @@ def parse_error_message(error: BaseException, argv: list[str]) -> str:
   if 'Error whilst parsing config file' in message:
     last = [l for l in message.splitlines() if l.strip()][-1].strip()
     return last.split(': ', 1)[1] if ': ' in last else last
-  return f'{message} (see --helpfull for the flags).'
+  return f'{message} (see --help for the flags).'
 
 
 def _close_field(spec: str, field: str) -> str | None:
