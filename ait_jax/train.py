@@ -452,9 +452,13 @@ def _train(trainer: 'Trainer', workdir: str, changes: list[str] = ()) -> dict:
 
 
 def _best_of(ckpt: checkpointing.Checkpointer) -> tuple[int, float] | None:
-  """(step, test accuracy) of the best checkpoint, or None when none was saved as best."""
-  step = ckpt.best.best_step()
-  metrics = ckpt.best.metrics(step) if step is not None else None
+  """(step, test accuracy) of the best checkpoint, or None when none was saved as best (or its
+  metrics cannot be read: the closing line then leaves it out rather than fail a finished run)."""
+  try:
+    step = ckpt.best.best_step()
+    metrics = ckpt.best.metrics(step) if step is not None else None
+  except Exception:  # pylint: disable=broad-except
+    return None
   if not metrics or 'accuracy' not in metrics:
     return None
   return int(step), float(metrics['accuracy'])
