@@ -1,6 +1,6 @@
 """Trains a model of a config (resuming) or evaluates its checkpoint.
 
-  python -m ait_jax.main --config=triangle:quick --workdir=workdir/triangle_quick --config.data_dir=data
+  python -m ait_jax.main --config=triangle:quick --config.data_dir=data --workdir=workdir/tq
   python -m ait_jax.main --config=configs/cifar100.py:model=base --workdir=DIR [--mode=eval]
 
 --config names a configs/*.py file or a shipped config by name (cifar10, cifar100, pet,

@@ -292,7 +292,7 @@ def plot_bottleneck_selection(config, data: dict, path: str, num_images: int,
           ax.add_patch(mpatches.Rectangle(  # the outline says "selected" whatever the colour
               (q * patch, r * patch), patch, patch, fill=False, edgecolor='lime', linewidth=2))
           if annotate:
-            _corner_label(ax, q * patch, r * patch, f'{percent:+.1f}%')
+            _corner_label(ax, q * patch, r * patch, f'{round(percent, 1) + 0.0:+.1f}%')  # no -0.0
         ax.set_xlabel(f'patches selected: {int(selected[i].sum())}', fontsize=8)
       _row_label(axes[row, 0], f'layer {layer}\nhead {head}, slot {slot}\n'
                  f'(#{j + 1} by gate\nweight here)')
@@ -302,8 +302,9 @@ def plot_bottleneck_selection(config, data: dict, path: str, num_images: int,
                 axes[row - slots:row, :], 'gate weight vs uniform 1/k (%)')
   shown = ('' if len(layers) == depth else
            f' Layers {", ".join(map(str, layers))} of {depth}.')
-  slot_text = (f' Then the {slots} (head, slot) pair{"s" if slots > 1 else ""} that put the most gate weight on these '
-               f'images (outlined: their selected patches; colour: gate × k − 1, white = uniform; '
+  slot_text = (f' Then the {slots} (head, slot) pair{"s" if slots > 1 else ""} that put the most '
+               f'gate weight on these images (outlined: their selected patches; colour: '
+               f'gate × k − 1, white = uniform; '
                f'shown here {100 * deviation.min():+.1f}% to {100 * deviation.max():+.1f}%).'
                if slots and deviation.size else '')
   fig.suptitle(textwrap.fill(
