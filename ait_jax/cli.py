@@ -237,7 +237,11 @@ def parse_flags(define_flags: Callable[[flags.FlagValues], None],
   given, argv = argv, _resolve_config_args(argv)
   asked = [a.split('=')[0] for a in argv[1:] if a.split('=')[0] in _HELP]
   if asked:
-    print(help_text(define_flags, _command_name(define_flags, argv), full='--helpfull' in asked))
+    try:
+      print(help_text(define_flags, _command_name(define_flags, argv),
+                      full='--helpfull' in asked), flush=True)
+    except BrokenPipeError:  # `--help | head`: the reader stopped early, which is no error
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing flushes at exit
     raise SystemExit(0)
   try:
     with _sys_argv(argv):

@@ -80,6 +80,16 @@ def test_help_runs_as_a_command():
   assert out.stdout.startswith('usage: python -m ait_jax.main [--config='), out.stdout[:200]
 
 
+def test_help_into_a_closed_pipe_is_quiet():
+  """`python -m ait_jax.main --help | head -1`: a reader that stops early is no error."""
+  process = subprocess.Popen([sys.executable, '-m', 'ait_jax.main', '--help'], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  process.stdout.close()  # before the command writes: its write meets a closed pipe
+  err = process.stderr.read().decode()
+  assert process.wait(timeout=limit()) == 0, err
+  assert 'Traceback' not in err and 'BrokenPipeError' not in err, err
+
+
 @pytest.mark.parametrize('word', ['maybe', 'on', 'y', 'off', ''])
 def test_variant_boolean_refuses_other_spellings(word):
   with pytest.raises(ValueError, match=f"quick={word!r} is not a boolean"):
