@@ -7,10 +7,13 @@ An entry module defines `define_flags(fv)` (its flags, on the FlagValues it is g
 process: each run gets fresh flags, so it can be called any number of times.
 """
 import contextlib
+import difflib
 import errno
 import importlib.util
+import inspect
 import os
 import sys
+import textwrap
 from typing import Callable, Iterable, Mapping
 
 from absl import flags
@@ -99,8 +102,11 @@ def parse_error_message(error: BaseException, argv: list[str]) -> str:
     fields = [a.split('=')[0].split('config.', 1)[1] for a in argv
               if a.startswith(('--config.', '--noconfig.')) and
               a.split('=')[0].split('.')[-1] == field] or [field]
-    return (f'The config has no field {fields[0]!r}; check the spelling of --config.{fields[0]} '
-            f'against the fields of {(spec or "the config file").split(":")[0]}.')
+    guess = _close_field(spec, fields[0]) if spec else None
+    return (f'The config has no field {fields[0]!r}; ' +
+            (f'did you mean --config.{guess}?' if guess else
+             f'check the spelling of --config.{fields[0]} against the fields of '
+             f'{(spec or "the config file").split(":")[0]}.'))
   if isinstance(inner, OSError) and 'config file' in str(inner):
     reason = [l for l in str(inner).splitlines() if l.strip()][-1].strip()
     return (f'Cannot load the config file of --config={spec} ({reason}); pass an existing '
@@ -114,7 +120,26 @@ def parse_error_message(error: BaseException, argv: list[str]) -> str:
   if 'Error whilst parsing config file' in message:
     last = [l for l in message.splitlines() if l.strip()][-1].strip()
     return last.split(': ', 1)[1] if ': ' in last else last
-  return f'{message} (see --helpfull for the flags).'
+  return f'{message} (see --help for the flags).'
+
+
+def _close_field(spec: str, field: str) -> str | None:
+  """The config's field nearest to a misspelt dotted `field` ('batchsize' -> 'batch_size',
+  'model.presett' -> 'model.preset'), or None when none is close (difflib's ratio >= 0.6)."""
+  try:
+    node = load_config(spec)
+  except errors.ConfigError:
+    return None
+  *parents, leaf = field.split('.')
+  for i, part in enumerate(parents):
+    if not hasattr(node, 'keys') or part not in node:
+      leaf, parents = part, parents[:i]
+      break
+    node = node[part]
+  if not hasattr(node, 'keys'):
+    return None
+  match = difflib.get_close_matches(leaf, list(node.keys()), n=1, cutoff=0.6)
+  return '.'.join([*parents, match[0]]) if match else None
 
 
 def is_user_error(error: BaseException) -> bool:
@@ -158,6 +183,51 @@ def _sys_argv(argv: list[str]):
     sys.argv = saved
 
 
+def help_text(define_flags: Callable[[flags.FlagValues], None], command: str,
+              full: bool = False) -> str:
+  """`--help`: a usage line, the command module's docstring (its purpose first), its own flags;
+  absl's flags (logging) only with --helpfull. The docstring is the one description of a command,
+  so the help and the source cannot disagree."""
+  own = flags.FlagValues()
+  define_flags(own)
+  synopsis = []
+  for name, flag in own._flags().items():  # pylint: disable=protected-access  (definition order)
+    if name != flag.name:
+      continue  # a short name
+    values = getattr(flag.parser, 'enum_values', None)
+    if flag.boolean:
+      synopsis.append(f'[--[no]{name}]')
+    elif 'ConfigFlag' in type(flag).__name__:  # ml_collections' config file flag
+      synopsis.append(f'[--{name}=FILE[:VARIANT]] [--{name}.X=Y\0...]')
+    else:
+      synopsis.append(f'[--{name}={"|".join(values) if values else name.upper()}]')
+  usage = textwrap.fill(f'usage: python -m {command} ' + ' '.join(synopsis), width=100,
+                        subsequent_indent=' ' * len(f'usage: python -m {command} '),
+                        break_on_hyphens=False, break_long_words=False).replace('\0', ' ')
+  module = sys.modules.get(define_flags.__module__)
+  doc = inspect.cleandoc(getattr(module, '__doc__', None) or '')
+  # get_help groups flags under a line naming their module: the usage line already names it.
+  listed = [l for l in own.get_help(prefix='', include_special_flags=False).splitlines()
+            if l.startswith(' ')]
+  parts = [usage, '', doc, '', 'flags:', *listed, '']
+  if full:
+    parts += ['absl flags:', flags.FLAGS.get_help(include_special_flags=False)]
+  else:
+    parts.append("absl's logging flags (--verbosity, --logtostderr, ...): see --helpfull.")
+  return '\n'.join(parts)
+
+
+def _command_name(define_flags: Callable, argv: list[str]) -> str:
+  """`ait_jax.main` for `python -m ait_jax.main` (whose module is __main__) and for tests."""
+  module = sys.modules.get(define_flags.__module__)
+  spec = getattr(module, '__spec__', None)
+  if spec is not None and spec.name != '__main__':
+    return spec.name
+  if define_flags.__module__ != '__main__':
+    return define_flags.__module__
+  return os.path.splitext(os.path.basename(argv[0]))[0] if argv else 'ait_jax'
+
+
 def parse_flags(define_flags: Callable[[flags.FlagValues], None],
                 argv: list[str]) -> flags.FlagValues:
   """Fresh FlagValues with absl's own flags (logging) and the command's; exits 2 on a bad one."""
@@ -165,8 +235,13 @@ def parse_flags(define_flags: Callable[[flags.FlagValues], None],
   fv.append_flag_values(flags.FLAGS)  # shared Flag objects: --verbosity etc. still take effect
   define_flags(fv)
   given, argv = argv, _resolve_config_args(argv)
-  if any(a.split('=')[0] in _HELP for a in argv[1:]):
-    print(fv.get_help(include_special_flags=False))
+  asked = [a.split('=')[0] for a in argv[1:] if a.split('=')[0] in _HELP]
+  if asked:
+    try:
+      print(help_text(define_flags, _command_name(define_flags, argv),
+                      full='--helpfull' in asked), flush=True)
+    except BrokenPipeError:  # `--help | head`: the reader stopped early, which is no error
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing flushes at exit
     raise SystemExit(0)
   try:
     with _sys_argv(argv):

@@ -1,7 +1,8 @@
 """Shared pieces of the `configs/*.py` files: the base training config, variant strings, checks.
 
 A config file's `get_config(arg)` starts from `base_config()`, sets its dataset's recipe, then
-`apply_variant(config, arg)` handles `model=<preset>|vit_<preset>`, `ablation=...` and `quick`.
+`apply_variant(config, arg)` handles `model=<preset>|vit_<preset>`, `ablation=...` and `quick`
+(ait_jax/main.py's docstring, which is `main --help`, lists them for users).
 """
 import os
 
@@ -9,6 +10,11 @@ import ml_collections
 
 from ait_jax import errors
 from ait_jax import models
+
+# The spellings a variant's boolean accepts (`quick`, `quick=true`, `quick=0`, ...); anything else
+# is refused rather than read as False, which would silently run the full config.
+TRUE_WORDS = ('1', 'true', 'yes')
+FALSE_WORDS = ('0', 'false', 'no')
 
 ABLATIONS = {  # docs/model.md#ablations: name -> model fields
     'none': {},
@@ -32,7 +38,13 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     if not eq:
       out[key] = True
     elif isinstance(out[key], bool):
-      out[key] = value.lower() in ('1', 'true', 'yes')
+      word = value.strip().lower()
+      if word not in TRUE_WORDS + FALSE_WORDS:
+        raise errors.ConfigError(
+            f'Config variant {key}={value!r} is not a boolean; write {key} (or {key}='
+            f'{"|".join(TRUE_WORDS)}) to turn it on, or {key}={"|".join(FALSE_WORDS)} (or leave '
+            'it out) to keep it off.')
+      out[key] = word in TRUE_WORDS
     else:
       out[key] = type(out[key])(value) if out[key] is not None else value
   return ml_collections.ConfigDict(out)

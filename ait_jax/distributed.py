@@ -1,7 +1,13 @@
 """Multi-host start-up: one place that decides whether to call `jax.distributed.initialize`.
 
-Cloud TPU VMs and SLURM/GPU clusters are auto-detected by JAX; a coordinator can be forced with
-environment variables for hosts that JAX cannot detect (and for tests on 127.0.0.1).
+  python -m ait_jax.distributed [--distributed=auto|on|off]   # the launch scripts' preflight
+
+starts JAX as `ait_jax.main` would and prints what this process sees (process index and count,
+local and global devices). Cloud TPU VMs and SLURM/GPU clusters are auto-detected by JAX; a
+coordinator can be forced with environment variables for hosts that JAX cannot detect (and for
+tests on 127.0.0.1):
+  AIT_JAX_COORDINATOR=host0:1234 AIT_JAX_NUM_PROCESSES=N AIT_JAX_PROCESS_ID=i
+  AIT_JAX_DISTRIBUTED=auto|on|off   the default of --distributed (auto when unset)
 """
 import os
 
@@ -83,13 +89,17 @@ def describe() -> str:
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-  del fv  # configured by the environment variables above
+  """--distributed, the one flag of this command, which ait_jax.main also takes."""
+  flags.DEFINE_enum(
+      'distributed', None, ['auto', 'on', 'off'],
+      f'Multi-host start-up: on always calls jax.distributed.initialize, off never, auto when '
+      f'{ENV_COORDINATOR} is set or a multi-worker TPU or SLURM job is detected; default: '
+      f'${ENV_DISTRIBUTED} or auto.', flag_values=fv)
 
 
 def main(fv: flags.FlagValues) -> None:
   """`python -m ait_jax.distributed`: the preflight that launch scripts run before training."""
-  del fv
-  maybe_initialize()
+  maybe_initialize(fv.distributed)
   print(describe(), flush=True)
 
 

@@ -1,13 +1,30 @@
-"""Entry point: `python -m ait_jax.main --config=configs/cifar100.py[:variant] --workdir=DIR`.
+"""Trains a model of a config (resuming) or evaluates its checkpoint.
 
-Parses flags, starts multi-host JAX when asked, then trains (resuming) or evaluates. A user's
-mistake ends in one `error:` line and exit code 2 (ait_jax/cli.py); a run stopped by SIGTERM or
-SIGINT after saving exits with 75 (checkpointing.EXIT_PREEMPTED): rerun it to resume.
+  python -m ait_jax.main --config=triangle:quick --config.data_dir=data --workdir=workdir/tq
+  python -m ait_jax.main --config=configs/cifar100.py:model=base --workdir=DIR [--mode=eval]
+
+--config names a configs/*.py file or a shipped config by name (cifar10, cifar100, pet,
+imagenet100, triangle, sort_of_clevr), with an optional variant after the colon, comma separated:
+  model=small|medium|base|large|coordination   the preset, or vit_small|vit_medium|vit_base|
+                                               vit_large|vit_coordination for the dense ViT
+  ablation=no_bottleneck|no_self_attention|no_hopfield|no_balance_loss|memory_reset|no_memory
+                                               (or none)
+  quick                                        a CPU smoke run: a 1-layer model, 60 steps
+                                               (quick=true|false, 1|0, yes|no also work)
+e.g. --config=cifar100:model=small,ablation=no_hopfield,quick. Any field of the config is
+overridden with --config.X=Y (--config.batch_size=256, --config.model.dtype=bfloat16); a
+misspelt field is refused with the nearest name. The data folder is --config.data_dir (default
+$TFDS_DATA_DIR or ~/tensorflow_datasets): the first run generates or downloads what it lacks.
+
+Starts multi-host JAX when asked (ait_jax/distributed.py). A user's mistake ends in one `error:`
+line and exit code 2 (ait_jax/cli.py); a run stopped by SIGTERM or SIGINT after saving exits with
+75 (checkpointing.EXIT_PREEMPTED): rerun it to resume.
 """
 from absl import flags
 from ml_collections import config_flags
 
 from ait_jax import cli
+from ait_jax import distributed
 
 MAX_CLASS_ROWS = 20  # more classes (CIFAR-100, ImageNet-100): the weakest and strongest only
 
@@ -23,17 +40,13 @@ def define_flags(fv: flags.FlagValues) -> None:
                     flag_values=fv)
   flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
                     'Which checkpoint --mode=eval restores.', flag_values=fv)
-  flags.DEFINE_enum(
-      'distributed', None, ['auto', 'on', 'off'],
-      'Multi-host start-up; default: $AIT_JAX_DISTRIBUTED or auto (see ait_jax/distributed.py).',
-      flag_values=fv)
+  distributed.define_flags(fv)
 
 
 def main(fv: flags.FlagValues) -> None:
   if fv.config is None:
     cli.fail('Pass --config=configs/<dataset>.py (e.g. configs/triangle.py:quick).')
   cli.require(fv, 'workdir', hint='DIR (checkpoints and metrics are written there)')
-  from ait_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize(fv.distributed)
   from ait_jax import train  # pylint: disable=g-import-not-at-top  (after distributed start-up)
   if fv.mode == 'train':
@@ -47,7 +60,7 @@ def main(fv: flags.FlagValues) -> None:
 
 def eval_table(result: dict, config) -> str:
   """`--mode=eval`'s summary: overall accuracy, then per question type and subtype (Sort-of-CLEVR)
-  or per class; every figure is also in eval_<checkpoint>.json."""
+  or per class; every number is also in eval_<checkpoint>.json."""
   from ait_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from ait_jax.data import sort_of_clevr as clevr  # pylint: disable=g-import-not-at-top
   info = datasets.get_info(config.dataset, tuple(config.question_types) or None)
@@ -70,8 +83,8 @@ def eval_table(result: dict, config) -> str:
       rows += [(f'class {n}', a) for n, a in per_class]
   width = max(len(name) for name, _ in rows)
   head = (f'{result["checkpoint"].capitalize()} checkpoint (step {result["step"]}) on '
-          f'{config.dataset} {result["split"]}: {result["num_examples"]:,} examples, loss '
-          f'{result["loss"]:.4f}; all figures in eval_{result["checkpoint"]}.json')
+          f'{config.dataset} {result["split"]}: {result["num_examples"]:,} examples, '
+          f'cross-entropy {result["loss"]:.4f}; all numbers in eval_{result["checkpoint"]}.json')
   lines = [head, f'  {"":{width}}  accuracy']
   lines += [f'  {name:{width}}  {pct(a)}' for name, a in rows]
   return '\n'.join(lines)

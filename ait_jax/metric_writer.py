@@ -148,16 +148,24 @@ class MetricWriter:
       self.tb.flush()
     except OSError as e:
       raise checkpointing.disk_error(e, self.tb.logdir) from None
+    # The console names each loss for what it is: a train row's 'loss' is the objective
+    # (cross-entropy + balance loss), an eval row's 'loss' the cross-entropy alone, so only the
+    # cross-entropies compare. metrics.jsonl keeps the keys as they were.
     if prefix == 'train':
-      line = (f'[train] step {step}: loss {metrics["loss"]:.4f} '
-              f'acc {metrics["accuracy"]:.4f}')
+      line = f'[train] step {step}: '
+      if 'ce_loss' in metrics and 'balance_loss' in metrics:
+        line += (f'cross-entropy {metrics["ce_loss"]:.4f} + balance {metrics["balance_loss"]:.4f}'
+                 f' = loss {metrics["loss"]:.4f}, ')
+      else:
+        line += f'loss {metrics["loss"]:.4f}, '
+      line += f'accuracy {metrics["accuracy"]:.4f}'
       if 'images_per_sec' in metrics:
         line += (f' | {metrics["images_per_sec"]:.0f} img/s'
                  f' | ETA {_format_eta(metrics["eta_sec"])}')
     else:
       # Overall and per question type; per class and per subtype stay in the JSON files.
       line = f'[{prefix}] step {step}: ' + ', '.join(
-          f'{k} {v:.4f}' for k, v in metrics.items()
+          f'{"cross-entropy" if k == "loss" else k} {v:.4f}' for k, v in metrics.items()
           if k in ('accuracy', 'loss') or (k.startswith('accuracy_') and not k[-1].isdigit()))
     print(line, flush=True)
 

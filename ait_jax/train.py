@@ -430,6 +430,7 @@ def _train(trainer: 'Trainer', workdir: str, changes: list[str] = ()) -> dict:
       writer.log_text(f'Resumed from step {start} in {workdir}.')
     feed = trainer.train_feed(data_state)
     result = _loop(trainer, workdir, ckpt, writer, feed, state, start)
+    best = _best_of(ckpt) if result['step'] == s.total_steps else None
   except BaseException:
     # Stopping on an error: nothing more is saved or reported as saved, and no orbax or grain
     # thread is left to print at exit.
@@ -445,7 +446,41 @@ def _train(trainer: 'Trainer', workdir: str, changes: list[str] = ()) -> dict:
   if result['step'] == s.total_steps and 'accuracy' in result and jax.process_index() == 0:
     _write_result(workdir, 'eval_final.json',
                   {'step': result['step'], **_without(result, 'train_loss', 'step', 'preempted')})
+  if result['step'] == s.total_steps and jax.process_index() == 0:
+    print(closing_line(workdir, s, result, best), flush=True)
   return result
+
+
+def _best_of(ckpt: checkpointing.Checkpointer) -> tuple[int, float] | None:
+  """(step, test accuracy) of the best checkpoint, or None when none was saved as best (or its
+  metrics cannot be read: the closing line then leaves it out rather than fail a finished run)."""
+  try:
+    step = ckpt.best.best_step()
+    metrics = ckpt.best.metrics(step) if step is not None else None
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if not metrics or 'accuracy' not in metrics:
+    return None
+  return int(step), float(metrics['accuracy'])
+
+
+def closing_line(workdir: str, s: steps.Setup, result: dict,
+                 best: tuple[int, float] | None) -> str:
+  """A finished run's last line: the final and the best test accuracy, and where the results
+  are and how to draw the figures."""
+  root = checkpointing.workdir_path(workdir)
+  final = result.get('accuracy')
+  if final is None and (root / 'eval_final.json').exists():  # rerun of a finished run
+    final = json.loads((root / 'eval_final.json').read_text()).get('accuracy')
+  parts = [f'Finished {s.total_steps} steps of {s.config.dataset}']
+  if final is not None:
+    parts[0] += f': {s.info.test_split} accuracy {100 * final:.2f}% at the last step'
+  if best is not None:
+    parts.append(f'best {100 * best[1]:.2f}% at step {best[0]} (checkpoint in {root / "best"})')
+  parts.append(f'results in {root} (eval_final.json, metrics.jsonl, tensorboard/); figures: '
+               f'python -m ait_jax.visualize --workdir={workdir} '
+               f'--out={str(workdir).rstrip("/")}/figures')
+  return '; '.join(parts) + '.'
 
 
 def _without(d: dict, *keys) -> dict:

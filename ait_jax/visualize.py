@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import os
+import textwrap
 
 from absl import flags
 import matplotlib
@@ -39,6 +40,10 @@ FIGURES = ('bottleneck_selection.png', 'memory_similarity.png', 'hopfield_energy
 SLOTS_SHOWN = 2  # individual (head, slot) columns per layer in bottleneck_selection.png
 MAX_LAYERS_WITH_SLOTS = 2  # deeper models show only the all-slot overview per layer
 MAX_ANNOTATED_PATCHES = 16  # write the count on each patch when the grid is this small
+MAX_ROWS = 4  # rows of images in bottleneck_selection.png
+MAX_LAYERS_SHOWN = 4  # deeper models: this many layers, first to last, in bottleneck_selection
+GATE_SCALE = 0.1  # the gate colours span at least ±10% of the uniform weight 1/k
+MAX_ENERGY_LINES = 512  # tokens drawn in hopfield_energy.png (a random subset of a large batch)
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -187,9 +192,9 @@ def _caption(config, data: dict, i: int) -> str:
     names = clevr.ANSWERS
   else:
     names = [str(k) for k in range(max(label, pred) + 1)]
-  text = f'test image {i}\ntrue {names[label]}, predicted {names[pred]}'
+  text = f'test image {i}\ntrue {names[label]}\npredicted {names[pred]}'
   if data['question'] is not None:
-    text = clevr.question_in_words(data['question'][i]) + '\n' + text
+    text = textwrap.fill(clevr.question_in_words(data['question'][i]), 30) + '\n' + text
   return text
 
 
@@ -200,84 +205,127 @@ def _show_image(ax, image: np.ndarray) -> None:
   ax.set_yticks([])
 
 
+def _layers_shown(depth: int) -> list[int]:
+  """Every layer of a shallow model; of a deep one MAX_LAYERS_SHOWN, first to last."""
+  if depth <= MAX_LAYERS_SHOWN:
+    return list(range(depth))
+  return sorted({round(x) for x in np.linspace(0, depth - 1, MAX_LAYERS_SHOWN)})
+
+
 def plot_bottleneck_selection(config, data: dict, path: str, num_images: int,
                               step: int) -> str:
-  """Rows: test images. Per layer, the number of (head, slot) pairs whose top-k holds each patch,
-  then (for shallow models) the most selective individual slots: their selected patches outlined,
-  coloured by gate weight relative to the uniform 1/k, the value in the patch's corner."""
+  """Columns: test images. Per layer, a row with the number of (head, slot) pairs whose top-k
+  holds each patch, then (for shallow models) a row for each of the SLOTS_SHOWN (head, slot)
+  pairs that put the most gate weight on these images: their selected patches, coloured by how
+  far the gate weight is from the uniform 1/k.
+
+  The softmax over a slot's k winners is nearly uniform (gate × k within a few percent of 1), so
+  the gate colours are centred on uniform (white) on a scale of at least ±GATE_SCALE: a tiny
+  range stays pale instead of being stretched over the whole colour ramp; the figure states the
+  actual range."""
   patch = config.model.patch_size
   k = config.model.bottleneck_k
   h, w = data['images'].shape[1:3]
   gh, gw = h // patch, w // patch
   depth = len(data['layers'])
-  slots = SLOTS_SHOWN if depth <= MAX_LAYERS_WITH_SLOTS else 0
-  fig, axes = _new_figure(num_images, depth * (1 + slots), layout='compressed')
+  layers = _layers_shown(depth)
+  # At most MAX_ROWS rows of images, so that they stay large: 2 slots for 1 layer, 1 for 2.
+  slots = (min(SLOTS_SHOWN, MAX_ROWS // len(layers) - 1) if depth <= MAX_LAYERS_WITH_SLOTS
+           else 0)
   hm, m = data['layers'][0]['selections'].shape[:2]
-  for layer, d in enumerate(data['layers']):
-    n = d['selections'].shape[-1]
-    extra = n - gh * gw  # question / CLS tokens come before the patches
-    counts = d['selections'][:, :, :num_images].sum(axis=(0, 1))  # [images, N]
-    col = layer * (1 + slots)
-    vmax = max(float(counts[:, extra:].max()), 1.0)
+  extent = (0, gw * patch, gh * patch, 0)
+  annotate = gh * gw <= MAX_ANNOTATED_PATCHES
+
+  # Which (head, slot) pairs, and one gate scale for all of them: centred on uniform.
+  chosen, deviation = {}, []
+  for layer in layers:
+    d = data['layers'][layer]
+    extra = d['selections'].shape[-1] - gh * gw  # question / CLS tokens come before the patches
+    mass = d['gates'][:, :, :num_images, extra:].sum(axis=(2, 3)).reshape(-1)
+    chosen[layer] = [divmod(int(f), m) for f in np.argsort(-mass, kind='stable')[:slots]]
+    for head, slot in chosen[layer]:
+      picked = d['selections'][head, slot, :num_images, extra:] > 0
+      deviation.append(d['gates'][head, slot, :num_images, extra:][picked] * k - 1)
+  deviation = np.concatenate(deviation) if deviation else np.zeros(0)
+  limit = max(GATE_SCALE, float(np.abs(deviation).max()) if deviation.size else 0.0)
+  gate_norm = matplotlib.colors.Normalize(-100 * limit, 100 * limit)
+
+  fig, axes = _new_figure(len(layers) * (1 + slots), num_images, layout='compressed')
+  row = 0
+  for layer in layers:
+    d = data['layers'][layer]
+    extra = d['selections'].shape[-1] - gh * gw
+    per_token = d['selections'].sum(axis=(0, 1))  # [batch, N]: pairs selecting each token
+    mean = float(per_token.mean())  # what every token would get if all were equally likely
+    counts = per_token[:num_images, extra:]
+    vmax = max(float(counts.max()), 2 * mean, 1.0)
     for i in range(num_images):
-      ax = axes[i, col]
+      ax = axes[row, i]
       _show_image(ax, data['images'][i])
-      grid = counts[i, extra:].reshape(gh, gw)
-      im = ax.imshow(grid, cmap='viridis', alpha=0.6, vmin=0, vmax=vmax,
-                     extent=(0, gw * patch, gh * patch, 0), interpolation='nearest')
-      if gh * gw <= MAX_ANNOTATED_PATCHES:
+      grid = counts[i].reshape(gh, gw)
+      im = ax.imshow(grid, cmap='viridis', alpha=0.6, vmin=0, vmax=vmax, extent=extent,
+                     interpolation='nearest')
+      if annotate:
         for r in range(gh):
           for q in range(gw):
             _corner_label(ax, q * patch, r * patch, f'{int(grid[r, q])}')
       if extra:
-        ax.set_xlabel(f'non-patch tokens: {int(counts[i, :extra].sum())} selections',
-                      fontsize=7)
-      if col == 0:
-        ax.set_ylabel(_caption(config, data, i), fontsize=7)
-      if i == 0:
-        ax.set_title(f'layer {layer}: selections per patch\n(of {hm} heads × {m} slots)',
-                     fontsize=9)
-    _colorbar(fig, im, axes[:, col], '(head, slot) pairs selecting the patch')
-    # The (head, slot) pairs with the most gate mass on the shown patches.
-    mass = d['gates'][:, :, :num_images, extra:].sum(axis=(2, 3)).reshape(-1)
-    for j, flat in enumerate(np.argsort(-mass, kind='stable')[:slots]):
-      head, slot = divmod(int(flat), m)
-      # The softmax over a slot's k winners is close to uniform, so weights are shown as
-      # multiples of 1/k, coloured over this slot's own range on the shown images.
+        ax.set_xlabel(f'non-patch tokens: {int(per_token[i, :extra].sum())} selections',
+                      fontsize=8)
+      if layer == layers[0]:
+        ax.set_title(_caption(config, data, i), fontsize=9)
+    _row_label(axes[row, 0], f'layer {layer}\nselections\nper patch')
+    _colorbar(fig, im, axes[row, :], f'(head, slot) pairs, of {hm * m};\nbatch mean {mean:.0f}')
+    row += 1
+    for j, (head, slot) in enumerate(chosen[layer]):
       relative = d['gates'][head, slot, :num_images, extra:] * k
       selected = d['selections'][head, slot, :num_images, extra:] > 0
-      lo, hi = ((float(relative[selected].min()), float(relative[selected].max()))
-                if selected.any() else (1.0, 1.0))
-      colours = matplotlib.colors.Normalize(lo, hi if hi > lo else lo + 1e-6)
       for i in range(num_images):
-        ax = axes[i, col + 1 + j]
+        ax = axes[row, i]
         _show_image(ax, data['images'][i])
         for t in np.nonzero(selected[i])[0]:
           r, q = divmod(int(t), gw)
-          colour = plt.cm.autumn(colours(relative[i, t]))  # red to yellow: both show on black
+          percent = 100 * (relative[i, t] - 1)
           ax.add_patch(mpatches.Rectangle(
-              (q * patch, r * patch), patch, patch, fill=True, facecolor=(*colour[:3], 0.15),
-              edgecolor=colour, linewidth=3))
-          if gh * gw <= MAX_ANNOTATED_PATCHES:
-            _corner_label(ax, q * patch, r * patch, f'{relative[i, t]:.3f}')
-        ax.set_xlabel(f'patches selected: {int(selected[i].sum())}', fontsize=7)
-        if i == 0:
-          ax.set_title(f'layer {layer}, head {head}, slot {slot}: selected patches,\n'
-                       f'gate × k (1 = uniform), {lo:.3f} to {hi:.3f}', fontsize=9)
-      _colorbar(fig, matplotlib.cm.ScalarMappable(colours, 'autumn'), axes[:, col + 1 + j],
-                'gate weight × k', fmt='%.3f')
-  fig.suptitle(f'Bottleneck selection: top-k = {k} per slot over the tokens of a test batch '
-               f'of {data["images"].shape[0]} (bottleneck_scope '
-               f'{config.model.bottleneck_scope!r}), step {step}; the first {num_images} images')
+              (q * patch, r * patch), patch, patch, facecolor=plt.cm.RdBu_r(gate_norm(percent)),
+              alpha=0.6, edgecolor='none'))
+          ax.add_patch(mpatches.Rectangle(  # the outline says "selected" whatever the colour
+              (q * patch, r * patch), patch, patch, fill=False, edgecolor='lime', linewidth=2))
+          if annotate:
+            _corner_label(ax, q * patch, r * patch, f'{round(percent, 1) + 0.0:+.1f}%')  # no -0.0
+        ax.set_xlabel(f'patches selected: {int(selected[i].sum())}', fontsize=8)
+      _row_label(axes[row, 0], f'layer {layer}\nhead {head}, slot {slot}\n'
+                 f'(#{j + 1} by gate\nweight here)')
+      row += 1
+    if slots:
+      _colorbar(fig, matplotlib.cm.ScalarMappable(gate_norm, 'RdBu_r'),
+                axes[row - slots:row, :], 'gate weight vs uniform 1/k (%)')
+  shown = ('' if len(layers) == depth else
+           f' Layers {", ".join(map(str, layers))} of {depth}.')
+  slot_text = (f' Then the {slots} (head, slot) pair{"s" if slots > 1 else ""} that put the most '
+               f'gate weight on these images (outlined: their selected patches; colour: '
+               f'gate × k − 1, white = uniform; '
+               f'shown here {100 * deviation.min():+.1f}% to {100 * deviation.max():+.1f}%).'
+               if slots and deviation.size else '')
+  fig.suptitle(textwrap.fill(
+      f'Bottleneck selection, step {step}: each of {hm} heads × {m} slots keeps the top {k} '
+      f'tokens of a test batch of {data["images"].shape[0]} (bottleneck_scope '
+      f'{config.model.bottleneck_scope!r}). Rows: per layer, how many (head, slot) pairs select '
+      f'each patch.{slot_text}{shown}', 160), fontsize=10)
   return _save(fig, path)
 
 
+def _row_label(ax, text: str) -> None:
+  """A row's label left of its first image, horizontal and readable."""
+  ax.set_ylabel(text, rotation=0, ha='right', va='center', fontsize=9, labelpad=8)
+
+
 def _colorbar(fig, mappable, axes, label: str, fmt: str | None = None) -> None:
-  """A slim colourbar beside `axes`, half their height, with few ticks."""
-  bar = fig.colorbar(mappable, ax=axes, shrink=0.5, aspect=30, pad=0.01, format=fmt)
+  """A slim colourbar right of a row (or rows) of images, with few ticks."""
+  bar = fig.colorbar(mappable, ax=axes, shrink=0.9, aspect=15, pad=0.02, format=fmt)
   bar.locator = matplotlib.ticker.MaxNLocator(5)
   bar.update_ticks()
-  bar.ax.tick_params(labelsize=7)
+  bar.ax.tick_params(labelsize=8)
   bar.set_label(label, fontsize=8)
 
 
@@ -285,7 +333,7 @@ def _corner_label(ax, x: float, y: float, text: str) -> None:
   """`text` in the top-left corner of the patch at (x, y), on a dark box: off the patch's centre,
   where the objects usually are."""
   ax.annotate(text, (x, y), xytext=(2, -2), textcoords='offset points', ha='left', va='top',
-              color='white', fontsize=7, bbox=dict(boxstyle='square,pad=0.15', facecolor='black',
+              color='white', fontsize=8, bbox=dict(boxstyle='square,pad=0.15', facecolor='black',
                                                    alpha=0.6, linewidth=0))
 
 
@@ -296,20 +344,31 @@ def memory_similarity(slots: np.ndarray) -> np.ndarray:
   return x @ x.T
 
 
+def random_mean_abs_cos(dim: int) -> float:
+  """E|cos| of two independent random directions in `dim` dimensions: Γ(d/2) / (√π Γ((d+1)/2)),
+  about √(2 / (π d)). The memory starts as independent N(0, 1) slots (models.py), so this is the
+  mean |cos| between distinct slots at initialisation, the reference for a trained memory."""
+  return math.exp(math.lgamma(dim / 2) - math.lgamma((dim + 1) / 2)) / math.sqrt(math.pi)
+
+
 def plot_memory_similarity(memory, path: str, step: int) -> str:
-  """One heatmap per layer of the cosine similarity between the stored memory slots."""
+  """One heatmap per layer of the cosine similarity between the stored memory slots, with the
+  mean |cos| at initialisation beside the trained one."""
   depth = len(memory)
   rows, cols = _grid(depth)
   fig, axes = _new_figure(rows, cols)
   for ax in axes.flat[depth:]:
     ax.axis('off')
   for layer in range(depth):
-    sim = memory_similarity(memory[f'block{layer}']['workspace']['slots'])
+    slots = np.asarray(memory[f'block{layer}']['workspace']['slots'])
+    sim = memory_similarity(slots)
     off = sim[~np.eye(len(sim), dtype=bool)]
     ax = axes.flat[layer]
     im = ax.imshow(sim, cmap='RdBu_r', vmin=-1, vmax=1, interpolation='nearest')
-    ax.set_title(f'layer {layer}: mean |cos| between distinct slots {np.abs(off).mean():.2f}',
-                 fontsize=10)
+    ax.set_title(f'layer {layer}: mean |cos| between distinct slots {np.abs(off).mean():.2f}\n'
+                 f'(expected at initialisation, independent N(0, 1) slots in '
+                 f'{slots.shape[-1]} dimensions: {random_mean_abs_cos(slots.shape[-1]):.2f}; '
+                 f'1 = the same direction)', fontsize=10)
     ax.set_xlabel('memory slot')
     ax.set_ylabel('memory slot')
     fig.colorbar(im, ax=ax, shrink=0.8, label='cosine similarity')
@@ -318,55 +377,50 @@ def plot_memory_similarity(memory, path: str, step: int) -> str:
 
 
 def plot_hopfield_energy(data: dict, path: str, step: int) -> str:
-  """Per layer, each token's Hopfield energy after retrieval against before (with y = x), and
-  the histograms of both."""
+  """Per layer, every token's Hopfield energy before retrieval E(s) joined by a line to its
+  energy after E(r), on a log scale that holds both (one step usually lowers it by orders of
+  magnitude): how far each token falls, and whether any rises."""
   depth = len(data['layers'])
   rows, cols = _grid(depth)
-  fig, axes = _new_figure(rows, 2 * cols)
-  for ax in axes.flat[2 * depth:]:
+  fig, axes = _new_figure(rows, cols)
+  for ax in axes.flat[depth:]:
     ax.axis('off')
+  rng = np.random.default_rng(0)
   for layer, d in enumerate(data['layers']):
-    before, after = d['energy_before'].reshape(-1), d['energy_after'].reshape(-1)
-    ax, hist = axes.flat[2 * layer], axes.flat[2 * layer + 1]
-    ax.scatter(before, after, s=6, alpha=0.5, label=f'{before.size} tokens')
-    lo, hi = min(before.min(), after.min()), max(before.max(), after.max())
-    # The axes follow the tokens, not y = x: retrieval can lower the energy by orders of
-    # magnitude, and a diagonal spanning both ranges squashes the tokens into a strip.
-    ax.set_xlim(*_padded(before))
-    ax.set_ylim(*_padded(after))
-    x0, x1 = ax.get_xlim()
-    y0, y1 = ax.get_ylim()
-    if max(x0, y0) < min(x1, y1):  # some of y = x lies inside the axes
-      ax.plot([x0, x1], [x0, x1], 'k--', linewidth=1, label='y = x (no change)')
-    else:
-      ax.plot([], [], ' ', label='y = x lies ' + ('above' if y1 <= x0 else 'below') +
-              ' these axes')
-    ax.set_xlabel('energy before retrieval E(s)')
-    ax.set_ylabel('energy after retrieval E(r)')
-    ax.set_title(f'layer {layer}: mean {before.mean():.3f} → {after.mean():.3f}\n'
-                 f'{(after <= before).mean():.0%} of tokens do not increase', fontsize=10)
-    ax.legend(loc='upper left')
-    # The energy is non-negative; when it drops by orders of magnitude a log axis shows both.
-    log = lo > 0 and hi / lo > 20
-    bins = np.geomspace(lo, hi, 50) if log else np.linspace(lo, hi, 50)
-    hist.hist(before, bins=bins, alpha=0.6, label='before retrieval')
-    hist.hist(after, bins=bins, alpha=0.6, label='after retrieval')
-    if log:
-      hist.set_xscale('log')
-    hist.set_xlabel('Hopfield energy' + (' (log scale)' if log else ''))
-    hist.set_ylabel('tokens')
-    hist.set_title(f'layer {layer}: energy distribution', fontsize=10)
-    hist.legend()
-  fig.suptitle(f'Hopfield energy of the tokens of a test batch of '
-               f'{data["images"].shape[0]}, step {step}')
+    b, a = d['energy_before'].reshape(-1), d['energy_after'].reshape(-1)
+    ax = axes.flat[layer]
+    shown = (np.arange(b.size) if b.size <= MAX_ENERGY_LINES else
+             np.sort(rng.choice(b.size, MAX_ENERGY_LINES, replace=False)))
+    rose = a[shown] > b[shown]
+    for mask, colour in ((~rose, 'C0'), (rose, 'C3')):
+      if mask.any():
+        ax.plot(np.stack([np.zeros(mask.sum()), np.ones(mask.sum())]),
+                np.stack([b[shown][mask], a[shown][mask]]), color=colour, alpha=0.2,
+                linewidth=0.6)
+    ax.scatter(np.zeros(shown.size), b[shown], s=8, color='black', zorder=3)
+    ax.scatter(np.ones(shown.size), a[shown], s=8, color='black', zorder=3)
+    positive = (b > 0).all() and (a > 0).all()
+    if positive:
+      ax.set_yscale('log')
+    ax.set_xticks([0, 1], ['before retrieval E(s)', 'after retrieval E(r)'])
+    ax.set_xlim(-0.5, 1.5)
+    ax.set_ylabel('Hopfield energy' + (' (log scale)' if positive else ''))
+    ax.grid(axis='y', alpha=0.3, which='both')
+    for x, values in ((0, b), (1, a)):
+      ax.annotate(f'median {np.median(values):.3g}\nrange {values.min():.3g} to '
+                  f'{values.max():.3g}', (x, np.median(values)),
+                  xytext=(-14 if x == 0 else 14, 0), textcoords='offset points',
+                  ha='right' if x == 0 else 'left', va='center', fontsize=9,
+                  bbox=dict(boxstyle='round', facecolor='white', alpha=0.8))
+    fall = (f'E(s) / E(r) from {(b / a).min():.3g} to {(b / a).max():.3g}' if positive else
+            f'E(s) − E(r) from {(b - a).min():.3g} to {(b - a).max():.3g}')
+    ax.set_title(f'layer {layer}: {shown.size} of {b.size} tokens drawn; '
+                 f'{(a <= b).mean():.1%} do not rise (a rise would be red)\n{fall}',
+                 fontsize=10)
+  fig.suptitle(f'Hopfield energy of each token of a test batch of {data["images"].shape[0]}, '
+               f'step {step}, before and after its retrieval step\n(the step is the '
+               'concave–convex update of this energy, so no token should rise)')
   return _save(fig, path)
-
-
-def _padded(values: np.ndarray, margin: float = 0.05) -> tuple[float, float]:
-  """The range of `values` widened by `margin` of its span (a tiny span gets a tiny margin)."""
-  lo, hi = float(values.min()), float(values.max())
-  pad = margin * (hi - lo) or margin * max(abs(lo), 1e-6)
-  return lo - pad, hi + pad
 
 
 def plot_training_curves(metrics: dict, path: str) -> str:

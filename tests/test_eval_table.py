@@ -13,7 +13,7 @@ def test_classes_by_name():
             'loss': 0.7365, 'num_examples': 10_000, 'per_class_accuracy': [0.6583, 0.4652]}
   table = main.eval_table(result, cli.load_config('triangle:quick'))
   assert table.splitlines()[0].startswith('Best checkpoint (step 60) on triangle test: 10,000 '
-                                          'examples, loss 0.7365; all figures in eval_best.json')
+                                          'examples, cross-entropy 0.7365; all numbers in eval_best.json')
   assert _rows(table) == {'overall': '56.18%', 'class equilateral': '65.83%',
                           'class random': '46.52%'}
 

@@ -50,6 +50,9 @@ def test_runnable_blocks(tmp_path):
   (train_out,) = [o for c, o in outputs.items() if 'ait_jax.main' in c and '--mode=eval' not in c]
   (eval_out,) = [o for c, o in outputs.items() if 'ait_jax.main' in c and '--mode=eval' in c]
   assert 'AiT (preset small, overridden: depth 1, width 64' in train_out  # what runs
+  # Its closing line, which the README's quick start promises.
+  assert train_out.strip().splitlines()[-1].startswith('Finished 60 steps of triangle: test '
+                                                       'accuracy ')
   assert '  class equilateral' in eval_out  # --mode=eval's table
   workdir = tmp_path / 'workdir' / 'triangle_quick'
   final = json.loads((workdir / 'eval_final.json').read_text())
@@ -64,6 +67,14 @@ def test_runnable_blocks(tmp_path):
   assert json.loads((workdir / 'config.json').read_text())['dataset'] == 'triangle'
   assert json.loads((workdir / 'eval_best.json').read_text())['num_examples'] == 10_000
   assert len(list((workdir / 'figures').glob('*.png'))) == 4
+
+
+def test_quick_start_is_a_front_door():
+  """The quick start says what runs and how long it takes, without a log of dated measurements."""
+  start = README.index('## One command')
+  section = README[start:README.index('\n## ', start + 1)]
+  assert not re.search(r'20\d\d-\d\d-\d\d', section), 'a dated measurement in the quick start'
+  assert 'about a minute' in section and 'ait_jax.main --help' in section
 
 
 def _shell_lines() -> list[str]:
