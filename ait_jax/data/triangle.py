@@ -1,7 +1,9 @@
 """Triangle benchmark generator (docs/data.md): equilateral vs random triangles drawn as point
 clusters.
 
-Pure NumPy and deterministic for a given seed; the TFDS builder in `builders.py` writes its output.
+`generate` is NumPy and deterministic for a given seed; the TFDS builder in `builders.py` writes
+its output. `fresh` draws training triangles by the same rule with jax.random, inside the train
+step, from (seed, epoch, index) (docs/data.md#fresh).
 """
 from collections.abc import Sequence
 
