@@ -124,10 +124,9 @@ ESTIMATE_MS_PER_STEP = {'triangle_ait': 42, 'triangle_vit': 23, 'triangle_ait_no
 # Per group: the task, the paper's number (docs/training.md#paper-results), the baseline, and the
 # recipe fields that differ from the paper's.
 _TRI_DIFF = ('width 64, depth 2, 1 head (paper: AiT-Base, width 768, depth 12); batch 64 (not given); '
-             'lr 1e-3, no warm-up, per-step cosine (paper: 1e-4, 5 warm-up epochs); 12.8 epochs '
-             '(paper: 100)')
+             'lr 1e-3, no warm-up, per-step cosine (paper: 1e-4, 5 warm-up epochs)')
 _SOC_DIFF = ('width 128, depth 2, 2 heads (paper: AiT-Base); lr 1e-3, no warm-up, per-step cosine '
-             '(paper: 1e-4, 5 warm-up epochs); about 2 epochs (paper: 100); batch 64 as the paper')
+             '(paper: 1e-4, 5 warm-up epochs); batch 64 as the paper')
 GROUPS = {
     'triangle_ait': dict(task='Triangle', paper='99.64 (AiT-Base)', baseline='50.0 (chance)',
                          differs=_TRI_DIFF),
@@ -234,6 +233,7 @@ def groups(summary_runs: dict) -> dict:
     table[group] = {
         **GROUPS.get(group, {}),
         'runs': [run for run, _ in members], 'seeds': [r.get('seed') for _, r in members],
+        'epochs': members[0][1].get('epochs'),
         'test': {k: [e.get(k) for e in evals] for k in keys},
         'test_mean_std': {k: _pct([e.get(k) for e in evals]) for k in keys},
         'train_split_accuracy': [r.get('train_split_accuracy') for _, r in members],
@@ -257,15 +257,15 @@ def _markdown(summary: dict) -> str:
               'epoch (`fresh_train_data`) and is tested on the stored test split.', '']
   if summary.get('groups'):
     lines += ['| group | task | seeds | test accuracy % (mean ± std) | per type | train split % '
-              '(end) | paper | baseline | differs from the paper |',
-              '|---|---|---|---|---|---|---|---|---|']
+              '(end) | paper | baseline | epochs (paper: 100) | differs from the paper |',
+              '|---|---|---|---|---|---|---|---|---|---|']
     for group, g in summary['groups'].items():
       types = ', '.join(f'{k.removeprefix("accuracy_")} {v}' for k, v in g['test_mean_std'].items()
                         if k != 'accuracy')
       lines.append(f"| {group} | {g.get('task', '')} | {len(g['runs'])} | "
                    f"{g['test_mean_std']['accuracy']} | {types} | "
                    f"{_pct(g['train_split_accuracy'])} | {g.get('paper', '')} | "
-                   f"{g.get('baseline', '')} | {g.get('differs', '')} |")
+                   f"{g.get('baseline', '')} | {g.get('epochs') or 0:.3g} | {g.get('differs', '')} |")
     lines += ['', '![train-split and test accuracy against step, every run](curves.png)', '',
               'Diagnosis (issue 35, item 5): written by hand after the run, from the table, the '
               'curves and `visualize`\'s figures; a train-split accuracy far above the test '
@@ -433,7 +433,8 @@ def main(fv: flags.FlagValues) -> None:
   for run, (name, variant, overrides) in runs.items():
     config, workdir = plans[run]
     command = _command(name, variant, overrides, data_dir, workdir)
-    if _finished(workdir, validation.validate(config).total_steps):
+    setup = validation.validate(config)
+    if _finished(workdir, setup.total_steps):
       print(f'== {run}: reusing the finished run in {workdir} ({command})', flush=True)
     else:
       print(f'== {run}: {command}', flush=True)
@@ -454,6 +455,7 @@ def main(fv: flags.FlagValues) -> None:
     summary['runs'][run] = {
         'command': command, 'wall_seconds': _wall_seconds(workdir), 'eval': final,
         'group': group_of(run), 'seed': config.seed,
+        'epochs': setup.total_steps / setup.steps_per_epoch,
         'train_split_accuracy': _last(rows, 'eval_train'),
         'curve': {split: [(r['step'], r['accuracy']) for r in rows
                           if r.get('split') == split and 'accuracy' in r]
