@@ -229,8 +229,7 @@ class GlobalWorkspace(nn.Module):
       kernel, bias = _dense_inits('reference', d)
     else:
       kernel, bias = nn.linear.default_kernel_init, nn.initializers.zeros_init()
-    kw = self._kw()
-    kw.pop('init')
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     return nn.MultiHeadDotProductAttention(
         num_heads=max(1, d // 64), name='cross_attention',
         kernel_init=_logical(kernel, 'embed', 'heads', 'head_dim'),
