@@ -123,8 +123,8 @@ ESTIMATE_MS_PER_STEP = {'triangle_ait': 42, 'triangle_vit': 23, 'triangle_ait_no
 
 # Per group: the task, the paper's number (docs/training.md#paper-results), the baseline, and the
 # recipe fields that differ from the paper's.
-_TRI_DIFF = ('width 64, depth 2, 1 head (paper: AiT-Base, width 768, depth 12); batch 64 (not given); '
-             'lr 1e-3, no warm-up, per-step cosine (paper: 1e-4, 5 warm-up epochs)')
+_TRI_DIFF = ('width 64, depth 2, 1 head (paper: AiT-Base, width 768, depth 12); batch 64 '
+             '(not given); lr 1e-3, no warm-up, per-step cosine (paper: 1e-4, 5 warm-up epochs)')
 _SOC_DIFF = ('width 128, depth 2, 2 heads (paper: AiT-Base); lr 1e-3, no warm-up, per-step cosine '
              '(paper: 1e-4, 5 warm-up epochs); batch 64 as the paper')
 GROUPS = {
@@ -248,8 +248,9 @@ def _markdown(summary: dict) -> str:
            f" min (all sessions of each run); this command {summary['wall_seconds'] / 60:.1f} min.",
            '']
   if summary.get('estimate_minutes') is not None:
-    lines += [f"Estimated training time before the run: {summary['estimate_minutes']:.0f} min on "
-              'an idle 2-core CPU (`reproduce.ESTIMATE_MS_PER_STEP`, from earlier measured runs).', '']
+    lines += [f"Estimated training time before the run: {summary['estimate_minutes']:.0f} min "
+              'on an idle 2-core CPU (`reproduce.ESTIMATE_MS_PER_STEP`, from earlier measured '
+              'runs).', '']
   if summary['scale'] in ('cpu', 'tiny'):
     lines += ['**CPU-scale runs**, not the paper\'s recipe: small models and few epochs; each '
               'row says which recipe fields differ from the paper. Parameters start as the '
@@ -265,7 +266,8 @@ def _markdown(summary: dict) -> str:
       lines.append(f"| {group} | {g.get('task', '')} | {len(g['runs'])} | "
                    f"{g['test_mean_std']['accuracy']} | {types} | "
                    f"{_pct(g['train_split_accuracy'])} | {g.get('paper', '')} | "
-                   f"{g.get('baseline', '')} | {g.get('epochs') or 0:.3g} | {g.get('differs', '')} |")
+                   f"{g.get('baseline', '')} | {g.get('epochs') or 0:.3g} | "
+                   f"{g.get('differs', '')} |")
     lines += ['', '![train-split and test accuracy against step, every run](curves.png)', '',
               'Diagnosis (issue 35, item 5): written by hand after the run, from the table, the '
               'curves and `visualize`\'s figures; a train-split accuracy far above the test '
@@ -281,7 +283,8 @@ def _markdown(summary: dict) -> str:
          for k, v in summary['runs'].get(bi_run, {}).get('eval', {}).items()
          if k.startswith('accuracy_') and k[-1].isdigit()]
   if sub:
-    lines += ['', f'Sort-of-CLEVR per subtype ({bi_run}; type_subtype accuracy %): {", ".join(sub)}.']
+    lines += ['', f'Sort-of-CLEVR per subtype ({bi_run}; type_subtype accuracy %): '
+              f'{", ".join(sub)}.']
   if summary.get('batch_independence'):
     lines += ['', f'## Evaluation batch independence ({bi_run}, one checkpoint)', '',
               '| eval_writes_memory | eval batch | accuracy | predictions equal to batch 1 |',

@@ -154,8 +154,9 @@ def test_fresh_third_vertex_is_the_generators_for_every_pair():
     p1 = np.stack([np.full_like(p1y, x1), p1y], -1)
     p2 = np.stack([p2x, p2y], -1)
     dx, dy = p2[..., 0] - p1[..., 0], p2[..., 1] - p1[..., 1]
-    want = np.stack([p1[..., 0] + triangle._COS60 * dx + triangle._SIN60 * dy,  # pylint: disable=protected-access
-                     p1[..., 1] - triangle._SIN60 * dx + triangle._COS60 * dy], -1)  # pylint: disable=protected-access
+    cos60, sin60 = triangle._COS60, triangle._SIN60  # pylint: disable=protected-access
+    want = np.stack([p1[..., 0] + cos60 * dx + sin60 * dy,
+                     p1[..., 1] - sin60 * dx + cos60 * dy], -1)
     got = np.asarray(third(jnp.asarray(p1, jnp.int32), jnp.asarray(p2, jnp.int32)))
     np.testing.assert_array_equal(got, want.astype(np.int64), err_msg=f'p1.x={x1}')
 
@@ -164,7 +165,8 @@ def test_fresh_render_is_the_generators_stamp():
   rng = np.random.default_rng(0)
   points = rng.integers(0, 65, size=(50, 24, 2))  # vertices in [1, 63], offsets ±1
   got = np.asarray(jax.jit(jax.vmap(triangle._render))(points))  # pylint: disable=protected-access
-  np.testing.assert_array_equal(got, triangle._stamp_discs(points))  # pylint: disable=protected-access
+  stamped = triangle._stamp_discs(points)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(got, stamped)
 
 
 def test_fresh_draws_match_the_stored_distribution():
@@ -219,7 +221,8 @@ def test_fresh_training_stopped_and_resumed_equals_one_run(generated_data_dir, t
   """12 steps of 64 on fresh triangle/small (an epoch is 8), stopped at step 4 and resumed: the
   same train loss, accuracy and final state as without the stop."""
   from ait_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
-  from test_fast_loop import _final_state, _train, quick_config  # pylint: disable=g-import-not-at-top
+  from test_fast_loop import (  # pylint: disable=g-import-not-at-top
+      _final_state, _train, quick_config)
   config = quick_config(generated_data_dir, fresh_train_data=True, steps_per_call=4,
                         total_steps=12, log_every_steps=4, checkpoint_every_steps=4,
                         eval_every_steps=100, eval_train_examples=0)

@@ -44,7 +44,8 @@ def test_tiny_reproduce_writes_the_table_and_curves(generated_data_dir, tmp_path
     assert run['train_split_accuracy'] is not None
   results = (out / 'RESULTS.md').read_text()
   for group, g in groups.items():
-    assert f"| {group} | {g['task']} | {len(g['runs'])} | {g['test_mean_std']['accuracy']} |" in results
+    row = f"| {group} | {g['task']} | {len(g['runs'])} | {g['test_mean_std']['accuracy']} |"
+    assert row in results
   assert '99.64 (AiT-Base)' in results and '43.7 (majority per subtype)' in results
   assert (out / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   for run in summary['runs']:
