@@ -30,7 +30,30 @@ DTYPES = ('float32', 'bfloat16')  # modules take dtype names, as configs do
 BACKBONE_LN_EPS = 1e-5  # torch.nn.LayerNorm default, as in the reference code
 WRITE_LN_EPS = 1e-6  # docs/model.md#memory-write
 
-_dense_init = nn.initializers.xavier_uniform()
+INITS = ('reference', 'xavier')  # model.init: how parameters start (docs/model.md#init)
+
+
+def _uniform(bound: float):
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _dense_inits(init: str, fan_in: int):
+  """(kernel_init, bias_init) of a Dense layer with `fan_in` inputs.
+
+  'reference': torch.nn.Linear's default, which the published code never overrides: kernel and
+  bias both U(±1/√fan_in) (kaiming_uniform with a=√5). 'xavier': Xavier-uniform kernel, zero bias.
+  """
+  if init == 'reference':
+    return _uniform(fan_in ** -0.5), _uniform(fan_in ** -0.5)
+  return nn.initializers.xavier_uniform(), nn.initializers.zeros_init()
+
+
+def _token_inits(init: str):
+  """(posemb_init, cls_init): the published code draws both with torch.randn (it creates them
+  without using them); the 'xavier' scheme keeps ViT's N(0, 0.02²) and zeros."""
+  if init == 'reference':
+    return nn.initializers.normal(1.0), nn.initializers.normal(1.0)
+  return nn.initializers.normal(0.02), nn.initializers.zeros_init()
 
 # Every parameter names its dimensions with these logical axes (nn.with_logical_partitioning);
 # ait_jax/sharding.py's rule tables map them to the mesh, so a new parameter needs no edit there.
@@ -43,11 +66,13 @@ def _logical(init, *axes):
   return nn.with_logical_partitioning(init, axes)
 
 
-def _dense(features: int, axes: tuple[str, str], *, name: str, use_bias: bool = True,
-           **kw) -> nn.Dense:
-  """nn.Dense with the reference's Xavier-uniform kernel, its kernel's axes (in, out) named."""
-  return nn.Dense(features, use_bias=use_bias, kernel_init=_logical(_dense_init, *axes),
-                  bias_init=_logical(nn.initializers.zeros_init(), axes[1]), name=name, **kw)
+def _dense(x, features: int, axes: tuple[str, str], *, name: str, init: str,
+           use_bias: bool = True, **kw):
+  """nn.Dense applied to x, its kernel and bias drawn by `init` for x's fan-in, its kernel's axes
+  (in, out) named."""
+  kernel_init, bias_init = _dense_inits(init, x.shape[-1])
+  return nn.Dense(features, use_bias=use_bias, kernel_init=_logical(kernel_init, *axes),
+                  bias_init=_logical(bias_init, axes[1]), name=name, **kw)(x)
 
 
 def _layer_norm(name: str | None = None, eps: float = BACKBONE_LN_EPS, axis: str = 'norm',
@@ -60,31 +85,32 @@ def _layer_norm(name: str | None = None, eps: float = BACKBONE_LN_EPS, axis: str
 class SelfAttention(nn.Module):
   """Multi-head self-attention with 64-dim heads, qkv without bias, output with bias (docs/model.md#backbone)."""
   num_heads: int
+  param_init: Literal[INITS] = 'reference'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     b, n, d = x.shape
-    qkv = _dense(3 * d, ('embed', 'heads'), use_bias=False, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name='qkv')(x)
+    kw = dict(init=self.param_init, dtype=self.dtype, param_dtype=self.param_dtype)
+    qkv = _dense(x, 3 * d, ('embed', 'heads'), use_bias=False, name='qkv', **kw)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 3, axis=2)
     out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
-    return _dense(d, ('heads', 'embed'), dtype=self.dtype, param_dtype=self.param_dtype,
-                  name='out')(out.reshape(b, n, d))
+    return _dense(out.reshape(b, n, d), d, ('heads', 'embed'), name='out', **kw)
 
 
 class FeedForward(nn.Module):
   """Dense(mlp) → exact GELU → Dense(D)."""
   mlp_dim: int
+  param_init: Literal[INITS] = 'reference'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = nn.gelu(_dense(self.mlp_dim, ('embed', 'mlp'), name='fc1', **kw)(x), approximate=False)
-    return _dense(x.shape[-1], ('mlp', 'embed'), name='fc2', **kw)(h)
+    kw = dict(init=self.param_init, dtype=self.dtype, param_dtype=self.param_dtype)
+    h = nn.gelu(_dense(x, self.mlp_dim, ('embed', 'mlp'), name='fc1', **kw), approximate=False)
+    return _dense(h, x.shape[-1], ('mlp', 'embed'), name='fc2', **kw)
 
 
 class GlobalWorkspace(nn.Module):
@@ -113,6 +139,7 @@ class GlobalWorkspace(nn.Module):
   hopfield_steps: int = 1
   balance_coef: float = 0.01
   selection: Literal[workspace.SELECTIONS] = 'auto'  # the top-k algorithm; every one is exact
+  param_init: Literal[INITS] = 'reference'  # config field `init`; see AiT.param_init
   dtype: Dtype = 'float32'
   param_dtype: Dtype = 'float32'
 
@@ -128,8 +155,8 @@ class GlobalWorkspace(nn.Module):
       self._store(memory, mem_new)
     else:  # read-only evaluation: predictions independent of the batch (§7)
       mem_new, balance = mem, jnp.zeros((), jnp.float32)
-    priors = _dense(s.shape[-1], ('memory_dim', 'embed'), name='prior_proj',
-                    **self._kw())(mem_new.astype(self.dtype))  # P, [M, D]
+    priors = _dense(mem_new.astype(self.dtype), s.shape[-1], ('memory_dim', 'embed'),
+                    name='prior_proj', **self._kw())  # P, [M, D]
     r = self._retrieve(s, priors)
     if self.is_mutable_collection('intermediates'):
       self.sow('intermediates', 'energy_before', hopfield.hopfield_energy(s, priors,
@@ -139,17 +166,17 @@ class GlobalWorkspace(nn.Module):
     return r.astype(s.dtype), balance
 
   def _kw(self) -> dict:
-    return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    return dict(init=self.param_init, dtype=self.dtype, param_dtype=self.param_dtype)
 
   def _write(self, mem, s, *, train: bool, token_mask):
     """(mem_new, balance): the bottleneck attention of the memory's queries over the tokens in
     scope, the write's Dense, dropout and LayerNorm, and the EMA (docs/model.md#memory-write)."""
     b, n, _ = s.shape
     m, dm, hm = self.memory_slots, self.memory_dim, self.memory_heads
-    q = _dense(hm * dm, ('memory_dim', 'memory_heads'), use_bias=False, name='query',
-               **self._kw())(mem.astype(self.dtype))
-    k = _dense(hm * dm, ('embed', 'memory_heads'), use_bias=False, name='key', **self._kw())(s)
-    v = _dense(hm * dm, ('embed', 'memory_heads'), use_bias=False, name='value', **self._kw())(s)
+    q = _dense(mem.astype(self.dtype), hm * dm, ('memory_dim', 'memory_heads'), use_bias=False,
+               name='query', **self._kw())
+    k = _dense(s, hm * dm, ('embed', 'memory_heads'), use_bias=False, name='key', **self._kw())
+    v = _dense(s, hm * dm, ('embed', 'memory_heads'), use_bias=False, name='value', **self._kw())
     groups, per_group = (1, b * n) if self.bottleneck_scope == 'batch' else (b, n)
     split = lambda t: t.reshape(groups, per_group, hm, dm).transpose(0, 2, 1, 3)
     top_k = self._top_k(per_group, train)
@@ -160,8 +187,8 @@ class GlobalWorkspace(nn.Module):
     out = workspace.bottleneck_attention(q.reshape(m, hm, dm).transpose(1, 0, 2), split(k),
                                          split(v), top_k, selection, token_mask=mask)
     read = out.read.transpose(1, 0, 2).reshape(m, hm * dm)
-    y = _dense(dm, ('memory_heads', 'memory_dim'), use_bias=False, name='out',
-               **self._kw())(read)
+    y = _dense(read, dm, ('memory_heads', 'memory_dim'), use_bias=False, name='out',
+               **self._kw())
     y = nn.Dropout(self.write_dropout)(y, deterministic=not train)
     y = _layer_norm('write_norm', eps=WRITE_LN_EPS, param_dtype=self.param_dtype)(
         y.astype(jnp.float32) + mem)
@@ -198,14 +225,17 @@ class GlobalWorkspace(nn.Module):
     if self.retrieval == 'hopfield':
       return hopfield.hopfield_retrieve(s, priors, self.hopfield_beta, self.hopfield_steps)
     b, m, d = s.shape[0], *priors.shape
-    kernel = nn.linear.default_kernel_init
-    zeros = nn.initializers.zeros_init()
+    if self.param_init == 'reference':  # every projection's fan-in is D, as in torch's Linear
+      kernel, bias = _dense_inits('reference', d)
+    else:
+      kernel, bias = nn.linear.default_kernel_init, nn.initializers.zeros_init()
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     return nn.MultiHeadDotProductAttention(
         num_heads=max(1, d // 64), name='cross_attention',
         kernel_init=_logical(kernel, 'embed', 'heads', 'head_dim'),
-        bias_init=_logical(zeros, 'heads', 'head_dim'),
+        bias_init=_logical(bias, 'heads', 'head_dim'),
         out_kernel_init=_logical(kernel, 'heads', 'head_dim', 'embed'),
-        out_bias_init=_logical(zeros, 'embed'), **self._kw(),
+        out_bias_init=_logical(bias, 'embed'), **kw,
     )(s, jnp.broadcast_to(priors, (b, m, d)))
 
 
@@ -216,18 +246,20 @@ class Block(nn.Module):
   use_workspace: bool = True
   self_attention: bool = True
   workspace: dict = dataclasses.field(default_factory=dict)
+  param_init: Literal[INITS] = 'reference'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool, token_mask=None):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    ln = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(param_init=self.param_init, **ln)
     if self.self_attention:
-      x = x + SelfAttention(self.num_heads, name='attn', **kw)(_layer_norm('norm1', **kw)(x))
-    h = FeedForward(self.mlp_dim, name='ffn', **kw)(_layer_norm('norm2', **kw)(x))
+      x = x + SelfAttention(self.num_heads, name='attn', **kw)(_layer_norm('norm1', **ln)(x))
+    h = FeedForward(self.mlp_dim, name='ffn', **kw)(_layer_norm('norm2', **ln)(x))
     if not self.use_workspace:
       return x + h, jnp.zeros((), jnp.float32)
-    s = _layer_norm('ffn_norm', **kw)(h)
+    s = _layer_norm('ffn_norm', **ln)(h)
     r, balance = GlobalWorkspace(name='workspace', **self.workspace, **kw)(
         s, train=train, token_mask=token_mask)
     return x + s + r, balance
@@ -254,6 +286,9 @@ class AiT(nn.Module):
   posemb: Literal['none', 'learned'] = 'none'  # none is faithful
   head: Literal['flatten', 'mean', 'cls'] = 'flatten'  # flatten is faithful
   workspace: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # How parameters start: 'reference' (the published code's torch defaults) or 'xavier'. The
+  # config calls it `init` (Module.init is Flax's method); docs/model.md#init.
+  param_init: Literal[INITS] = 'reference'
   dtype: Dtype = 'float32'
   param_dtype: Dtype = 'float32'
 
@@ -266,18 +301,20 @@ class AiT(nn.Module):
     x = images.reshape(b, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(b, (hh // p) * (ww // p), p * p * c).astype(self.dtype)
     x = _layer_norm('patch_norm_in', **kw)(x)
-    x = _dense(self.width, ('patch', 'embed'), name='patch_embed', **kw)(x)
+    x = _dense(x, self.width, ('patch', 'embed'), name='patch_embed', init=self.param_init, **kw)
     x = _layer_norm('patch_norm_out', **kw)(x)
+    posemb_init, cls_init = _token_inits(self.param_init)
     if self.posemb == 'learned':
-      x = x + self.param('posemb', _logical(nn.initializers.normal(0.02), None, None, 'embed'),
+      x = x + self.param('posemb', _logical(posemb_init, None, None, 'embed'),
                          (1,) + x.shape[1:], self.param_dtype).astype(self.dtype)
     if question is not None:  # docs/model.md#question-token: one extra token before the patches
       qt = _layer_norm('question_norm_in', **kw)(question.astype(self.dtype))
-      qt = _dense(self.width, ('question', 'embed'), name='question_embed', **kw)(qt)
+      qt = _dense(qt, self.width, ('question', 'embed'), name='question_embed',
+                  init=self.param_init, **kw)
       qt = _layer_norm('question_norm_out', **kw)(qt)
       x = jnp.concatenate([qt[:, None], x], axis=1)
     if self.head == 'cls':
-      cls = self.param('cls', _logical(nn.initializers.zeros, None, None, 'embed'),
+      cls = self.param('cls', _logical(cls_init, None, None, 'embed'),
                        (1, 1, self.width), self.param_dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(self.dtype), x], 1)
 
@@ -286,8 +323,8 @@ class AiT(nn.Module):
     balance = jnp.zeros((), jnp.float32)
     for i in range(self.depth):
       x, layer_balance = Block(self.num_heads, self.mlp_dim, not self.vit,
-                               self.self_attention, dict(self.workspace), name=f'block{i}',
-                               **kw)(x, train=train, token_mask=token_mask)
+                               self.self_attention, dict(self.workspace), self.param_init,
+                               name=f'block{i}', **kw)(x, train=train, token_mask=token_mask)
       balance = balance + layer_balance
 
     if self.head == 'flatten':  # docs/model.md#backbone: LayerNorm over the whole token grid
@@ -297,7 +334,8 @@ class AiT(nn.Module):
     else:
       x = x[:, 0]
     x = _layer_norm('head_norm', axis='head_in', **kw)(x)
-    logits = _dense(self.num_classes, ('head_in', 'classes'), name='head', **kw)(x)
+    logits = _dense(x, self.num_classes, ('head_in', 'classes'), name='head',
+                    init=self.param_init, **kw)
     return logits.astype(jnp.float32), {'balance_loss': balance}
 
 
@@ -326,6 +364,7 @@ def default_config() -> ml_collections.ConfigDict:
       selection='auto',  # exact top-k: auto | full | chunked | sharded (docs/model.md)
       memory_reset=False,  # True: every batch writes from the initial memory ('memory reset')
       memory_momentum=0.9, write_dropout=0.1,
+      init='reference',  # how parameters start: reference (faithful) | xavier (docs/model.md#init)
       dtype='float32',  # computation: float32 | bfloat16
       param_dtype='float32',
   ))
@@ -342,19 +381,23 @@ POSITIVE = ('hopfield_beta',)
 NON_NEGATIVE = ('balance_coef',)
 
 
+# The one module field whose config name differs: `init` would hide Flax's Module.init.
+_CONFIG_NAMES = {'param_init': 'init'}
+
+
 def _literal_fields() -> dict[str, tuple]:
   """{field: allowed values} of the module fields annotated Literal[...]."""
   out = {}
   for module in (AiT, GlobalWorkspace):
     for name, hint in typing.get_type_hints(module).items():
       if typing.get_origin(hint) is Literal:
-        out[name] = typing.get_args(hint)
+        out[_CONFIG_NAMES.get(name, name)] = typing.get_args(hint)
   return out
 
 
 def _workspace_fields() -> tuple[str, ...]:
   return tuple(f.name for f in dataclasses.fields(GlobalWorkspace)
-               if f.name not in ('parent', 'name', 'dtype', 'param_dtype'))
+               if f.name not in ('parent', 'name', 'dtype', 'param_dtype', 'param_init'))
 
 
 def resolve(cfg: Mapping | str = 'small', **overrides) -> dict:
@@ -428,5 +471,6 @@ def create_model(cfg: Mapping | str = 'small', *, num_classes: int, image_shape,
   validate(c, image_shape=image_shape, question_dim=question_dim, batch_size=batch_size)
   ws_names = _workspace_fields()
   c.pop('preset')
+  c['param_init'] = c.pop('init')
   workspace = {k: c.pop(k) for k in ws_names}
   return AiT(num_classes=num_classes, workspace=workspace, **c)

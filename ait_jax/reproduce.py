@@ -3,7 +3,16 @@
 (docs/model.md#batch-dependence).
 
   python -m ait_jax.reproduce --scale=gpu --data_dir=data --out=results/gpu   # one H200
-  python -m ait_jax.reproduce --scale=cpu --data_dir=data --out=results/cpu   # reduced, 2 CPU cores
+  python -m ait_jax.reproduce --scale=cpu --data_dir=data --out=results/cpu   # ~2 h, 2 CPU cores
+  python -m ait_jax.reproduce --scale=tiny --data_dir=data --out=/tmp/tiny     # the same, seconds
+
+`--scale=cpu` is a small experiment (issue 35): Triangle, AiT against the dense ViT of the same
+dims, 3 seeds each, on fresh training triangles; Sort-of-CLEVR binary questions, AiT against ViT,
+3 seeds; all three question types, AiT against ViT, one seed; one ablation pair (AiT without its
+bottleneck on Triangle, beside AiT's seed 0). RESULTS.md gives mean ± std over seeds with the
+paper's number and the question-only or chance baseline beside each, the recipe fields that
+differ from the paper, train-split against test accuracy (memorisation), and `curves.png`.
+`--scale=tiny` runs the same groups on the small builder configs for a few steps (its test).
 
 Builds the datasets if missing, trains and evaluates every run (checkpoints under
 --workdir_root), evaluates one checkpoint at several batch sizes with and without memory writes,
@@ -31,8 +40,10 @@ from ait_jax.data import sort_of_clevr as clevr
 
 def define_flags(fv: flags.FlagValues) -> None:
   """The command's flags (ait_jax/cli.py: defined only when this module runs as a command)."""
-  flags.DEFINE_enum('scale', 'cpu', ['cpu', 'gpu'],
-                    'gpu: the runs sized for one H200; cpu: the same runs reduced.', flag_values=fv)
+  flags.DEFINE_enum('scale', 'cpu', ['cpu', 'gpu', 'tiny'],
+                    'gpu: the runs sized for one H200; cpu: the small experiment sized for about '
+                    '2 hours of an idle 2-core CPU; tiny: the same runs for a few steps on the '
+                    'small builder configs (a test).', flag_values=fv)
   flags.DEFINE_string('data_dir', 'data', 'TFDS data_dir (generated data built here).',
                       flag_values=fv)
   flags.DEFINE_string('out', None, 'Where results go (e.g. results/cpu).', flag_values=fv)
@@ -44,9 +55,46 @@ def define_flags(fv: flags.FlagValues) -> None:
                     'afresh (a workdir a live run holds is refused); without it finished runs are '
                     'reused and partial ones resumed.', flag_values=fv)
 
-# name -> (config file, variant, config overrides). The gpu scale differs from the paper's
-# recipe only in epochs (and Sort-of-CLEVR's model size and batch), so that all runs together fit
-# in about 10 minutes of one H200; each difference is stated in RESULTS.md.
+SEEDS = (0, 1, 2)
+ALL_TYPES = ('non_relational', 'binary', 'ternary')
+# The CPU runs' model: depth 2; width 64 (Triangle) or 128 (Sort-of-CLEVR); `quick` gives lr 1e-3,
+# no warm-up, a per-step cosine and batch 64.
+_SOC_MODEL = {'model.depth': 2, 'model.width': 128, 'model.mlp_dim': 256, 'model.num_heads': 2}
+
+
+def experiment(triangle_steps: int, soc_steps: int, seeds=SEEDS, soc_seeds=SEEDS,
+               small: bool = False) -> dict:
+  """The runs of the small experiment: name -> (config, variant, overrides). A run's name is its
+  group (`group_of`) and `_s<seed>`; the groups are the rows of RESULTS.md's table."""
+  tri = {'model.depth': 2, 'fresh_train_data': True, 'total_steps': triangle_steps,
+         'eval_every_steps': max(1, triangle_steps // 10),
+         'checkpoint_every_steps': max(1, triangle_steps // 10), 'eval_train_examples': 2000}
+  soc = {**_SOC_MODEL, 'total_steps': soc_steps, 'eval_every_steps': max(1, soc_steps // 6),
+         'checkpoint_every_steps': max(1, soc_steps // 6), 'eval_train_examples': -1}
+  if small:  # the builders' small configs, one layer, one save (a test: compile time is its cost)
+    small_run = {'model.depth': 1, 'checkpoint_every_steps': triangle_steps}
+    tri.update(small_run, dataset='triangle/small', eval_train_examples=64, eval_batch_size=200)
+    soc.update(small_run, dataset='sort_of_clevr/small', eval_train_examples=-1)
+  runs = {}
+  for seed in seeds:
+    runs[f'triangle_ait_s{seed}'] = ('triangle', 'model=small,quick', dict(tri, seed=seed))
+    runs[f'triangle_vit_s{seed}'] = ('triangle', 'model=vit_small,quick', dict(tri, seed=seed))
+  runs[f'triangle_ait_no_bottleneck_s{seeds[0]}'] = (
+      'triangle', 'model=small,quick,ablation=no_bottleneck', dict(tri, seed=seeds[0]))
+  for seed in soc_seeds:
+    runs[f'soc_binary_ait_s{seed}'] = ('sort_of_clevr', 'model=small,quick', dict(soc, seed=seed))
+    runs[f'soc_binary_vit_s{seed}'] = ('sort_of_clevr', 'model=vit_small,quick',
+                                       dict(soc, seed=seed))
+  for model in ('ait', 'vit'):
+    runs[f'soc_all_{model}_s{soc_seeds[0]}'] = (
+        'sort_of_clevr', f'model={"vit_" if model == "vit" else ""}small,quick',
+        dict(soc, seed=soc_seeds[0], question_types=ALL_TYPES))
+  return runs
+
+
+# scale -> run name -> (config file, variant, config overrides). The gpu scale differs from the
+# paper's recipe only in epochs (and Sort-of-CLEVR's model size and batch), so that all runs
+# together fit in about 10 minutes of one H200; each difference is stated in RESULTS.md.
 RUNS = {
     'gpu': {
         'triangle_ait_small': ('triangle', 'model=small', {'num_epochs': 20}),
@@ -55,21 +103,66 @@ RUNS = {
             'num_epochs': 8, 'batch_size': 256,
             'question_types': ('non_relational', 'binary', 'ternary')}),
     },
-    'cpu': {
-        'triangle_ait_small': ('triangle', 'model=small,quick', {
-            'total_steps': 4000, 'eval_every_steps': 1000, 'checkpoint_every_steps': 1000,
-            'model.depth': 2}),
-        'triangle_vit_small': ('triangle', 'model=vit_small,quick', {
-            'total_steps': 4000, 'eval_every_steps': 1000, 'checkpoint_every_steps': 1000,
-            'model.depth': 2}),
-        'sort_of_clevr_ait': ('sort_of_clevr', 'model=small,quick', {
-            'total_steps': 3000, 'eval_every_steps': 1000, 'checkpoint_every_steps': 1000,
-            'model.depth': 2, 'model.width': 128, 'model.mlp_dim': 256, 'model.num_heads': 2,
-            'question_types': ('non_relational', 'binary', 'ternary')}),
-    },
+    # Triangle 10,000 steps of 64 (12.8 epochs of fresh images), Sort-of-CLEVR 3,000 (about two
+    # epochs of the 98,000 binary questions). Sized by ESTIMATE_MS_PER_STEP to about 2 hours.
+    'cpu': experiment(10_000, 3_000),
+    'tiny': experiment(2, 2, seeds=(0, 1), soc_seeds=(0,), small=True),
 }
-BATCH_INDEPENDENCE_RUN = 'sort_of_clevr_ait'
+# The run whose checkpoint is evaluated at several batch sizes, and whose figures are drawn.
+BATCH_INDEPENDENCE_RUN = {'gpu': 'sort_of_clevr_ait', 'cpu': 'soc_all_ait_s0'}
 EVAL_BATCH_SIZES = (1, 64, 512)
+
+# Milliseconds per training step on an idle 2-core x86_64 CPU, evaluations included, per group:
+# measured by the committed results/cpu/summary.json of 2026-12 (width 64 depth 2 Triangle AiT
+# 168 s and ViT 91 s for 4,000 steps; width 128 Sort-of-CLEVR AiT 694 s for 3,000 steps on all
+# three types). Binary-only Sort-of-CLEVR evaluates a third of the questions; its ViT and the
+# ablation are taken as their Triangle ratios. An estimate, printed before the runs start.
+ESTIMATE_MS_PER_STEP = {'triangle_ait': 42, 'triangle_vit': 23, 'triangle_ait_no_bottleneck': 42,
+                        'soc_binary_ait': 190, 'soc_binary_vit': 105, 'soc_all_ait': 231,
+                        'soc_all_vit': 128}
+
+# Per group: the task, the paper's number (docs/training.md#paper-results), the baseline, and the
+# recipe fields that differ from the paper's.
+_TRI_DIFF = ('width 64, depth 2, 1 head (paper: AiT-Base, width 768, depth 12); batch 64 '
+             '(not given); lr 1e-3, no warm-up, per-step cosine (paper: 1e-4, 5 warm-up epochs)')
+_SOC_DIFF = ('width 128, depth 2, 2 heads (paper: AiT-Base); lr 1e-3, no warm-up, per-step cosine '
+             '(paper: 1e-4, 5 warm-up epochs); batch 64 as the paper')
+GROUPS = {
+    'triangle_ait': dict(task='Triangle', paper='99.64 (AiT-Base)', baseline='50.0 (chance)',
+                         differs=_TRI_DIFF),
+    'triangle_vit': dict(task='Triangle', paper='99.63 (ViT-Base)', baseline='50.0 (chance)',
+                         differs=_TRI_DIFF),
+    'triangle_ait_no_bottleneck': dict(
+        task='Triangle', paper='ablation: AiT-Small 79.70 → 72.75 without bottleneck (mean of '
+        'the paper\'s benchmarks)', baseline='50.0 (chance)', differs=_TRI_DIFF),
+    'soc_binary_ait': dict(task='Sort-of-CLEVR binary', paper='80.03 (AiT-Base)',
+                           baseline='43.7 (majority per subtype)', differs=_SOC_DIFF),
+    'soc_binary_vit': dict(task='Sort-of-CLEVR binary', paper='—', baseline='43.7 (majority per '
+                           'subtype)', differs=_SOC_DIFF),
+    'soc_all_ait': dict(task='Sort-of-CLEVR, three types', paper='binary 80.03 (AiT-Base); '
+                        'Relation Networks ≈ 99 non-relational, ≈ 89 relational',
+                        baseline='50.0 / 43.7 / 54.0 (majority per subtype)', differs=_SOC_DIFF),
+    'soc_all_vit': dict(task='Sort-of-CLEVR, three types', paper='—',
+                        baseline='50.0 / 43.7 / 54.0 (majority per subtype)', differs=_SOC_DIFF),
+}
+
+
+def group_of(run: str) -> str:
+  """'triangle_ait_s2' -> 'triangle_ait'; a name without a seed suffix is its own group."""
+  head, sep, seed = run.rpartition('_s')
+  return head if sep and seed.isdigit() else run
+
+
+def estimate_minutes(runs: dict) -> float | None:
+  """The plan's training time on an idle 2-core CPU by ESTIMATE_MS_PER_STEP (None if a group has
+  no measurement)."""
+  total = 0.0
+  for run, (_, _, overrides) in runs.items():
+    ms = ESTIMATE_MS_PER_STEP.get(group_of(run))
+    if ms is None or 'total_steps' not in overrides:
+      return None
+    total += ms * overrides['total_steps'] / 1000
+  return total / 60
 
 
 def _load_config(name: str, variant: str, overrides: dict):
@@ -110,35 +203,127 @@ def batch_independence(config, workdir: str) -> list[dict]:
   return rows
 
 
+def _pct(values) -> str:
+  """'98.12 ± 0.31' (sample std over seeds) or '98.12' for one value; '' for none."""
+  values = [100 * v for v in values if v is not None]
+  if not values:
+    return ''
+  mean = sum(values) / len(values)
+  if len(values) == 1:
+    return f'{mean:.2f}'
+  std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+  return f'{mean:.2f} ± {std:.2f}'
+
+
+def _last(rows: list[dict], split: str, key: str = 'accuracy'):
+  values = [r[key] for r in rows if r.get('split') == split and key in r]
+  return values[-1] if values else None
+
+
+def groups(summary_runs: dict) -> dict:
+  """Per group: its runs and seeds, the test accuracy's mean and std over seeds (and per question
+  type), and the train split's accuracy at the end (memorisation shows as train ≫ test)."""
+  out = {}
+  for run, r in summary_runs.items():
+    out.setdefault(group_of(run), []).append((run, r))
+  table = {}
+  for group, members in out.items():
+    evals = [r['eval'] for _, r in members]
+    keys = ['accuracy'] + [f'accuracy_{t}' for t in ALL_TYPES if f'accuracy_{t}' in evals[0]]
+    table[group] = {
+        **GROUPS.get(group, {}),
+        'runs': [run for run, _ in members], 'seeds': [r.get('seed') for _, r in members],
+        'epochs': members[0][1].get('epochs'),
+        'test': {k: [e.get(k) for e in evals] for k in keys},
+        'test_mean_std': {k: _pct([e.get(k) for e in evals]) for k in keys},
+        'train_split_accuracy': [r.get('train_split_accuracy') for _, r in members],
+    }
+  return table
+
+
 def _markdown(summary: dict) -> str:
   lines = [f"# Reproduction on the generated benchmarks: scale `{summary['scale']}`", '',
            f"Hardware: {summary['hardware']}. Command: `{summary['command']}`. "
            f"Training wall time {sum(r['wall_seconds'] for r in summary['runs'].values()) / 60:.1f}"
            f" min (all sessions of each run); this command {summary['wall_seconds'] / 60:.1f} min.",
            '']
-  if summary['scale'] == 'cpu':
-    lines += ['**CPU-reduced runs**: tiny models (depth 2, width 64 for Triangle and 128 for Sort-of-CLEVR) and 3,000–4,000 steps of batch 64, '
-              'not the paper\'s recipe; they show the pipeline end to end, not the paper\'s '
-              'accuracy. The GPU reproduction (`--scale=gpu`) is outstanding.', '']
+  if summary.get('estimate_minutes') is not None:
+    lines += [f"Estimated training time before the run: {summary['estimate_minutes']:.0f} min "
+              'on an idle 2-core CPU (`reproduce.ESTIMATE_MS_PER_STEP`, from earlier measured '
+              'runs).', '']
+  if summary['scale'] in ('cpu', 'tiny'):
+    lines += ['**CPU-scale runs**, not the paper\'s recipe: small models and few epochs; each '
+              'row says which recipe fields differ from the paper. Parameters start as the '
+              'published code\'s (`model.init=reference`); Triangle trains on fresh images every '
+              'epoch (`fresh_train_data`) and is tested on the stored test split.', '']
+  if summary.get('groups'):
+    lines += ['| group | task | seeds | test accuracy % (mean ± std) | per type | train split % '
+              '(end) | paper | baseline | epochs (paper: 100) | differs from the paper |',
+              '|---|---|---|---|---|---|---|---|---|---|']
+    for group, g in summary['groups'].items():
+      types = ', '.join(f'{k.removeprefix("accuracy_")} {v}' for k, v in g['test_mean_std'].items()
+                        if k != 'accuracy')
+      lines.append(f"| {group} | {g.get('task', '')} | {len(g['runs'])} | "
+                   f"{g['test_mean_std']['accuracy']} | {types} | "
+                   f"{_pct(g['train_split_accuracy'])} | {g.get('paper', '')} | "
+                   f"{g.get('baseline', '')} | {g.get('epochs') or 0:.3g} | "
+                   f"{g.get('differs', '')} |")
+    lines += ['', '![train-split and test accuracy against step, every run](curves.png)', '',
+              'Diagnosis (issue 35, item 5): written by hand after the run, from the table, the '
+              'curves and `visualize`\'s figures; a train-split accuracy far above the test '
+              'accuracy is memorisation.', '']
   lines += ['| run | command | steps | wall s | test accuracy | per type |', '|---|---|---|---|---|---|']
   for name, r in summary['runs'].items():
     types = ', '.join(f'{t} {100 * r["eval"][f"accuracy_{t}"]:.1f}' for t in clevr.QUESTION_TYPES
                       if f'accuracy_{t}' in r['eval'])
     lines.append(f"| {name} | `{r['command']}` | {r['eval']['step']} | {r['wall_seconds']:.0f} | "
                  f"{100 * r['eval']['accuracy']:.2f} | {types} |")
+  bi_run = summary.get('batch_independence_run')
   sub = [f"{k.removeprefix('accuracy_')} {100 * v:.1f}"
-         for k, v in summary['runs'].get(BATCH_INDEPENDENCE_RUN, {}).get('eval', {}).items()
+         for k, v in summary['runs'].get(bi_run, {}).get('eval', {}).items()
          if k.startswith('accuracy_') and k[-1].isdigit()]
   if sub:
-    lines += ['', f'Sort-of-CLEVR per subtype (type_subtype accuracy %): {", ".join(sub)}.']
+    lines += ['', f'Sort-of-CLEVR per subtype ({bi_run}; type_subtype accuracy %): '
+              f'{", ".join(sub)}.']
   if summary.get('batch_independence'):
-    lines += ['', f'## Evaluation batch independence ({BATCH_INDEPENDENCE_RUN}, one checkpoint)', '',
+    lines += ['', f'## Evaluation batch independence ({bi_run}, one checkpoint)', '',
               '| eval_writes_memory | eval batch | accuracy | predictions equal to batch 1 |',
               '|---|---|---|---|']
     for r in summary['batch_independence']:
       lines.append(f"| {r['eval_writes_memory']} | {r['eval_batch_size']} | "
                    f"{100 * r['accuracy']:.2f} | {100 * r['same_predictions_as_batch_1']:.2f}% |")
   return '\n'.join(lines) + '\n'
+
+
+def plot_curves(summary: dict, out_dir: str) -> str:
+  """curves.png: test (solid) and train-split (dotted) accuracy against step, one panel per task,
+  one colour per group, one line per seed."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  tasks = {}
+  for group, g in summary['groups'].items():
+    tasks.setdefault(g.get('task', group), []).append(group)
+  fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+  for ax, (task, names) in zip(axes[0], tasks.items()):
+    for colour, group in enumerate(names):
+      for i, run in enumerate(summary['groups'][group]['runs']):
+        curve = summary['runs'][run].get('curve', {})
+        for split, style in (('eval', '-'), ('eval_train', ':')):
+          points = curve.get(split, [])
+          if points:
+            ax.plot([p[0] for p in points], [100 * p[1] for p in points], style,
+                    color=f'C{colour}', alpha=0.8,
+                    label=f'{group} ({"test" if split == "eval" else "train split"})'
+                    if i == 0 else None)
+    ax.set(title=task, xlabel='step', ylabel='accuracy %')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  path = os.path.join(out_dir, 'curves.png')
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
 
 
 def selected_runs(scale: str, only: list[str]) -> dict:
@@ -244,11 +429,15 @@ def main(fv: flags.FlagValues) -> None:
                          f'{os.cpu_count()} CPU cores, {platform.machine()}',
              'command': f'python -m ait_jax.reproduce --scale={scale} '
                         f'--data_dir={data_dir} --out={out}',
-             'runs': {}}
+             'estimate_minutes': estimate_minutes(runs), 'runs': {}}
+  if summary['estimate_minutes'] is not None:
+    print(f'{len(runs)} runs, estimated {summary["estimate_minutes"]:.0f} min of training on an '
+          'idle 2-core CPU (reproduce.ESTIMATE_MS_PER_STEP).', flush=True)
   for run, (name, variant, overrides) in runs.items():
     config, workdir = plans[run]
     command = _command(name, variant, overrides, data_dir, workdir)
-    if _finished(workdir, validation.validate(config).total_steps):
+    setup = validation.validate(config)
+    if _finished(workdir, setup.total_steps):
       print(f'== {run}: reusing the finished run in {workdir} ({command})', flush=True)
     else:
       print(f'== {run}: {command}', flush=True)
@@ -265,16 +454,24 @@ def main(fv: flags.FlagValues) -> None:
     os.makedirs(os.path.join(out, run), exist_ok=True)
     for f in ('metrics.jsonl', 'eval_final.json', 'config.json'):
       shutil.copy(os.path.join(workdir, f), os.path.join(out, run, f))
-    summary['runs'][run] = {'command': command, 'wall_seconds': _wall_seconds(workdir),
-                            'eval': final}
-    if run == BATCH_INDEPENDENCE_RUN:
+    rows = metric_writer.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+    summary['runs'][run] = {
+        'command': command, 'wall_seconds': _wall_seconds(workdir), 'eval': final,
+        'group': group_of(run), 'seed': config.seed,
+        'epochs': setup.total_steps / setup.steps_per_epoch,
+        'train_split_accuracy': _last(rows, 'eval_train'),
+        'curve': {split: [(r['step'], r['accuracy']) for r in rows
+                          if r.get('split') == split and 'accuracy' in r]
+                  for split in ('eval', 'eval_train')}}
+    if run == BATCH_INDEPENDENCE_RUN.get(scale):
+      summary['batch_independence_run'] = run
       summary['batch_independence'] = batch_independence(config, workdir)
       visualize.visualize(workdir, os.path.join(out, run, 'figures'), which='latest')
   summary['wall_seconds'] = time.time() - start_all
-  with open(os.path.join(out, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
-  with open(os.path.join(out, 'RESULTS.md'), 'w') as f:
-    f.write(_markdown(summary))
+  summary['groups'] = groups(summary['runs'])
+  plot_curves(summary, out)
+  metric_writer.write_text_atomic(os.path.join(out, 'summary.json'), json.dumps(summary, indent=2))
+  metric_writer.write_text_atomic(os.path.join(out, 'RESULTS.md'), _markdown(summary))
   print(_markdown(summary), flush=True)
 
 

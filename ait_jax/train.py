@@ -142,11 +142,12 @@ class Trainer:
     """What the loop runs steps with: host batches, or the device-resident split
     (`config.device_data`); both resume from the same saved position."""
     c = self.s.config
-    if not c.device_data:
+    fresh = c.get('fresh_train_data', False)  # Triangle drawn on the devices (docs/data.md#fresh)
+    if not (c.device_data or fresh):
       return _HostFeed(self, self.train_iterator(data_state))
     data, order = device_data.make_device_batches(
         c.dataset, self.mesh, data_dir=c.data_dir, global_batch_size=c.batch_size, seed=c.seed,
-        question_types=tuple(c.question_types) or None, start_state=data_state)
+        question_types=tuple(c.question_types) or None, start_state=data_state, fresh=fresh)
     return _DeviceFeed(self, data, order)
 
   def steps_fn(self, k: int, data=None) -> _MeshJit:

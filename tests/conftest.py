@@ -86,8 +86,8 @@ def generated_data_dir(tmp_path_factory) -> str:
 # that pytest-xdist's workers do not end with one of them alone at the tail of the run. Only then:
 # a serial run keeps the order of its command line (`-p no:randomly` and the files reversed runs
 # the suite backwards, to show that no test leans on one that ran before it).
-_SLOW_FIRST = ('test_readme.py', 'test_train.py', 'test_compile.py', 'test_checkpointing.py',
-               'test_bench.py', 'test_fast_loop.py', 'test_selection.py',
+_SLOW_FIRST = ('test_reproduce.py', 'test_readme.py', 'test_train.py', 'test_compile.py',
+               'test_checkpointing.py', 'test_bench.py', 'test_fast_loop.py', 'test_selection.py',
                'test_data_imagenet100.py')
 
 

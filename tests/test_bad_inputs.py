@@ -251,7 +251,7 @@ OTHER_ROWS = {
     'visualize num_images=0': (visualize, ['--workdir={t}', '--out={o}', '--num_images=0'],
                                'num_images=0 must be between 1 and'),
     'reproduce --only=typo': (reproduce, ['--out={o}', '--only=typo'],
-                              'names no run of --scale=cpu; use some of triangle_ait_small'),
+                              'names no run of --scale=cpu; use some of triangle_ait_s0'),
     'reproduce no out': (reproduce, [], '--out is missing'),
     'reproduce out is a file': (reproduce, ['--out={f}'], 'is a file'),
     'prepare data_dir is a file': (prepare, ['--dataset=triangle/small', '--data_dir={f}'],

@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from ait_jax import errors
 from ait_jax import sharding as sharding_lib
 from ait_jax.data import input_pipeline
+from ait_jax.data import triangle
 
 # A split larger than this per device stays on the host: device memory belongs to the model.
 MAX_BYTES = 8 * 2 ** 30
@@ -90,9 +91,16 @@ class DeviceData:
 def gather(arrays: dict[str, jax.Array], indices: jax.Array) -> dict[str, jax.Array]:
   """The batch at `indices` ([B] positions in each process's shard, sharded over 'data') from
   the `DeviceData.arrays`: key 'image' uint8 as stored, 'label' [+ 'question'] as `TrainBatches`.
+  For `FreshTriangle`, `indices` are the codes of fresh triangles, drawn here.
 
   Row d of the arrays serves the d-th block of B / rows batch rows, the block that device holds.
   """
+  if FRESH_SEED in arrays:
+    rows = arrays[FRESH_SEED].shape[0]
+    draw = lambda seed, codes: {k: v for k, v in triangle.fresh(seed, codes).items()
+                                if k in ('image', 'label')}
+    batch = jax.vmap(draw)(arrays[FRESH_SEED], indices.reshape(rows, -1))
+    return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)
   rows = arrays['label'].shape[0]
   blocks = indices.reshape(rows, -1)
 
@@ -165,13 +173,72 @@ class DeviceBatches:
     self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+FRESH_SEED = 'fresh_triangle_seed'  # the key of FreshTriangle's one array
+
+
+class FreshTriangle:
+  """Triangle's training images drawn afresh on the devices inside the step (docs/data.md#fresh):
+  what `DeviceData` is for a stored split, without a split. Its one array is the seed, one copy
+  per data row; `gather` draws each row's block of the batch from its codes."""
+
+  def __init__(self, mesh, seed: int, *, shard_index: int | None = None,
+               shard_count: int | None = None):
+    self.shard_index = jax.process_index() if shard_index is None else shard_index
+    self.shard_count = jax.process_count() if shard_count is None else shard_count
+    self.mesh = mesh
+    self.sharding = NamedSharding(mesh, P(sharding_lib.DATA))
+    rows = mesh.shape[sharding_lib.DATA]
+    self.arrays = {FRESH_SEED: jax.make_array_from_callback(
+        (rows,), self.sharding, lambda index: np.full(len(range(rows)[index[0]]), seed, np.int32))}
+    self.nbytes = 0
+
+  shardings = DeviceData.shardings
+  index_sharding = DeviceData.index_sharding
+
+
+class FreshBatches(DeviceBatches):
+  """The codes of the next fresh training triangles, `DeviceBatches`' positions and state.
+
+  Epoch e of this process is its shard's indices i (shard_index + shard_count·j, in order: fresh
+  images need no shuffle) as codes e·N + i, N the stored split's size, so the step count per epoch
+  and the schedule are those of the stored split. A resumed run restores the position and draws
+  the same codes, so the same images.
+  """
+
+  def __init__(self, source, data: FreshTriangle, *, local_batch_size: int, seed: int):
+    self._data = data
+    self._examples = len(source)
+    self._per_epoch = len(range(data.shard_index, self._examples, data.shard_count))
+    self._batch = local_batch_size
+    self._next = 0
+    self._epochs: dict[int, Any] = {}
+    self._pool = futures.ThreadPoolExecutor(1)
+    self._fingerprint = 'fresh ' + input_pipeline.train_fingerprint(
+        source, seed, data.shard_count, local_batch_size)
+
+  def _compute_epoch(self, epoch: int) -> np.ndarray:
+    index = self._data.shard_index + self._data.shard_count * np.arange(self._per_epoch)
+    return triangle.fresh_code(epoch, index, self._examples)
+
+
 def make_device_batches(name: str, mesh, *, data_dir: str | None, global_batch_size: int,
-                        seed: int, question_types=None, start_state=None
-                        ) -> tuple[DeviceData, DeviceBatches]:
+                        seed: int, question_types=None, start_state=None, fresh: bool = False
+                        ) -> tuple[DeviceData | FreshTriangle, DeviceBatches]:
   """The train split of `name` on the devices of `mesh` and the order of its batches, the same
-  as `input_pipeline.make_train_iterator` gives for these arguments."""
+  as `input_pipeline.make_train_iterator` gives for these arguments; with `fresh` (Triangle
+  only), fresh triangles drawn on the devices instead of the stored split."""
   info = input_pipeline.datasets.get_info(name, question_types)
   local = input_pipeline._local_batch_size(global_batch_size)  # pylint: disable=protected-access
+  if fresh:
+    if info.name.partition('/')[0] != 'triangle':
+      raise errors.ConfigError(f'fresh_train_data=True draws Triangle images; {info.name} has '
+                               'only its stored split: set fresh_train_data=False.')
+    source = input_pipeline.ExampleSource(info, info.train_split, data_dir)
+    data = FreshTriangle(mesh, seed)
+    batches = FreshBatches(source, data, local_batch_size=local, seed=seed)
+    if start_state is not None:
+      batches.set_state(start_state)
+    return data, batches
   source = input_pipeline.ExampleSource(info, info.train_split, data_dir, question_types)
   data = DeviceData(source, mesh)
   batches = DeviceBatches(source, data, local_batch_size=local, seed=seed)

@@ -1,10 +1,14 @@
 """Triangle benchmark generator (docs/data.md): equilateral vs random triangles drawn as point
 clusters.
 
-Pure NumPy and deterministic for a given seed; the TFDS builder in `builders.py` writes its output.
+`generate` is NumPy and deterministic for a given seed; the TFDS builder in `builders.py` writes
+its output. `fresh` draws training triangles by the same rule with jax.random, inside the train
+step, from (seed, epoch, index) (docs/data.md#fresh).
 """
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 IMAGE_SIZE = 64
@@ -93,3 +97,104 @@ def generate(num_images: int, seed: int | Sequence[int]) -> dict[str, np.ndarray
       offsets[i, v] = rng.integers(-1, 2, size=(_POINTS_PER_VERTEX, 2))
   images[..., 0] = _stamp_discs(_cluster_points(vertices.astype(np.int64), offsets))
   return {'image': images, 'label': labels, 'vertices': vertices}
+
+
+# ---------------------------------------------------------------------------------------------
+# Fresh training triangles, drawn on the accelerator inside the train step (docs/data.md#fresh).
+
+# Equilateral candidates (p1, p2) drawn per image; the first whose third vertex lands in
+# [1, 63]² is kept, as the rejection loop above keeps the first. 38% of candidates land
+# (`fresh_acceptance`), so all 32 miss with probability 0.62³² ≈ 2e-7 per image; such an image keeps
+# its first candidate, a third vertex off the canvas (its disc is clipped), still labelled
+# equilateral.
+FRESH_CANDIDATES = 32
+_FRESH_STREAM = 0x7452  # folded into the seed's key: these draws share no key with the model's
+
+
+def _render(points):
+  """uint8 [64, 64] canvas of filled discs (radius 2, value 255) at points [P, 2] (x, y): the
+  same pixels as `_stamp_discs`, by distance, so points off the canvas simply clip."""
+  grid = jnp.arange(IMAGE_SIZE)
+  dy = grid[None, :, None] - points[:, 1, None, None]
+  dx = grid[None, None, :] - points[:, 0, None, None]
+  inside = (dy * dy + dx * dx <= _DISC_RADIUS ** 2).any(axis=0)
+  return inside.astype(jnp.uint8) * 255
+
+
+# int(p + cos60·d) in float64 for p in [0, 63], d in [-62, 62] (row p, column d + 62): NumPy's
+# cos(π/3) is 0.5000000000000001, so p + cos60·d for an even negative d sometimes lands just below
+# the integer and truncates one lower, depending on p. float32 cannot see this; a table can.
+_HALF_STEP = np.trunc(np.arange(IMAGE_SIZE)[:, None] + _COS60 * np.arange(
+    1 - IMAGE_SIZE, IMAGE_SIZE)[None, :]).astype(np.int32)
+
+
+def third_vertex(p1, p2):
+  """int32 [..., 2] equilateral third vertex of int p1, p2 [..., 2], equal to `sample_vertices`'
+  float64 one for every pair in [1, 63]² (tests/test_data_triangle.py enumerates them): where the
+  difference along the other axis is 0, a product with cos 60° alone decides (`_HALF_STEP`);
+  elsewhere the sin 60° term keeps the value far from an integer, and float32 suffices."""
+  d = p2 - p1
+  df = d.astype(jnp.float32)
+  x = jnp.trunc(p1[..., 0] + _COS60 * df[..., 0] + _SIN60 * df[..., 1]).astype(jnp.int32)
+  y = jnp.trunc(p1[..., 1] - _SIN60 * df[..., 0] + _COS60 * df[..., 1]).astype(jnp.int32)
+  table = jnp.asarray(_HALF_STEP)
+  off = IMAGE_SIZE - 1
+  x = jnp.where(d[..., 1] == 0, table[p1[..., 0], d[..., 0] + off], x)
+  y = jnp.where(d[..., 0] == 0, table[p1[..., 1], d[..., 1] + off], y)
+  return jnp.stack([x, y], -1)
+
+
+def _fresh_one(key):
+  """(image uint8 [64, 64, 1], label int32, vertices int32 [3, 2]) of one fresh triangle: the
+  distribution of `generate` (label ~ {0, 1}, vertices in [1, 63]², offsets in {-1, 0, 1}²)."""
+  k_label, k_pairs, k_third, k_offsets = jax.random.split(key, 4)
+  label = jax.random.randint(k_label, (), 0, 2)
+  pairs = jax.random.randint(k_pairs, (FRESH_CANDIDATES, 2, 2), 1, IMAGE_SIZE)  # [c, (p1, p2), xy]
+  p1, p2 = pairs[:, 0], pairs[:, 1]
+  third = third_vertex(p1, p2)
+  lands = ((third >= 1) & (third <= IMAGE_SIZE - 1)).all(-1)
+  first = jnp.argmax(lands)  # 0 when none lands
+  equilateral = jnp.stack([p1[first], p2[first], third[first]])
+  random = jnp.concatenate([pairs[0], jax.random.randint(k_third, (1, 2), 1, IMAGE_SIZE)])
+  vertices = jnp.where(label == 0, equilateral, random)
+  offsets = jax.random.randint(k_offsets, (3, _POINTS_PER_VERTEX, 2), -1, 2)
+  v = vertices[:, None, :]
+  points = jnp.stack([v + offsets, v - offsets], axis=2).reshape(-1, 2)  # as _cluster_points
+  return _render(points)[..., None], label.astype(jnp.int32), vertices
+
+
+def fresh_key(seed, code):
+  """The key of training image `code` = epoch · examples per epoch + index, under `seed`."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _FRESH_STREAM), code)
+
+
+def fresh(seed, codes) -> dict:
+  """Fresh triangles for int codes [n] (`fresh_code`), jittable: 'image' uint8 [n, 64, 64, 1],
+  'label' int32 [n], 'vertices' int32 [n, 3, 2]. A pure function of (seed, code): the same code
+  gives the same image in any batch, on any device, after any resume."""
+  keys = jax.vmap(lambda c: fresh_key(seed, c))(codes)
+  image, label, vertices = jax.vmap(_fresh_one)(keys)
+  return {'image': image, 'label': label, 'vertices': vertices}
+
+
+def fresh_code(epoch, index, examples_per_epoch: int):
+  """int32 code of training image `index` of `epoch`: a bijection of (epoch, index) for a fixed
+  epoch size; refused past int32 (42,949 epochs of 50,000)."""
+  code = np.asarray(epoch, np.int64) * examples_per_epoch + np.asarray(index, np.int64)
+  if code.size and code.max() >= 2 ** 31:
+    raise ValueError(f'fresh Triangle codes reach {int(code.max())}, past int32: fewer epochs.')
+  return code.astype(np.int32)
+
+
+def fresh_acceptance() -> float:
+  """The fraction of (p1, p2) pairs in [1, 63]²×[1, 63]² whose equilateral third vertex lands in
+  [1, 63]², by enumerating every pair (float64 as sample_vertices)."""
+  c = np.arange(1, IMAGE_SIZE)
+  dx, dy = c[None, :] - c[:, None], c[None, :] - c[:, None]  # [p1, p2] per axis
+  count = 0
+  for x1 in range(len(c)):  # per p1.x, every p1.y, p2.x, p2.y
+    ddx = dx[x1][None, :, None, None]
+    x3 = (c[x1] + _COS60 * ddx + _SIN60 * dy[:, None, None, :]).astype(np.int64)
+    y3 = (c[:, None, None, None] - _SIN60 * ddx + _COS60 * dy[:, None, None, :]).astype(np.int64)
+    count += int(((x3 >= 1) & (x3 <= 63) & (y3 >= 1) & (y3 <= 63)).sum())
+  return count / len(c) ** 4
