@@ -274,7 +274,8 @@ def test_suite_flags_are_checked(capsys):
   from ait_jax import cli  # pylint: disable=g-import-not-at-top
   for argv, message in ((['--smoke'], '--smoke, --out and --budget_s go with --suite=gpu'),
                         (['--suite=gpu'], '--out is missing'),
-                        (['--suite=gpu', '--out=x', '--budget_s=0'], 'must be a positive')):
+                        (['--suite=gpu', '--out=x', '--budget_s=0'], 'must be a positive'),
+                        (['--suite=gpu', '--out=x'], 'JAX sees cpu devices; add --smoke')):
     with pytest.raises(SystemExit) as exit_info:
       cli.run(bench.define_flags, bench.main, bench.with_default_config(['ait_jax.bench', *argv]))
     assert exit_info.value.code == 2
