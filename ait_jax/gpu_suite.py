@@ -261,8 +261,9 @@ class Suite:
     guess = self.durations.get(kind, 0.0 if self.smoke else FIRST_GUESS_S[preset])
     left = self.budget_s - self.elapsed()
     if guess > left:
-      cell['skipped'] = (f'{left:.0f} s of the {self.budget_s:.0f} s budget left; the last '
-                         f'{arch}-{preset} cell took {guess:.0f} s')
+      took = (f'the last {arch}-{preset} cell took' if kind in self.durations else
+              f'a first {arch}-{preset} cell is guessed at')
+      cell['skipped'] = f'{left:.0f} s of the {self.budget_s:.0f} s budget left; {took} {guess:.0f} s'
       self.result['skipped'].append(cell)
       print(f"skipped {arch}-{preset} {dtype} batch {batch} {selection or ''}: "
             f"{cell['skipped']}", flush=True)
