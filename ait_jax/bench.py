@@ -5,6 +5,9 @@ Usage (synthetic uint8 batches of the config's dataset shape; no data on disk ne
       --compare=vit --json=out.json
   python -m ait_jax.bench --model=small --depth=1 --batch=64 --compare=vit --devices=1   # CPU-sized
   python -m ait_jax.bench --collectives --depth=1 --config.model.selection=sharded  # compile only
+  python -m ait_jax.bench --model=small --dtype=bfloat16 --profile=/tmp/prof  # + a trace, top ops
+  python -m ait_jax.bench --suite=gpu --out=DIR   # the whole GPU measurement (docs/gpu.md)
+  python -m ait_jax.bench --suite=gpu --smoke --out=DIR   # the same code on a CPU, tiny sizes
 --config takes a configs/*.py file and variant as for ait_jax.main, and any field can be overridden
 with --config.<field>=value; --model, --batch, --dtype, --scope, --depth, --width, --mlp_dim,
 --num_heads and --bottleneck_k are shortcuts that override the config only when given.
@@ -23,14 +26,18 @@ from ml_collections import config_flags
 
 from ait_jax import cli
 from ait_jax import errors
+from ait_jax import profiling
+
+
+DEFAULT_CONFIG = 'cifar10:model=small'
 
 
 def define_flags(fv: flags.FlagValues) -> None:
   """The command's flags (ait_jax/cli.py: defined only when this module runs as a command)."""
   config_flags.DEFINE_config_file(
-      'config', cli.config_file('cifar10') + ':model=small',
-      'A configs/*.py file with its variant, as for ait_jax.main (default '
-      'configs/cifar10.py:model=small); its dataset fixes the input shape. Override any field '
+      'config', None,
+      'A configs/*.py file or shipped config name with its variant, as for ait_jax.main '
+      f'(default {DEFAULT_CONFIG}); its dataset fixes the input shape. Override any field '
       'with --config.<field>=value, e.g. --config.model.width=64 --config.model.dtype=bfloat16.',
       lock_config=True, flag_values=fv)
   # Shortcuts for the most used fields; each overrides the config only when given.
@@ -62,6 +69,22 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer('mlp_dim', None, 'Shortcut: model.mlp_dim.', flag_values=fv)
   flags.DEFINE_integer('num_heads', None, 'Shortcut: model.num_heads.', flag_values=fv)
   flags.DEFINE_integer('bottleneck_k', None, 'Shortcut: model.bottleneck_k.', flag_values=fv)
+  flags.DEFINE_string('profile', None, 'Also trace --profile_steps steps with jax.profiler into '
+                      'this folder (TensorBoard: tensorboard --logdir DIR) and print the ops that '
+                      'took the most time.', flag_values=fv)
+  flags.DEFINE_integer('profile_steps', 3, 'Steps traced with --profile.', lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_enum('suite', None, ['gpu'], 'gpu: the whole GPU measurement '
+                    '(ait_jax/gpu_suite.py, docs/gpu.md): correctness on the device, AiT and ViT '
+                    'timings, memory, profiles, targets; into --out. The other flags are ignored.',
+                    flag_values=fv)
+  flags.DEFINE_string('out', None, 'The folder of --suite (gpu_suite.json, profile/).',
+                      flag_values=fv)
+  flags.DEFINE_bool('smoke', False, 'With --suite: tiny models and batches, on any backend (a '
+                    'check of the code, not a measurement).', flag_values=fv)
+  flags.DEFINE_float('budget_s', None, 'With --suite: the wall-clock budget in seconds '
+                     '(default 480); cells that would overrun it are skipped with a note.',
+                     flag_values=fv)
 
 
 GPU_PEAK_TFLOPS = 989.0  # H100/H200 SXM, bf16 dense tensor cores
@@ -171,12 +194,14 @@ def _peak_memory(devices):
 
 
 def benchmark(config, *, devices, steps: int, warmup: int, peak_tflops=None,
-              dump_hlo: str | None = None) -> dict:
+              dump_hlo: str | None = None, profile_dir: str | None = None,
+              profile_steps: int = 3) -> dict:
   """Compiles, warms up and times the train step of `config` on synthetic batches; one result row.
 
   Every timed step is followed by `jax.block_until_ready`, so the per-step times are device times
   plus one dispatch; images/s and TFLOP/s come from a second, pipelined pass of the same number of
-  steps with one synchronisation at its end, as in training.
+  steps with one synchronisation at its end, as in training. With `profile_dir`, `profile_steps`
+  more steps are then traced there (ait_jax/profiling.py) and the row's 'profile' summarises them.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from ait_jax import train  # pylint: disable=g-import-not-at-top
@@ -210,6 +235,15 @@ def benchmark(config, *, devices, steps: int, warmup: int, peak_tflops=None,
     state, metrics = compiled(state, [batch])
   jax.block_until_ready((state, metrics))
   pipelined = (time.perf_counter() - t0) / steps
+  profile = None
+  if profile_dir:
+    with profiling.Trace(profile_dir) as trace:
+      for i in range(profile_steps):
+        with jax.profiler.StepTraceAnnotation('train', step_num=i):
+          state, metrics = compiled(state, [batch])
+      jax.block_until_ready((state, metrics))
+    profile = profiling.summarize(trace.run_dir, steps=profile_steps,
+                                  hlo_text=compiled.as_text(), module='train_step')
   loss = float(metrics['loss'][0])  # steps_fn(1) stacks one step's metrics
   if not math.isfinite(loss):
     raise errors.ConfigError(
@@ -241,7 +275,9 @@ def benchmark(config, *, devices, steps: int, warmup: int, peak_tflops=None,
       'mfu': tflops / (peak_tflops * n_dev) if peak_tflops else None,
       'peak_bytes_in_use': _peak_memory(devices),
       'xla_bytes_per_device': _xla_memory(compiled),
+      'xla_memory': memory_breakdown(compiled),
       'final_loss': loss,
+      'profile': profile,
   }
   del state, metrics, batch, compiled, trainer
   return row
@@ -485,6 +521,16 @@ def _check_flags(fv: flags.FlagValues) -> None:
         f'--peak_tflops={fv.peak_tflops} must be positive: the peak TFLOP/s of one '
         'device (e.g. 989 for an H100 or H200 in bf16), or leave it out.')
   cli.check_output_path('json', fv.json)
+  if fv.suite:
+    cli.require(fv, 'out', hint='DIR (a folder for gpu_suite.json and the profiles)')
+    cli.check_output_path('out', fv.out, folder=True)
+  elif fv.smoke or fv.out or fv.budget_s is not None:
+    raise errors.ConfigError('--smoke, --out and --budget_s go with --suite=gpu; add it, or '
+                             'leave them out.')
+  if fv.budget_s is not None and not fv.budget_s > 0:
+    raise errors.ConfigError(f'--budget_s={fv.budget_s} must be a positive number of seconds.')
+  if fv.profile:
+    cli.check_output_path('profile', fv.profile, folder=True)
 
 
 def _write_json(path: str, result: dict) -> None:
@@ -495,6 +541,10 @@ def _write_json(path: str, result: dict) -> None:
 
 def main(fv: flags.FlagValues) -> dict:
   _check_flags(fv)
+  command = 'python -m ait_jax.bench ' + ' '.join(sys.argv[1:])
+  if fv.suite == 'gpu':
+    from ait_jax import gpu_suite  # pylint: disable=g-import-not-at-top
+    return gpu_suite.run(fv.out, smoke=fv.smoke, budget_s=fv.budget_s, command=command)
   import jax  # pylint: disable=g-import-not-at-top
 
   all_devices = jax.devices()
@@ -516,7 +566,7 @@ def main(fv: flags.FlagValues) -> dict:
     reports = [collective_report(_build_config(fv, vit), devices) for vit in archs]
     for report in reports:
       print(format_collectives(report), flush=True)
-    result = {'command': 'python -m ait_jax.bench ' + ' '.join(sys.argv[1:]), 'reports': reports}
+    result = {'command': command, 'reports': reports}
     if fv.json:
       _write_json(fv.json, result)
     return result
@@ -525,17 +575,22 @@ def main(fv: flags.FlagValues) -> dict:
     hlo = fv.dump_hlo
     if hlo and vit and len(archs) > 1:
       hlo = f'{hlo}.vit'
-    row = benchmark(_build_config(fv, vit), devices=devices, steps=fv.steps,
-                    warmup=fv.warmup, peak_tflops=peak, dump_hlo=hlo)
+    config = _build_config(fv, vit)
+    profile_dir = fv.profile and os.path.join(fv.profile, 'vit' if config.model.vit else 'ait')
+    row = benchmark(config, devices=devices, steps=fv.steps,
+                    warmup=fv.warmup, peak_tflops=peak, dump_hlo=hlo, profile_dir=profile_dir,
+                    profile_steps=fv.profile_steps)
     print(f"{row['arch']} {row['preset']} {row['dtype']} batch {row['batch']}: "
           f"{row['ms_per_step_median']:.2f} ms/step (mean {row['ms_per_step_mean']:.2f}, "
           f"min {row['ms_per_step_min']:.2f}; pipelined {row['ms_per_step_pipelined']:.2f}), "
           f"{row['images_per_s']:,.0f} images/s, "
           f"compiled in {row['compile_s']:.1f} s", flush=True)
+    if row['profile']:
+      print(profiling.format_summary(row['profile']), flush=True)
     rows.append(row)
   rows = rows[::-1] if len(rows) > 1 else rows  # AiT first in the table
   result = {
-      'command': 'python -m ait_jax.bench ' + ' '.join(sys.argv[1:]),
+      'command': command,
       'hardware': {'platform': platform_name, 'device_kind': devices[0].device_kind,
                    'devices': n, 'host_cpus': os.cpu_count(), 'machine': platform.machine(),
                    'jax': jax.__version__},
@@ -559,5 +614,13 @@ def main(fv: flags.FlagValues) -> dict:
   return result
 
 
+def with_default_config(argv: list[str]) -> list[str]:
+  """argv with --config=DEFAULT_CONFIG first when it names no config (the flag's default is
+  None, so that --help shows no path of this machine)."""
+  if any(a.split('=')[0] in ('--config', '-config') for a in argv[1:]):
+    return list(argv)
+  return [argv[0], f'--config={DEFAULT_CONFIG}', *argv[1:]]
+
+
 if __name__ == '__main__':
-  cli.run(define_flags, main)
+  cli.run(define_flags, main, with_default_config(sys.argv))

@@ -88,6 +88,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.device_data = False  # hold the train split on the devices and gather batches there
   c.steps_per_call = 1  # optimisation steps per jitted call (lax.scan); never crosses a log,
                         # eval or save step, so K dividing log_every_steps compiles once
+  # A jax.profiler trace of profile_steps train steps (0: none) after the first
+  # profile_skip_steps of the process, into <workdir>/tensorboard, for TensorBoard's profile
+  # tab; the ops that took the most time go to <workdir>/profile_summary.json (profiling.py).
+  c.profile_steps = 0
+  c.profile_skip_steps = 2
   c.model = models.default_config()
   return c
 

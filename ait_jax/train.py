@@ -23,12 +23,13 @@ from ait_jax import config_overrides
 from ait_jax import errors
 from ait_jax import metric_writer
 from ait_jax import models
+from ait_jax import profiling
 from ait_jax import sharding
 from ait_jax import steps
 from ait_jax import validation
-from ait_jax.data import device_data
-from ait_jax.data import input_pipeline
-from ait_jax.data import prepare
+# The data modules (grain, tensorflow_datasets) are imported where data is read, not here:
+# `python -m ait_jax.bench --suite=gpu` builds Trainers on synthetic batches on hosts that lack
+# them (docs/gpu.md).
 
 class NonFiniteLossError(errors.UserError, RuntimeError):
   """The loss, gradient norm or updated state of a logged step is NaN or infinite; the run stops
@@ -39,7 +40,14 @@ class ConfigMismatchError(errors.UserError):
   """A resume with a config that changes the model, the data or the optimizer state."""
 
 
-DamagedDataError = input_pipeline.DamagedDataError  # a dataset file cannot be read
+
+
+def __getattr__(name: str):
+  if name == 'DamagedDataError':  # a dataset file cannot be read
+    from ait_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+    return input_pipeline.DamagedDataError
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
 
 CONFIG_FILE = 'config.json'
 # The one list of config fields a resumed run may change; a change is logged and config.json
@@ -57,6 +65,8 @@ RESUMABLE_FIELDS = frozenset({
     'lr', 'warmup_epochs', 'warmup_init_lr', 'end_lr', 'schedule_unit', 'weight_decay',
     # how the same parameters are computed with or evaluated
     'model.dtype', 'model.selection', 'model.eval_writes_memory',
+    # what is measured (ait_jax/profiling.py)
+    'profile_steps', 'profile_skip_steps',
 })
 # What a refused field changes, for its sentence (first matching prefix).
 _FIELD_ROLES = (('model.', 'the model'), ('dataset', 'the data'), ('question_types', 'the data'),
@@ -132,6 +142,7 @@ class Trainer:
                         self.abstract_state, self.state_sharding)
 
   def train_iterator(self, data_state=None):
+    from ait_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     c = self.s.config
     return input_pipeline.make_train_iterator(
         c.dataset, data_dir=c.data_dir, global_batch_size=c.batch_size, seed=c.seed,
@@ -141,6 +152,7 @@ class Trainer:
   def train_feed(self, data_state=None) -> '_HostFeed | _DeviceFeed':
     """What the loop runs steps with: host batches, or the device-resident split
     (`config.device_data`); both resume from the same saved position."""
+    from ait_jax.data import device_data  # pylint: disable=g-import-not-at-top
     c = self.s.config
     fresh = c.get('fresh_train_data', False)  # Triangle drawn on the devices (docs/data.md#fresh)
     if not (c.device_data or fresh):
@@ -155,8 +167,11 @@ class Trainer:
     compiled once per k (with device data, once per k through its index shape)."""
     key = 'device' if data is not None else k
     if key not in self._steps_fns:
-      fn = functools.partial(steps.train_steps, self.s, self.tx,
-                             gather=device_data.gather if data is not None else None,
+      gather = None
+      if data is not None:
+        from ait_jax.data import device_data  # pylint: disable=g-import-not-at-top
+        gather = device_data.gather
+      fn = functools.partial(steps.train_steps, self.s, self.tx, gather=gather,
                              batch_sharding=self.batch_sharding)
       batches = ((data.index_sharding(), data.shardings()) if data is not None else
                  ([self.batch_sharding] * k,))
@@ -184,6 +199,7 @@ class Trainer:
     ImageNet's 'validation'), or over its first `limit`, read in order with eval preprocessing;
     appends the predicted classes of the real examples to `predictions` when given (a host
     transfer per batch, so only when asked)."""
+    from ait_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     c = self.s.config
     split = split or self.s.info.test_split
     batches = input_pipeline.make_eval_iterator(
@@ -336,6 +352,7 @@ def check_dataset_files(s: steps.Setup) -> None:
   meets it (any split, any time, `input_pipeline.DamagedDataError`): reading every record here
   would cost a full pass over the data at every start (gigabytes for ImageNet-100), and a file
   damaged after the start would still only be found by the reader."""
+  from ait_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   c = s.config
   for split in (s.info.train_split, s.info.test_split):
     source = input_pipeline.ExampleSource(s.info, split, c.data_dir,
@@ -389,6 +406,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   the run stopped at ('step') and 'preempted': the signal that stopped it after saving, or None
   (`python -m ait_jax.main` then exits with checkpointing.EXIT_PREEMPTED).
   """
+  from ait_jax.data import prepare  # pylint: disable=g-import-not-at-top
   checkpointing.check_workdir(workdir)
   trainer = Trainer(config)
   s = trainer.s
@@ -561,14 +579,18 @@ def _loop(trainer: 'Trainer', workdir: str, ckpt: checkpointing.Checkpointer,
   preemption = checkpointing.PreemptionFlag(agree_every=c.log_every_steps)
   pending, summary, failure, stopped_by = [], {}, None, None
   progress = metric_writer.Progress(start, s.total_steps, c.batch_size)
+  profiler = profiling.StepProfiler(c, workdir, start, s.total_steps)  # --config.profile_steps
   step = start
   try:
     while step < s.total_steps:
       k = _calls_end(step, c, s) - step
+      profiler.before(step, state)
       state, metrics = feed.run(state, k)
       ckpt.check_saves()  # a save that failed in the background stops the run now
       first = step == start
       step += k
+      if profiler.after(step, metrics):
+        writer.log_text(profiling.one_line(profiler.summary))
       if first:  # keep compilation out of the images/s and ETA figures
         jax.block_until_ready(metrics)
         progress.restart(step)
@@ -602,6 +624,7 @@ def _loop(trainer: 'Trainer', workdir: str, ckpt: checkpointing.Checkpointer,
           'and rerun, or start a new --workdir with grad_clip_norm > 0.')
     ckpt.wait()  # the final save is on disk before eval_final.json says the run finished
   finally:
+    profiler.close()
     preemption.restore_handler()
   return {**(last_eval or {}), 'train_loss': summary.get('loss'), 'step': step,
           'preempted': stopped_by}

@@ -20,7 +20,6 @@ from ait_jax import sharding
 from ait_jax import steps
 from ait_jax.data import augment
 from ait_jax.data import datasets
-from ait_jax.data import device_data
 from ait_jax.data import sort_of_clevr as clevr
 
 TRAIN_EVAL_MAX = 10_000  # the default train-split subset: min(test split, this)
@@ -73,6 +72,12 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(f'adam_eps={config.adam_eps} must be positive (e.g. 1e-8).')
   if config.schedule_unit not in ('epoch', 'step'):
     raise errors.ConfigError(f"schedule_unit={config.schedule_unit!r} must be 'epoch' or 'step'.")
+  for field, least in (('profile_steps', 0), ('profile_skip_steps', 1)):  # ait_jax/profiling.py
+    value = config.get(field, least)
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+      raise errors.ConfigError(
+          f'{field}={value!r} must be a whole number >= {least} (profile_steps: steps to trace, '
+          '0 for none; profile_skip_steps: steps run before the trace starts, the first compiles).')
   if config.sharding not in sharding.RULES:
     raise errors.ConfigError(f'sharding={config.sharding!r} must be one of '
                              f'{", ".join(map(repr, sharding.RULES))}.')
@@ -114,6 +119,8 @@ def _check_pipeline(config: ml_collections.ConfigDict, info: datasets.DatasetInf
         f'memory per evaluation batch, more than half of this host\'s '
         f'{_size(2 * budget)}; lower eval_batch_size.')
   if config.device_data:
+    # Imported here: it reads data through grain, which the GPU measurement's hosts lack.
+    from ait_jax.data import device_data  # pylint: disable=g-import-not-at-top
     records = info.num_train
     if info.has_question:  # one record per image, expanded to its questions of the kept types
       kept = clevr.question_type_indices(tuple(config.question_types) or None)

@@ -1,4 +1,6 @@
-"""The speed benchmark: its FLOP counter against a hand count, and the CLI end to end on CPU."""
+"""The speed benchmark: its FLOP counter against a hand count, and the CLI end to end on CPU;
+the GPU suite's smoke run and the profile summary."""
+import gzip
 import json
 import os
 import pathlib
@@ -204,3 +206,165 @@ def test_collectives_parser_reads_tpu_async_chains_and_combined_all_reduces():
   assert all_reduce == {'bytes': (3072 * 64 + 8) * 4, 'ops': 1}
   # Without parameter shapes nothing is a gradient: the sum keeps the scope of its producer.
   assert {o['scope'] for o in bench.collectives(TPU_HLO)} == {'block0/workspace', 'other'}
+
+
+def _tiny_config(**model):
+  from tests.conftest import load_config  # pylint: disable=g-import-not-at-top
+  c = load_config('cifar10')
+  c.model.update(preset='small', **TINY, **model)
+  c.batch_size = c.eval_batch_size = B
+  c.mesh.data, c.mesh.model = -1, 1
+  return c
+
+
+def test_op_kinds_come_from_the_instruction_not_its_metadata():
+  from ait_jax import profiling  # pylint: disable=g-import-not-at-top
+  hlo = '\n'.join([
+      '  %add_convert_fusion.3 = f32[8]{0} fusion(%dot.1, %b), kind=kLoop, calls=%fc, '
+      'metadata={op_name="jit(train_step)/block0/mlp/dot_general"}',
+      '  %custom-call.2 = (f32[4,8]{1,0}, s32[4,8]{1,0}) custom-call(%x), '
+      'custom_call_target="__gpu$TopK", metadata={op_name="jit(train_step)/block1/workspace/top_k"}'])
+  trace = {'traceEvents': [
+      {'ph': 'M', 'name': 'process_name', 'pid': 1, 'args': {'name': '/device:GPU:0'}},
+      {'ph': 'M', 'name': 'process_name', 'pid': 2, 'args': {'name': '/host:CPU'}},
+      {'ph': 'X', 'pid': 1, 'name': 'loop_add_convert_fusion_kernel', 'dur': 30.0,
+       'args': {'hlo_op': 'add_convert_fusion.3', 'hlo_module': 'jit_train_steps'}},
+      {'ph': 'X', 'pid': 1, 'name': 'topk_kernel', 'dur': 50.0,
+       'args': {'hlo_op': 'custom-call.2', 'hlo_module': 'jit_train_steps'}},
+      {'ph': 'X', 'pid': 1, 'name': 'sm90_xmma_gemm_bf16', 'dur': 20.0,
+       'args': {'hlo_module': 'jit_train_steps'}},  # a kernel the profiler did not map back
+      # The host's launch of the same op: not counted when the device's events are there.
+      {'ph': 'X', 'pid': 2, 'name': 'custom-call.2', 'dur': 5.0,
+       'args': {'hlo_op': 'custom-call.2', 'hlo_module': 'jit_train_steps'}}]}
+  assert sorted(profiling.op_events(trace)) == [
+      ('add_convert_fusion.3', 'loop_add_convert_fusion_kernel', 'jit_train_steps', 30.0),
+      ('custom-call.2', 'topk_kernel', 'jit_train_steps', 50.0),
+      ('sm90_xmma_gemm_bf16', 'sm90_xmma_gemm_bf16', 'jit_train_steps', 20.0)]
+  import tempfile  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as d:
+    with gzip.open(os.path.join(d, 'host.trace.json.gz'), 'wt') as f:
+      json.dump(trace, f)
+    summary = profiling.summarize(d, steps=2, hlo_text=hlo)
+  by_op = {r['op']: r for r in summary['top_ops']}
+  assert by_op['add_convert_fusion.3']['kind'] == 'elementwise / fusion'  # not 'matmul'
+  assert by_op['custom-call.2']['kind'] == 'sort / top-k'
+  assert by_op['sm90_xmma_gemm_bf16']['kind'] == 'matmul'
+  assert by_op['custom-call.2']['scope'] == 'workspace'
+  assert by_op['add_convert_fusion.3']['scope'] == 'transformer blocks'
+  assert summary['ops_ms_per_step'] == pytest.approx(0.05)  # 100 µs over 2 steps
+  assert summary['by_scope_ms'] == pytest.approx(
+      {'workspace': 0.025, 'transformer blocks': 0.015, 'unknown': 0.01})
+
+
+def test_help_shows_no_path_of_this_machine(capsys):
+  from ait_jax import cli  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(bench.define_flags, bench.main, ['ait_jax.bench', '--help'])
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  config_help = out.split('--config:')[1].split('\n  --')[0]
+  assert f'default {bench.DEFAULT_CONFIG}' in config_help
+  assert str(ROOT) not in config_help and "(default: '/" not in config_help, config_help
+  # The command still defaults to it.
+  assert bench.with_default_config(['b', '--batch=8'])[1] == f'--config={bench.DEFAULT_CONFIG}'
+  assert bench.with_default_config(['b', '--config=triangle']) == ['b', '--config=triangle']
+
+
+def test_suite_flags_are_checked(capsys):
+  from ait_jax import cli  # pylint: disable=g-import-not-at-top
+  for argv, message in ((['--smoke'], '--smoke, --out and --budget_s go with --suite=gpu'),
+                        (['--suite=gpu'], '--out is missing'),
+                        (['--suite=gpu', '--out=x', '--budget_s=0'], 'must be a positive'),
+                        (['--suite=gpu', '--out=x'], 'JAX sees cpu devices; add --smoke')):
+    with pytest.raises(SystemExit) as exit_info:
+      cli.run(bench.define_flags, bench.main, bench.with_default_config(['ait_jax.bench', *argv]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and message in err and err.count('\n') == 1, err
+
+
+def test_suite_guard_skips_a_cell_that_would_overrun(tmp_path):
+  from ait_jax import gpu_suite  # pylint: disable=g-import-not-at-top
+  suite = gpu_suite.Suite(str(tmp_path), smoke=True, budget_s=60, steps=1, warmup=1,
+                          command='test')
+  suite.durations[('ait', 'base')] = 75.0  # the last AiT-Base cell took longer than what is left
+  suite.run_cell('base', 'bfloat16', 512, False, 'full')
+  suite.smoke = False  # a first ViT-Base cell: the guess for it (90 s) is what is compared
+  suite.run_cell('base', 'bfloat16', 512, True, None)
+  first, second = suite.result['skipped']
+  assert first['skipped'].endswith('the last ait-base cell took 75 s'), first
+  assert second['skipped'].endswith('a first vit-base cell is guessed at 90 s'), second
+  assert not suite.result['cells']
+
+
+def test_suite_targets():
+  from ait_jax import gpu_suite  # pylint: disable=g-import-not-at-top
+  cell = lambda arch, preset, dtype, batch, ips, selection='full': dict(
+      arch=arch, preset=preset, dtype=dtype, batch=batch, images_per_s=ips,
+      selection=None if arch == 'vit' else selection)
+  cells = [cell('vit', 'small', 'bfloat16', 512, 50000), cell('ait', 'small', 'bfloat16', 512, 46000),
+           cell('ait', 'small', 'bfloat16', 512, 40000, 'chunked'),
+           cell('vit', 'small', 'bfloat16', 2048, 60000),
+           cell('ait', 'small', 'bfloat16', 2048, 49000),  # the fastest, but 0.817 of its ViT
+           cell('ait', 'small', 'float32', 512, 26000), {'arch': 'ait', 'preset': 'base',
+                                                         'dtype': 'bfloat16', 'batch': 512,
+                                                         'selection': 'full', 'error': 'OOM'}]
+  ratio, fast, fp32, base = gpu_suite._targets(cells)  # pylint: disable=protected-access
+  assert (ratio['value'], ratio['met'], ratio['where']) == (0.92, True, 'batch 512, full')
+  assert (fast['value'], fast['met'], fast['where']) == (49000, True, 'batch 2048, full')
+  assert (fp32['value'], fp32['met']) == (26000, True)
+  assert (base['value'], base['met'], base['where']) == (None, None, 'not measured')
+
+
+# Modules the GPU host lacks (the package is installed there without its dependencies).
+_BLOCK_DATA_STACK = '''
+import importlib.abc, sys
+BLOCKED = {'tensorflow_datasets', 'grain', 'array_record', 'tensorflow', 'tensorboardX'}
+class Block(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in BLOCKED:
+      raise ImportError(f'{name} is blocked: the GPU host lacks it')
+sys.meta_path.insert(0, Block())
+from ait_jax import bench, cli
+cli.run(bench.define_flags, bench.main, ['ait_jax.bench', *sys.argv[1:]])
+'''
+
+
+def test_gpu_suite_smoke_runs_without_the_data_stack(tmp_path):
+  """`--suite=gpu --smoke`, the GPU measurement's code with tiny sizes on the CPU, in a process
+  where importing grain or tensorflow_datasets fails, as on the GPU host."""
+  out = tmp_path / 'suite'
+  proc = subprocess.run([sys.executable, '-c', _BLOCK_DATA_STACK, '--suite=gpu', '--smoke',
+                         f'--out={out}'], cwd=tmp_path, capture_output=True, text=True,
+                        timeout=limit(), env={**os.environ, 'PYTHONPATH': str(ROOT)})
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads((out / 'gpu_suite.json').read_text())
+  assert result['smoke'] and result['hardware']['platform'] == 'cpu'
+  selections, train_steps = result['correctness']['selections'], result['correctness'][
+      'train_steps_vs_cpu']
+  assert selections['passed'] and len(selections['checks']) == 10, selections
+  assert train_steps['passed'] and len(train_steps['loss_device']) == 20, train_steps
+  cells = result['cells']
+  assert [(c['arch'], c['selection']) for c in cells] == [
+      ('vit', None), ('ait', 'full'), ('ait', 'threshold')]
+  assert all(c['images_per_s'] > 0 and c['xla_bytes_per_device'] > 0 for c in cells), cells
+  # The profiles: traces TensorBoard reads, the train step named, its ops by time.
+  for arch in ('ait', 'vit'):
+    profile = result['profiles'][arch]
+    (session,) = (out / 'profile' / f'{arch}_small_bfloat16' / 'plugins' / 'profile').iterdir()
+    assert profile['run_dir'] == str(session) and list(session.glob('*.xplane.pb'))
+    assert profile['modules'] == ['jit_train_steps'] and profile['steps'] == 3
+    ops = profile['top_ops']
+    assert len(ops) == 15 and ops == sorted(ops, key=lambda r: -r['ms_per_step'])
+    assert sum(profile['by_kind_ms'].values()) == pytest.approx(profile['ops_ms_per_step'])
+    events = json.loads(gzip.decompress(next(session.glob('*.trace.json.gz')).read_bytes()))
+    assert [e['args']['step_num'] for e in events['traceEvents'] if e.get('name') == 'train'] == [
+        '0', '1', '2']
+  ait, vit = result['profiles']['ait'], result['profiles']['vit']
+  assert ait['by_kind_ms']['sort / top-k'] > 0 and 'sort / top-k' not in vit['by_kind_ms']
+  assert ait['by_scope_ms']['workspace'] > 0 and 'workspace' not in vit['by_scope_ms']
+  assert len(result['targets']) == 4
+  # The table comes last: the anchors close it.
+  tail = proc.stdout.strip().splitlines()
+  assert tail[-1].startswith('  JAX dense ViT (AiT-Small dims), bf16: 9.58 ms'), tail[-5:]
+  assert any(line.startswith('Targets') for line in tail)
