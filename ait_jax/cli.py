@@ -164,6 +164,7 @@ def parse_flags(define_flags: Callable[[flags.FlagValues], None],
   fv = flags.FlagValues()
   fv.append_flag_values(flags.FLAGS)  # shared Flag objects: --verbosity etc. still take effect
   define_flags(fv)
+  argv = paths.expand_home_args(argv)
   given, argv = argv, _resolve_config_args(argv)
   if any(a.split('=')[0] in _HELP for a in argv[1:]):
     print(fv.get_help(include_special_flags=False))
