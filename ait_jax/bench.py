@@ -485,6 +485,7 @@ def _check_flags(fv: flags.FlagValues) -> None:
         f'--peak_tflops={fv.peak_tflops} must be positive: the peak TFLOP/s of one '
         'device (e.g. 989 for an H100 or H200 in bf16), or leave it out.')
   cli.check_output_path('json', fv.json)
+  cli.check_output_path('dump_hlo', fv.dump_hlo)
 
 
 def _write_json(path: str, result: dict) -> None:

@@ -497,8 +497,8 @@ class Checkpointer:
     if damaged and which == 'latest':
       raise errors.UserError(
           f'Every checkpoint in {manager.directory} is damaged (steps '
-          f'{", ".join(str(s) for s in damaged)}); move that folder away to start afresh, or '
-          'restore it from a copy.')
+          f'{", ".join(str(s) for s in damaged)}); restore it from a copy, or pass --restart to '
+          'move the run aside (nothing is deleted) and train afresh.')
     return None
 
   def set_aside_skipped(self) -> list[str]:

@@ -263,7 +263,11 @@ def load_config(spec: str, overrides: Mapping[str, object] | Iterable[str] = ())
 def check_output_path(flag: str, path: str | None, *, folder: bool = False) -> None:
   """Refuses, before any work, an output path that cannot be written: a folder where a file is
   wanted (or a file where a folder is), a parent that is a file, or one this user cannot write.
-  Nothing is created; gs:// paths are left to their writer."""
+  Nothing is created; gs:// paths are left to their writer. An empty one (`--json=$OUT` with
+  $OUT unset) is refused: it would write nothing, or into the current folder."""
+  if path == '':
+    raise errors.InputError(f'--{flag} is empty (is the shell variable in it set?); pass a path, '
+                            'or leave the flag out.')
   if not path or '://' in str(path):
     return
   path = os.path.abspath(path)

@@ -170,7 +170,7 @@ def _finished(workdir: str, total_steps: int) -> bool:
       final = json.load(f)
   except (OSError, ValueError):
     return False
-  return (final.get('step') == total_steps and
+  return (isinstance(final, dict) and final.get('step') == total_steps and
           os.path.isdir(os.path.join(workdir, 'checkpoints', str(total_steps))))
 
 

@@ -290,7 +290,10 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> list
   if not path.exists():
     return []
   try:
-    saved = _flat(json.loads(path.read_text()))
+    saved = json.loads(path.read_text())
+    if not isinstance(saved, dict):  # valid JSON, but not a config: damaged or another file
+      raise ValueError(f'it holds a JSON {type(saved).__name__}, not an object')
+    saved = _flat(saved)
   except (OSError, ValueError) as e:
     raise ConfigMismatchError(
         f'{path} cannot be read ({errors.one_line(e)[:120]}), so this config cannot be checked '

@@ -7,8 +7,12 @@ import shutil
 import tempfile
 
 # The user's own XLA_FLAGS (GPU hosts and NVIDIA's JAX containers set some as a matter of course):
-# the tests add theirs to these, in this process and in every command they run.
-USER_XLA_FLAGS = os.environ.get('XLA_FLAGS', '')
+# the tests add theirs to these, in this process and in every command they run. A process the
+# tests started (a pytest-xdist worker, a command that imports this file) inherits them in
+# _USER_XLA_FLAGS_VAR, and its XLA_FLAGS (e.g. 1 device) are already the tests' own.
+_USER_XLA_FLAGS_VAR = 'AIT_JAX_TESTS_USER_XLA_FLAGS'
+STARTED_BY_THE_TESTS = _USER_XLA_FLAGS_VAR in os.environ
+USER_XLA_FLAGS = os.environ.get(_USER_XLA_FLAGS_VAR if STARTED_BY_THE_TESTS else 'XLA_FLAGS', '')
 
 
 def _flag_name(flag: str) -> str:
@@ -41,7 +45,11 @@ def xla_flag_conflicts(devices: int = 8) -> list[str]:
           if _flag_name(f) in ours and f != ours[_flag_name(f)]]
 
 
-os.environ['XLA_FLAGS'] = xla_flags(8)
+if STARTED_BY_THE_TESTS:
+  os.environ.setdefault('XLA_FLAGS', xla_flags(8))
+else:
+  os.environ[_USER_XLA_FLAGS_VAR] = USER_XLA_FLAGS
+  os.environ['XLA_FLAGS'] = xla_flags(8)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # Tests run on the CPU. With libtpu installed (the tpu extra, for tests/test_compile.py) JAX
 # would otherwise start it in every test process, where it warns on stderr and holds its lock file.
@@ -59,8 +67,10 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def pytest_configure(config):
+  """Says once, in pytest's warnings summary, which of the user's XLA flags the tests replace
+  (e.g. --xla_force_host_platform_device_count: the tests need 8 devices)."""
   conflicts = xla_flag_conflicts()
-  if conflicts:  # e.g. a user's --xla_force_host_platform_device_count: the tests need 8
+  if conflicts and not STARTED_BY_THE_TESTS:
     config.issue_config_time_warning(pytest.PytestConfigWarning(
         f'XLA_FLAGS: the tests add their own flags to yours and replace {", ".join(conflicts)}.'),
         stacklevel=2)

@@ -140,6 +140,24 @@ MAIN_ROWS = {
 }
 
 
+@pytest.mark.parametrize('text', ['[1, 2]', '"lr"', '{"lr": 0.1'])
+def test_a_config_json_that_is_no_config_is_one_sentence(text, generated_data_dir, tmp_path,
+                                                         capsys):
+  """A workdir's config.json that is valid JSON but no object (or not JSON) once ended in
+  `AttributeError: 'list' object has no attribute 'items'`; main and visualize name the file."""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'config.json').write_text(text)
+  (workdir / 'metrics.jsonl').write_text('{"step": 1, "split": "train", "loss": 1.0}\n')
+  code, err = _run_in_process(main_cmd, QUICK + [f'--workdir={workdir}',
+                                                 f'--config.data_dir={generated_data_dir}'], capsys)
+  _assert_one_error_line(code, err, f'{workdir / "config.json"} cannot be read')
+  code, err = _run_in_process(visualize, [f'--workdir={workdir}', f'--out={tmp_path / "f"}'],
+                              capsys)
+  _assert_one_error_line(code, err, f'{workdir / "config.json"} is not a config')
+  assert (workdir / 'config.json').read_text() == text
+
+
 @pytest.mark.parametrize('row', sorted(MAIN_ROWS))
 def test_main_user_errors(row, generated_data_dir, tmp_path, capsys):
   argv, expected = MAIN_ROWS[row]
@@ -274,6 +292,11 @@ OTHER_ROWS = {
     'bench --json inside a file': (bench, ['--json={f}/out.json'], 'which is a file'),
     'reproduce workdir_root is a file': (reproduce, ['--out={o}', '--workdir_root={f}'],
                                          'is a file; pass a folder'),
+    # A blank path (an unset shell variable) trained reproduce's runs into the current folder.
+    'reproduce workdir_root is empty': (reproduce, ['--out={o}', '--workdir_root='],
+                                        '--workdir_root is empty'),
+    'reproduce data_dir is empty': (reproduce, ['--out={o}', '--data_dir='],
+                                    '--data_dir is empty'),
 }
 
 
@@ -360,7 +383,8 @@ def test_eval_batch_larger_than_the_split_is_cut_to_it(generated_data_dir):
 
 
 def test_bench_checks_its_paths_before_benchmarking(tmp_path, capsys, monkeypatch):
-  """A --json that cannot be written is refused before anything is compiled or timed."""
+  """A --json (or --dump_hlo) that cannot be written is refused before anything is compiled or
+  timed."""
   def never(*args, **kwargs):
     raise AssertionError('benchmarked before checking --json')
 
@@ -369,6 +393,9 @@ def test_bench_checks_its_paths_before_benchmarking(tmp_path, capsys, monkeypatc
   for flags in ([], ['--collectives']):
     code, err = _run_in_process(bench, [f'--json={tmp_path}'] + flags, capsys)
     _assert_one_error_line(code, err, f'--json={tmp_path} is a folder; pass a file name')
+  for flag in ('json', 'dump_hlo'):  # blank (an unset shell variable): it wrote nothing, exit 0
+    code, err = _run_in_process(bench, [f'--{flag}='], capsys)
+    _assert_one_error_line(code, err, f'--{flag} is empty (is the shell variable in it set?)')
 
 
 def test_full_disk_at_start_up_names_the_lock(generated_data_dir, tmp_path, capsys, monkeypatch):

@@ -710,7 +710,8 @@ _SHOW_TEST_SETUP = (
 def test_the_tests_add_their_xla_flags_to_the_user_s(user_flags):
   """GPU hosts and NVIDIA's JAX containers set XLA_FLAGS: the tests keep the user's flags, add
   their own (8 devices here, and in the commands they run), and name a user flag they replace."""
-  env = {k: v for k, v in os.environ.items() if k != 'PYTEST_XDIST_WORKER'}
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('PYTEST_XDIST_WORKER', 'AIT_JAX_TESTS_USER_XLA_FLAGS')}  # as a user's
   env['XLA_FLAGS'] = user_flags
   out = subprocess.run([sys.executable, '-c', _SHOW_TEST_SETUP], cwd=ROOT, env=env, text=True,
                        capture_output=True, timeout=limit(120))
