@@ -638,18 +638,26 @@ def test_reproduce_resumes_a_partial_run(tiny_reproduce, capfd):
   assert _summary(argv) == summary
 
 
-def test_killed_after_the_final_save_writes_eval_final(tiny_reproduce, capfd):
-  """A kill between the final checkpoint and eval_final.json: the rerun evaluates that step and
-  writes the file (reproduce reads it), with the result of the uninterrupted run."""
+@pytest.mark.parametrize('damage', ['missing', 'torn'])
+def test_killed_after_the_final_save_writes_eval_final(damage, tiny_reproduce, capfd):
+  """A kill between the final checkpoint and eval_final.json (or while writing it): the rerun
+  evaluates that step and writes the file (reproduce reads it), with the result of the
+  uninterrupted run; a torn one is moved aside first, not kept as the run's result."""
   _, root = tiny_reproduce
   workdir = root / 'tiny_a'
   final = json.loads((workdir / 'eval_final.json').read_text())
-  (workdir / 'eval_final.json').unlink()
+  if damage == 'missing':
+    (workdir / 'eval_final.json').unlink()
+  else:
+    (workdir / 'eval_final.json').write_text('{"step": 12, "accura')
   code, out, err = _run_main(_argv(workdir, json.loads(
       (workdir / 'config.json').read_text())['data_dir']), capfd)
   assert code == 0, err
   assert 'nothing to train' in out
   assert json.loads((workdir / 'eval_final.json').read_text()) == final
+  if damage == 'torn':
+    aside, = (workdir / checkpointing.SET_ASIDE_DIR).iterdir()
+    assert (aside / 'eval_final.json').read_text() == '{"step": 12, "accura'
 
 
 def test_reproduce_refuses_another_config_and_a_locked_workdir(tiny_reproduce, monkeypatch,
