@@ -274,7 +274,9 @@ class WorkdirLock:
           raise WorkdirBusyError(refusal) from None
         # The owner is dead: remove its lock and try the exclusive create again, so that of two
         # runs taking over at once only one wins.
-        logging.warning('Taking over %s from dead pid %s.', self.path, self._owner().get('pid'))
+        pid = self._owner().get('pid')
+        logging.warning('Taking over %s from %s.', self.path,
+                        f'dead pid {pid}' if pid else 'a run that left it unreadable')
         with contextlib.suppress(FileNotFoundError):  # another run removed it first
           os.remove(self.path)
         continue

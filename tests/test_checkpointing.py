@@ -181,6 +181,17 @@ def test_one_run_per_workdir(tmp_path):
   assert not (tmp_path / checkpointing.LOCK_FILE).exists()
 
 
+def test_a_torn_lock_is_taken_over_without_a_wrong_pid(tmp_path, caplog):
+  """A lock its owner left unreadable (killed while writing it) is taken over; the line said
+  'from dead pid None'."""
+  (tmp_path / checkpointing.LOCK_FILE).write_text('{"host": "h')
+  lock = checkpointing.WorkdirLock(str(tmp_path))
+  with caplog.at_level(logging.WARNING):
+    lock.acquire()
+  lock.release()
+  assert 'from a run that left it unreadable' in caplog.text and 'None' not in caplog.text
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
