@@ -483,12 +483,12 @@ _RESULT_FILES = ('eval_final.json', 'eval_best.json', 'eval_latest.json')
 
 def _on_process_0(fn):
   """`fn()` on process 0 only (the one that writes the workdir's files), its result there (None
-  elsewhere); a user's error it raises stops every process."""
+  elsewhere); an error it raises stops every process (the others would wait for it forever)."""
   error = result = None
   if jax.process_index() == 0:
     try:
       result = fn()
-    except errors.UserError as e:
+    except Exception as e:  # pylint: disable=broad-except  (raised below, on every process)
       error = e
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
