@@ -157,7 +157,7 @@ def disk_error(error: OSError, path) -> Exception:
 
 class SetAside:
   """`<workdir>/set_aside/<UTC time>/`, made at its first use: where a run moves what it must not
-  keep in place and must not delete (docs/design.md#checkpoints). One per run start, so that what
+  keep in place and must not delete (docs/design.md#set-aside). One per run start, so that what
   one start moved lies together; process 0 only."""
 
   def __init__(self, workdir: str):
