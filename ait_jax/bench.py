@@ -531,6 +531,7 @@ def _check_flags(fv: flags.FlagValues) -> None:
     raise errors.ConfigError(f'--budget_s={fv.budget_s} must be a positive number of seconds.')
   if fv.profile:
     cli.check_output_path('profile', fv.profile, folder=True)
+  cli.check_output_path('dump_hlo', fv.dump_hlo)
 
 
 def _write_json(path: str, result: dict) -> None:

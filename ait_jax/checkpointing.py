@@ -10,6 +10,7 @@ thread stops the run in one sentence. `WorkdirLock` keeps two runs out of one wo
 import contextlib
 import errno
 import importlib.util
+import itertools
 import json
 import logging as py_logging
 import os
@@ -30,6 +31,9 @@ from ait_jax import paths
 
 LOCK_FILE = 'run.lock'
 DAMAGED_DIR = 'damaged_checkpoints'  # where a resumed run moves the checkpoints it skipped
+# Where a run moves what it must neither keep in place nor delete: an earlier run (--restart),
+# and the metrics rows, best checkpoints and results past the step a run continues from.
+SET_ASIDE_DIR = 'set_aside'
 # The exit status of a run stopped by SIGTERM or SIGINT after saving: sysexits.h's EX_TEMPFAIL
 # ("try again later"), which a job script or scheduler can requeue on (README, launch/README.md).
 EXIT_PREEMPTED = 75
@@ -151,6 +155,67 @@ def disk_error(error: OSError, path) -> Exception:
   return OSError(error.errno, error.strerror or str(error), str(path))
 
 
+class SetAside:
+  """`<workdir>/set_aside/<UTC time>/`, made at its first use: where a run moves what it must not
+  keep in place and must not delete (docs/design.md#set-aside). One per run start, so that what
+  one start moved lies together; process 0 only."""
+
+  def __init__(self, workdir: str):
+    self.root = workdir_path(workdir)
+    self.used = None  # the folder, once something was moved into it
+
+  def _folder(self) -> epath.Path:
+    if self.used is None:
+      stamp = time.strftime('%Y-%m-%dT%H%M%SZ', time.gmtime())
+      for n in itertools.count():  # two starts within a second get two folders
+        folder = self.root / SET_ASIDE_DIR / (stamp if n == 0 else f'{stamp}.{n}')
+        try:
+          folder.mkdir(parents=True)
+        except FileExistsError:
+          continue
+        except OSError as e:
+          raise disk_error(e, folder) from None
+        self.used = folder
+        break
+    return self.used
+
+  def move(self, relative: str) -> epath.Path:
+    """Moves `<workdir>/<relative>` (a file or a folder) to the same place in this folder."""
+    target = self._folder() / relative
+    try:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (self.root / relative).rename(target)
+    except OSError as e:
+      raise disk_error(e, target) from None
+    return target
+
+  def keep_copy(self, relative: str, data: bytes) -> epath.Path:
+    """Writes `data` (what `<workdir>/<relative>` held before it is rewritten) into this folder."""
+    target = self._folder() / relative
+    try:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      target.write_bytes(data)
+    except OSError as e:
+      raise disk_error(e, target) from None
+    return target
+
+
+def set_aside_run(workdir: str) -> epath.Path | None:
+  """`--restart` (of `ait_jax.main` and of `reproduce`): moves everything the workdir holds, but
+  its lock and what earlier starts set aside, into a new `set_aside/<UTC time>/`, and says where.
+  Nothing is deleted. The caller holds the workdir's lock."""
+  aside = SetAside(workdir)
+  if not aside.root.is_dir():
+    return None
+  for entry in sorted(aside.root.iterdir()):
+    if entry.name not in (LOCK_FILE, SET_ASIDE_DIR):
+      aside.move(entry.name)
+  if aside.used is not None:
+    print(f'--restart: moved what {workdir} held into {aside.used} (nothing is deleted); '
+          'training afresh.', flush=True)
+  return aside.used
+
+
 def _pid_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
@@ -209,7 +274,9 @@ class WorkdirLock:
           raise WorkdirBusyError(refusal) from None
         # The owner is dead: remove its lock and try the exclusive create again, so that of two
         # runs taking over at once only one wins.
-        logging.warning('Taking over %s from dead pid %s.', self.path, self._owner().get('pid'))
+        pid = self._owner().get('pid')
+        logging.warning('Taking over %s from %s.', self.path,
+                        f'dead pid {pid}' if pid else 'a run that left it unreadable')
         with contextlib.suppress(FileNotFoundError):  # another run removed it first
           os.remove(self.path)
         continue
@@ -432,8 +499,8 @@ class Checkpointer:
     if damaged and which == 'latest':
       raise errors.UserError(
           f'Every checkpoint in {manager.directory} is damaged (steps '
-          f'{", ".join(str(s) for s in damaged)}); move that folder away to start afresh, or '
-          'restore it from a copy.')
+          f'{", ".join(str(s) for s in damaged)}); restore it from a copy, or pass --restart to '
+          'move the run aside (nothing is deleted) and train afresh.')
     return None
 
   def set_aside_skipped(self) -> list[str]:
@@ -451,6 +518,17 @@ class Checkpointer:
     self.latest.reload()
     self.best.reload()
     return moved
+
+  def set_aside_best_after(self, step: int, aside: SetAside) -> list[tuple[int, epath.Path]]:
+    """Moves the best checkpoints of steps after `step` (where a run continues from) into
+    `aside`: a best checkpoint never comes from later than the history it belongs to. Process 0;
+    every process then calls `reload`. Returns (step, new path) of each."""
+    return [(s, aside.move(f'best/{s}')) for s in sorted(self.best.all_steps()) if s > step]
+
+  def reload(self) -> None:
+    """Reads both managers' steps from the disk again (after process 0 moved some)."""
+    self.latest.reload()
+    self.best.reload()
 
   def wait(self) -> None:
     """Waits for the saves in flight; raises CheckpointSaveError if one failed."""

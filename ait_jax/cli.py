@@ -234,6 +234,7 @@ def parse_flags(define_flags: Callable[[flags.FlagValues], None],
   fv = flags.FlagValues()
   fv.append_flag_values(flags.FLAGS)  # shared Flag objects: --verbosity etc. still take effect
   define_flags(fv)
+  argv = paths.expand_home_args(argv)
   given, argv = argv, _resolve_config_args(argv)
   asked = [a.split('=')[0] for a in argv[1:] if a.split('=')[0] in _HELP]
   if asked:
@@ -337,7 +338,11 @@ def load_config(spec: str, overrides: Mapping[str, object] | Iterable[str] = ())
 def check_output_path(flag: str, path: str | None, *, folder: bool = False) -> None:
   """Refuses, before any work, an output path that cannot be written: a folder where a file is
   wanted (or a file where a folder is), a parent that is a file, or one this user cannot write.
-  Nothing is created; gs:// paths are left to their writer."""
+  Nothing is created; gs:// paths are left to their writer. An empty one (`--json=$OUT` with
+  $OUT unset) is refused: it would write nothing, or into the current folder."""
+  if path == '':
+    raise errors.InputError(f'--{flag} is empty (is the shell variable in it set?); pass a path, '
+                            'or leave the flag out.')
   if not path or '://' in str(path):
     return
   path = os.path.abspath(path)

@@ -40,6 +40,9 @@ def define_flags(fv: flags.FlagValues) -> None:
                     flag_values=fv)
   flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
                     'Which checkpoint --mode=eval restores.', flag_values=fv)
+  flags.DEFINE_bool('restart', False,
+                    'Train afresh: first move everything --workdir holds (an earlier run) into '
+                    '<workdir>/set_aside/<UTC time>/; nothing is deleted.', flag_values=fv)
   distributed.define_flags(fv)
 
 
@@ -47,10 +50,13 @@ def main(fv: flags.FlagValues) -> None:
   if fv.config is None:
     cli.fail('Pass --config=configs/<dataset>.py (e.g. configs/triangle.py:quick).')
   cli.require(fv, 'workdir', hint='DIR (checkpoints and metrics are written there)')
+  if fv.restart and fv.mode != 'train':
+    cli.fail('--restart trains afresh, so it goes with --mode=train only; leave it out to '
+             'evaluate the run in --workdir.')
   distributed.maybe_initialize(fv.distributed)
   from ait_jax import train  # pylint: disable=g-import-not-at-top  (after distributed start-up)
   if fv.mode == 'train':
-    result = train.train_and_evaluate(fv.config, fv.workdir)
+    result = train.train_and_evaluate(fv.config, fv.workdir, restart=fv.restart)
     if result['preempted']:  # saved and stopped: a scheduler can requeue on this status
       raise SystemExit(train.checkpointing.EXIT_PREEMPTED)
   else:

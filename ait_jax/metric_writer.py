@@ -1,7 +1,8 @@
 """What the user sees of a run: a progress line, JSON-lines metrics and TensorBoard events.
 
 Only process 0 writes. `metrics.jsonl` holds one JSON object per log or eval step; `read_metrics`
-is the one reader of it, and a resumed writer first trims what a killed run left past its step.
+is the one reader of it, and a resumed writer first moves aside what a killed run left past its
+step (a copy of the file as it was goes into the workdir's set_aside/ folder).
 """
 import json
 import os
@@ -33,6 +34,11 @@ def _parse_lines(data: bytes) -> tuple[list[dict], int]:
     else:
       bad += 1
   return rows, bad
+
+
+def parse_rows(data: bytes) -> list[dict]:
+  """The rows of a metrics.jsonl's bytes, without a word about the lines that are not rows."""
+  return _parse_lines(data)[0]
 
 
 def read_metrics(path) -> list[dict]:
@@ -95,19 +101,21 @@ def _format_eta(seconds: float) -> str:
 class MetricWriter:
   """JSONL + TensorBoard + console, process 0 only.
 
-  `resume_step`: the step the run restored (0 for a fresh start). metrics.jsonl is first trimmed
-  to the rows up to that step, dropping a torn last line and the rows a killed run wrote past its
-  last checkpoint, so that the file stays valid JSON Lines with each step once.
+  `resume_step`: the step the run restored (0 for a fresh start). metrics.jsonl is first cut
+  to the rows up to that step, without a torn last line or the rows a killed run wrote past its
+  last checkpoint, so that the file stays valid JSON Lines with each step once; the file as it
+  was is kept in `aside` (the workdir's set_aside/<time>/ folder of this start) first.
   """
 
-  def __init__(self, workdir: str, resume_step: int | None = None):
+  def __init__(self, workdir: str, resume_step: int | None = None,
+               aside: checkpointing.SetAside | None = None):
     self.active = jax.process_index() == 0
     self.path = epath.Path(workdir) / METRICS_FILE
     # Object stores (gs://) cannot append: there the whole file is rewritten at each write.
     self.remote = '://' in str(workdir)
     self.lines = ''
     if self.active and resume_step is not None:
-      self.lines = self._trim(resume_step)
+      self.lines = self._trim(resume_step, aside or checkpointing.SetAside(workdir))
     elif self.remote and self.path.exists():
       self.lines = self.path.read_text()
     self.tb = None
@@ -115,18 +123,23 @@ class MetricWriter:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self.tb = SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
 
-  def _trim(self, step: int) -> str:
-    """Keeps the rows up to `step`, rewriting the file (atomically) only when something goes."""
+  def _trim(self, step: int, aside: checkpointing.SetAside) -> str:
+    """Keeps the rows up to `step`, rewriting the file (atomically) only when something goes, and
+    then only after a copy of it as it was is in `aside`: nothing a run wrote is dropped."""
     if not self.path.exists():
       return ''
     data = self.path.read_bytes()
     rows, bad = _parse_lines(data)
     kept = [r for r in rows if r['step'] <= step]
     text = ''.join(json.dumps(r) + '\n' for r in kept)
-    if bad or len(kept) < len(rows) or (data and not data.endswith(b'\n')):
+    if bad or len(kept) < len(rows):
+      copy = aside.keep_copy(METRICS_FILE, data)
       write_text_atomic(self.path, text)
-      print(f'Trimmed {self.path} to the {len(kept)} rows up to step {step} (dropped '
-            f'{len(rows) - len(kept)} rows past it and {bad} unreadable line(s)).', flush=True)
+      print(f'Moved {len(rows) - len(kept)} rows of {self.path} past step {step} and {bad} '
+            f'unreadable line(s) aside: the file as it was is kept as {copy}, and it now holds '
+            f'the {len(kept)} rows up to step {step}.', flush=True)
+    elif data and not data.endswith(b'\n'):  # a whole last row without its newline
+      write_text_atomic(self.path, text)
     return text
 
   def write(self, step: int, metrics: dict, prefix: str) -> None:

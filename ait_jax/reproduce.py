@@ -21,7 +21,8 @@ JSON into --out: the small artefacts to commit.
 
 Rerunning it never deletes a run: a finished run's workdir is reused, a partial one resumed, and
 one that belongs to another config, or that a live run holds, is refused before anything trains.
-Only --restart deletes the workdirs of the selected runs (never a locked one) to train afresh.
+--restart moves what the selected runs' workdirs hold (never a locked one) into their
+set_aside/<UTC time>/ folders, to train afresh.
 """
 import json
 import os
@@ -51,9 +52,10 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string('workdir_root', 'workdir/reproduce',
                       'Training workdirs (checkpoints) go here; --out keeps the small files.',
                       flag_values=fv)
-  flags.DEFINE_bool('restart', False, 'Delete the selected runs\' workdirs first and train them '
-                    'afresh (a workdir a live run holds is refused); without it finished runs are '
-                    'reused and partial ones resumed.', flag_values=fv)
+  flags.DEFINE_bool('restart', False, 'Move what the selected runs\' workdirs hold aside (into '
+                    '<workdir>/set_aside/<UTC time>/) and train them afresh (a workdir a live run '
+                    'holds is refused); without it finished runs are reused and partial ones '
+                    'resumed.', flag_values=fv)
 
 SEEDS = (0, 1, 2)
 ALL_TYPES = ('non_relational', 'binary', 'ternary')
@@ -353,7 +355,7 @@ def _finished(workdir: str, total_steps: int) -> bool:
       final = json.load(f)
   except (OSError, ValueError):
     return False
-  return (final.get('step') == total_steps and
+  return (isinstance(final, dict) and final.get('step') == total_steps and
           os.path.isdir(os.path.join(workdir, 'checkpoints', str(total_steps))))
 
 
@@ -373,28 +375,22 @@ def check_workdirs(plans: dict, restart: bool) -> None:
         train.check_resume_config(config, workdir)
       except train.ConfigMismatchError as e:
         raise train.ConfigMismatchError(
-            f'Run {run}: {e} (reproduce reuses its workdirs; --restart deletes and retrains the '
-            'selected runs).') from None
+            f'Run {run}: {e} (reproduce reuses its workdirs; --restart moves the selected runs '
+            'aside and retrains them).') from None
 
 
 def _restart(workdir: str) -> None:
-  """Deletes a run's workdir under its lock, so that a run starting meanwhile is refused."""
+  """Moves a run's workdir aside (`checkpointing.set_aside_run`, as `main --restart` does) under
+  its lock, so that a run starting meanwhile is refused; nothing is deleted."""
   from ait_jax import checkpointing  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
     return
   lock = checkpointing.WorkdirLock(workdir)
   lock.acquire()
   try:
-    for name in os.listdir(workdir):
-      if name != checkpointing.LOCK_FILE:
-        path = os.path.join(workdir, name)
-        if os.path.isdir(path):
-          shutil.rmtree(path)
-        else:
-          os.remove(path)
+    checkpointing.set_aside_run(workdir)
   finally:
     lock.release()
-  print(f'--restart: deleted the contents of {workdir}.', flush=True)
 
 
 def _wall_seconds(workdir: str) -> float:

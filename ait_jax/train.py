@@ -48,6 +48,9 @@ def __getattr__(name: str):
     return input_pipeline.DamagedDataError
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
+class EarlierRunError(errors.UserError):
+  """A fresh start in a workdir that holds an earlier run's history but no checkpoint of it."""
+
 
 CONFIG_FILE = 'config.json'
 # The one list of config fields a resumed run may change; a change is logged and config.json
@@ -303,7 +306,10 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> list
   if not path.exists():
     return []
   try:
-    saved = _flat(json.loads(path.read_text()))
+    saved = json.loads(path.read_text())
+    if not isinstance(saved, dict):  # valid JSON, but not a config: damaged or another file
+      raise ValueError(f'it holds a JSON {type(saved).__name__}, not an object')
+    saved = _flat(saved)
   except (OSError, ValueError) as e:
     raise ConfigMismatchError(
         f'{path} cannot be read ({errors.one_line(e)[:120]}), so this config cannot be checked '
@@ -346,7 +352,8 @@ def _last_good_sentence(ckpt: checkpointing.Checkpointer, workdir: str) -> str:
 
 def check_dataset_files(s: steps.Setup) -> None:
   """Opens the train and test splits and reads their first and last example, so a missing or
-  truncated file fails now, in one sentence, not after compiling.
+  truncated file fails now, in one sentence, not after compiling; split sizes other than the
+  published ones (`datasets.DatasetInfo`) get one warning line.
 
   Damage in the middle of a file is left to the reader, which raises the same sentence when it
   meets it (any split, any time, `input_pipeline.DamagedDataError`): reading every record here
@@ -354,10 +361,21 @@ def check_dataset_files(s: steps.Setup) -> None:
   damaged after the start would still only be found by the reader."""
   from ait_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   c = s.config
+  differ = []
   for split in (s.info.train_split, s.info.test_split):
     source = input_pipeline.ExampleSource(s.info, split, c.data_dir,
                                           tuple(c.question_types) or None)
     source.read([0, len(source) - 1])
+    if len(source) != s.info.num_examples(split):
+      differ.append(f'{split} {len(source):,} examples, not {s.info.num_examples(split):,}')
+  if differ and jax.process_index() == 0:
+    # A folder built from another or a patched archive, or by hand: it trains, but the run's
+    # steps per epoch come from the published sizes, and its accuracy is not the dataset's.
+    print(f'warning: {s.info.name} in {c.data_dir} holds other split sizes than the published '
+          f'ones ({"; ".join(differ)}); steps per epoch count the published '
+          f'{s.info.num_train:,}. If that is not meant, delete its folder and run '
+          f'`{input_pipeline.prepare_command(s.info.name, c.data_dir)}`.', file=sys.stderr,
+          flush=True)
 
 
 def _take_lock(workdir: str) -> checkpointing.WorkdirLock:
@@ -396,21 +414,24 @@ def _write_result(workdir: str, name: str, result: dict) -> None:
           f'printed above and saved as {fallback}.', file=sys.stderr, flush=True)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       restart: bool = False) -> dict:
   """Trains (resuming from the workdir if it holds a checkpoint).
 
   Everything that can be checked is checked before the workdir is touched: the config (also
   against the workdir's config.json, `check_resume_config`), the workdir itself, the dataset
   files and the workdir lock; config.json is rewritten only once the checkpoint (if any)
-  restored. Returns the last eval metrics, the last logged train loss ('train_loss'), the step
-  the run stopped at ('step') and 'preempted': the signal that stopped it after saving, or None
-  (`python -m ait_jax.main` then exits with checkpointing.EXIT_PREEMPTED).
+  restored. `restart`: first move everything the workdir holds aside
+  (`checkpointing.set_aside_run`) and train afresh. Returns the last eval metrics, the last
+  logged train loss ('train_loss'), the step the run stopped at ('step') and 'preempted': the
+  signal that stopped it after saving, or None (`python -m ait_jax.main` then exits with
+  checkpointing.EXIT_PREEMPTED).
   """
   from ait_jax.data import prepare  # pylint: disable=g-import-not-at-top
   checkpointing.check_workdir(workdir)
   trainer = Trainer(config)
   s = trainer.s
-  changes = check_resume_config(s.config, workdir)
+  changes = [] if restart else check_resume_config(s.config, workdir)
   prepare.ensure_prepared(s.info, s.config.data_dir)  # Triangle, Sort-of-CLEVR: one command
   check_dataset_files(s)
   root = checkpointing.workdir_path(workdir)
@@ -420,6 +441,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise checkpointing.disk_error(e, root) from None
   lock = _take_lock(workdir)
   try:
+    if restart:
+      _on_process_0(lambda: checkpointing.set_aside_run(workdir))
     return _train(trainer, workdir, changes)
   finally:
     lock.release()
@@ -433,12 +456,18 @@ def _train(trainer: 'Trainer', workdir: str, changes: list[str] = ()) -> dict:
     restored = ckpt.restore(trainer.abstract_with_shardings())
     moved = ckpt.set_aside_skipped() if ckpt.skipped else []
     start = 0 if restored is None else int(restored[0])
+    aside = checkpointing.SetAside(workdir)  # what this start moves aside lies together
+    notes = _on_process_0(lambda: _set_aside_past(
+        s, workdir, ckpt, start, fresh=restored is None, changes=changes, aside=aside))
+    ckpt.reload()
     _save_config(c, workdir)  # accepted: the checkpoint restored and the config matches
-    writer = metric_writer.MetricWriter(workdir, resume_step=start)
+    writer = metric_writer.MetricWriter(workdir, resume_step=start, aside=aside)
     for (_, step, reason), path in zip(ckpt.skipped, moved or [None] * len(ckpt.skipped)):
       writer.log_text(f'Skipped the damaged checkpoint of step {step} ({reason}); kept it as '
                       f'{path}.')
-    if changes:
+    for note in notes or ():
+      writer.log_text(note)
+    if changes and restored is not None:
       writer.log_text(f'Resuming with a changed config ({"; ".join(changes)}); '
                       f'{checkpointing.workdir_path(workdir) / CONFIG_FILE} records it.')
     if restored is None:
@@ -500,6 +529,86 @@ def closing_line(workdir: str, s: steps.Setup, result: dict,
                f'python -m ait_jax.visualize --workdir={workdir} '
                f'--out={str(workdir).rstrip("/")}/figures')
   return '; '.join(parts) + '.'
+
+
+_RESULT_FILES = ('eval_final.json', 'eval_best.json', 'eval_latest.json')
+
+
+def _on_process_0(fn):
+  """`fn()` on process 0 only (the one that writes the workdir's files), its result there (None
+  elsewhere); an error it raises stops every process (the others would wait for it forever)."""
+  error = result = None
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except Exception as e:  # pylint: disable=broad-except  (raised below, on every process)
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    refused = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if refused and error is None:
+      error = errors.UserError('Process 0 stopped at start-up (its error line says why).')
+  if error is not None:
+    raise error
+  return result
+
+
+def _result_step(path) -> int | None:
+  try:
+    step = json.loads(path.read_text()).get('step')
+  except (OSError, ValueError, AttributeError):
+    return None
+  return step if isinstance(step, int) else None
+
+
+def _set_aside_past(s: steps.Setup, workdir: str, ckpt: checkpointing.Checkpointer, start: int,
+                    *, fresh: bool, changes: list[str], aside: checkpointing.SetAside
+                    ) -> list[str]:
+  """Makes the workdir's history end at `start`, the step this run continues from, before
+  anything is written; returns the lines that say what moved where.
+
+  - A fresh start (no checkpoint to restore) in a workdir that holds more of an earlier run than
+    a run killed before its first save was on disk leaves (a best checkpoint past that save,
+    metrics past the second save, which waits for the first: saves run in the background; a
+    result file) is refused: that run's checkpoints are gone (removed, lost), and training here
+    would mix two runs. `--restart` moves such a run aside first.
+  - The best checkpoints and results (eval_*.json) of steps after `start` are moved aside: a
+    best checkpoint never comes from later than the history this run continues. (The metrics
+    rows after `start` go too, by the MetricWriter, into the same folder.)
+  - On a fresh start, a config.json of another config is moved aside (a resume records the
+    change instead).
+  """
+  root = checkpointing.workdir_path(workdir)
+  metrics = root / metric_writer.METRICS_FILE
+  rows = metric_writer.parse_rows(metrics.read_bytes()) if metrics.exists() else []
+  best = sorted(ckpt.best.all_steps())
+  results = {name: _result_step(root / name) for name in _RESULT_FILES if (root / name).exists()}
+  if fresh:
+    every = (s.config.checkpoint_every_steps, s.eval_every)
+    first = min(*every, s.total_steps)
+    second = min([s.total_steps] + [(first // e + 1) * e for e in every])
+    last_row = max((r['step'] for r in rows), default=0)
+    if last_row > second or any(b > first for b in best) or results:
+      held = ([f'metrics up to step {last_row}'] if rows else []) + [
+          f'the best checkpoint of step {b}' for b in best] + list(results)
+      raise EarlierRunError(
+          f'{workdir} holds an earlier run ({", ".join(held)}) but no checkpoint to resume '
+          f'it from in {root / "checkpoints"}; pass --restart to move that run aside (into '
+          f'{root / checkpointing.SET_ASIDE_DIR}/, nothing is deleted) and train afresh, or '
+          'pass another --workdir.')
+  moved = [f'the best checkpoint of step {b}' for b, _ in ckpt.set_aside_best_after(start, aside)]
+  for name, step in results.items():
+    if step is None or step > start:
+      aside.move(name)
+      moved.append(name if step is None else f'{name} (step {step})')
+  if fresh and changes and (root / CONFIG_FILE).exists():
+    aside.move(CONFIG_FILE)
+    moved.append(f'{CONFIG_FILE} of another config ({"; ".join(changes)})')
+  if not moved:
+    return []
+  why = ('this run starts afresh' if fresh else
+         f'they are past step {start}, where this run resumes')
+  return [f'Moved {", ".join(moved)} into {aside.used}: {why}.']
 
 
 def _without(d: dict, *keys) -> dict:

@@ -73,8 +73,10 @@ def load_config(workdir: str, config: ml_collections.ConfigDict | None = None
   try:
     with open(path) as f:
       saved = json.load(f)
+    if not isinstance(saved, dict):  # valid JSON, but not a config
+      raise ValueError(f'it holds a JSON {type(saved).__name__}, not an object')
   except ValueError as e:  # a damaged file raises deep inside json
-    raise errors.InputError(f'{path} is not valid JSON ({e}); pass --config=configs/<dataset>.py '
+    raise errors.InputError(f'{path} is not a config ({e}); pass --config=configs/<dataset>.py '
                             'instead.') from None
   # A run saved before a field of base_config existed (device_data, steps_per_call, ...) ran
   # with that field's default: the library reads every such field as an attribute.

@@ -6,19 +6,50 @@ import pathlib
 import shutil
 import tempfile
 
+# The user's own XLA_FLAGS (GPU hosts and NVIDIA's JAX containers set some as a matter of course):
+# the tests add theirs to these, in this process and in every command they run. A process the
+# tests started (a pytest-xdist worker, a command that imports this file) inherits them in
+# _USER_XLA_FLAGS_VAR, and its XLA_FLAGS (e.g. 1 device) are already the tests' own.
+_USER_XLA_FLAGS_VAR = 'AIT_JAX_TESTS_USER_XLA_FLAGS'
+STARTED_BY_THE_TESTS = _USER_XLA_FLAGS_VAR in os.environ
+USER_XLA_FLAGS = os.environ.get(_USER_XLA_FLAGS_VAR if STARTED_BY_THE_TESTS else 'XLA_FLAGS', '')
+
+
+def _flag_name(flag: str) -> str:
+  return flag.split('=', 1)[0].lstrip('-')
+
+
+def _test_xla_flags(devices: int) -> list[str]:
+  """Tests check numbers, not speed: XLA's backend optimisations roughly double compile time on
+  CPU for no gain here (compiling dominates these tiny steps), and its fusion emitters double it
+  again (3.0 against 1.5 s for a tiny model's forward and gradient), so both are off in tests and
+  in the commands tests run."""
+  return [f'--xla_force_host_platform_device_count={devices}',
+          '--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true',
+          '--xla_cpu_use_fusion_emitters=false']
 
 
 def xla_flags(devices: int) -> str:
-  """XLA_FLAGS for `devices` virtual CPU devices. Tests check numbers, not speed: XLA's backend
-  optimisations roughly double compile time on CPU for no gain here (compiling dominates these tiny
-  steps), and its fusion emitters double it again (3.0 against 1.5 s for a tiny model's forward
-  and gradient), so both are off in tests and in the commands tests run."""
-  return (f'--xla_force_host_platform_device_count={devices} '
-          '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true '
-          '--xla_cpu_use_fusion_emitters=false')
+  """XLA_FLAGS for `devices` virtual CPU devices: the user's XLA_FLAGS with the tests' flags
+  added (a user flag that the tests set too gives way to the tests' value:
+  `xla_flag_conflicts` names it, and a warning says so)."""
+  ours = _test_xla_flags(devices)
+  names = {_flag_name(f) for f in ours}
+  return ' '.join([f for f in USER_XLA_FLAGS.split() if _flag_name(f) not in names] + ours)
 
 
-os.environ.setdefault('XLA_FLAGS', xla_flags(8))
+def xla_flag_conflicts(devices: int = 8) -> list[str]:
+  """The user's XLA flags that the tests replace with another value."""
+  ours = {_flag_name(f): f for f in _test_xla_flags(devices)}
+  return [f'{f} (the tests use {ours[_flag_name(f)]})' for f in USER_XLA_FLAGS.split()
+          if _flag_name(f) in ours and f != ours[_flag_name(f)]]
+
+
+if STARTED_BY_THE_TESTS:
+  os.environ.setdefault('XLA_FLAGS', xla_flags(8))
+else:
+  os.environ[_USER_XLA_FLAGS_VAR] = USER_XLA_FLAGS
+  os.environ['XLA_FLAGS'] = xla_flags(8)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # Tests run on the CPU. With libtpu installed (the tpu extra, for tests/test_compile.py) JAX
 # would otherwise start it in every test process, where it warns on stderr and holds its lock file.
@@ -33,6 +64,17 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def pytest_configure(config):
+  """Says once, in pytest's warnings summary, which of the user's XLA flags the tests replace
+  (e.g. --xla_force_host_platform_device_count: the tests need 8 devices)."""
+  conflicts = xla_flag_conflicts()
+  if conflicts and not STARTED_BY_THE_TESTS:
+    config.issue_config_time_warning(pytest.PytestConfigWarning(
+        f'XLA_FLAGS: the tests add their own flags to yours and replace {", ".join(conflicts)}.'),
+        stacklevel=2)
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -140,6 +140,24 @@ MAIN_ROWS = {
 }
 
 
+@pytest.mark.parametrize('text', ['[1, 2]', '"lr"', '{"lr": 0.1'])
+def test_a_config_json_that_is_no_config_is_one_sentence(text, generated_data_dir, tmp_path,
+                                                         capsys):
+  """A workdir's config.json that is valid JSON but no object (or not JSON) once ended in
+  `AttributeError: 'list' object has no attribute 'items'`; main and visualize name the file."""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'config.json').write_text(text)
+  (workdir / 'metrics.jsonl').write_text('{"step": 1, "split": "train", "loss": 1.0}\n')
+  code, err = _run_in_process(main_cmd, QUICK + [f'--workdir={workdir}',
+                                                 f'--config.data_dir={generated_data_dir}'], capsys)
+  _assert_one_error_line(code, err, f'{workdir / "config.json"} cannot be read')
+  code, err = _run_in_process(visualize, [f'--workdir={workdir}', f'--out={tmp_path / "f"}'],
+                              capsys)
+  _assert_one_error_line(code, err, f'{workdir / "config.json"} is not a config')
+  assert (workdir / 'config.json').read_text() == text
+
+
 @pytest.mark.parametrize('row', sorted(MAIN_ROWS))
 def test_main_user_errors(row, generated_data_dir, tmp_path, capsys):
   argv, expected = MAIN_ROWS[row]
@@ -274,6 +292,11 @@ OTHER_ROWS = {
     'bench --json inside a file': (bench, ['--json={f}/out.json'], 'which is a file'),
     'reproduce workdir_root is a file': (reproduce, ['--out={o}', '--workdir_root={f}'],
                                          'is a file; pass a folder'),
+    # A blank path (an unset shell variable) trained reproduce's runs into the current folder.
+    'reproduce workdir_root is empty': (reproduce, ['--out={o}', '--workdir_root='],
+                                        '--workdir_root is empty'),
+    'reproduce data_dir is empty': (reproduce, ['--out={o}', '--data_dir='],
+                                    '--data_dir is empty'),
 }
 
 
@@ -360,7 +383,8 @@ def test_eval_batch_larger_than_the_split_is_cut_to_it(generated_data_dir):
 
 
 def test_bench_checks_its_paths_before_benchmarking(tmp_path, capsys, monkeypatch):
-  """A --json that cannot be written is refused before anything is compiled or timed."""
+  """A --json (or --dump_hlo) that cannot be written is refused before anything is compiled or
+  timed."""
   def never(*args, **kwargs):
     raise AssertionError('benchmarked before checking --json')
 
@@ -369,6 +393,9 @@ def test_bench_checks_its_paths_before_benchmarking(tmp_path, capsys, monkeypatc
   for flags in ([], ['--collectives']):
     code, err = _run_in_process(bench, [f'--json={tmp_path}'] + flags, capsys)
     _assert_one_error_line(code, err, f'--json={tmp_path} is a folder; pass a file name')
+  for flag in ('json', 'dump_hlo'):  # blank (an unset shell variable): it wrote nothing, exit 0
+    code, err = _run_in_process(bench, [f'--{flag}='], capsys)
+    _assert_one_error_line(code, err, f'--{flag} is empty (is the shell variable in it set?)')
 
 
 def test_full_disk_at_start_up_names_the_lock(generated_data_dir, tmp_path, capsys, monkeypatch):
@@ -415,3 +442,57 @@ def test_real_command_path(argv, expected, tmp_path):
                        timeout=limit())
   _assert_one_error_line(out.returncode, out.stderr, expected)
   assert not workdir.exists()
+
+
+_PATH_FLAGS = [('main', 'workdir'), ('prepare', 'data_dir'), ('compile', 'json'),
+               ('bench', 'json'), ('bench', 'dump_hlo'), ('visualize', 'workdir'),
+               ('visualize', 'out'), ('reproduce', 'out'), ('reproduce', 'data_dir'),
+               ('reproduce', 'workdir_root'), ('show', 'out'), ('show', 'data_dir'),
+               ('benchmark', 'data_dir'), ('convert', 'reference'), ('convert', 'workdir')]
+
+
+@pytest.mark.parametrize('command,flag', _PATH_FLAGS)
+def test_a_flag_s_tilde_is_the_home_folder(command, flag, tmp_path, monkeypatch):
+  """bash leaves `~` in `--flag=~/x` as it is; every command expands it as the shell would, so
+  that no folder named `~` appears in the current folder while TFDS, which expands it itself,
+  writes into the home folder."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(
+      f'ait_jax.{"data." if command in ("prepare", "show", "benchmark") else ""}{command}')
+  monkeypatch.setenv('HOME', str(tmp_path))
+  fv = cli.parse_flags(module.define_flags, [command, f'--{flag}=~/x'])
+  assert fv[flag].value == str(tmp_path / 'x')
+
+
+def test_tilde_in_config_fields_and_prepare_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+  home, cwd = tmp_path / 'home', tmp_path / 'cwd'
+  home.mkdir()
+  cwd.mkdir()
+  monkeypatch.setenv('HOME', str(home))
+  monkeypatch.chdir(cwd)
+  fv = cli.parse_flags(main_cmd.define_flags, ['main', '--config=triangle:quick',
+                                               '--config.data_dir=~/tdata', '--workdir=~'])
+  assert (fv.config.data_dir, fv.workdir) == (str(home / 'tdata'), str(home))
+  code, err = _run_in_process(prepare, ['--dataset=triangle/small', '--data_dir=~/tdata'], capsys)
+  assert code == 0, err
+  assert (home / 'tdata' / 'triangle' / 'small').is_dir()
+  assert list(cwd.iterdir()) == []  # no folder named ~
+  assert not list(home.rglob('.incomplete*'))  # TFDS's scratch went with ours
+
+
+def test_split_sizes_other_than_the_published_ones_get_one_line(generated_data_dir, capfd):
+  """A dataset folder with far fewer records than the published split (e.g. built from a
+  patched archive) trains, but says so at start-up, in one line."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  config = cli.load_config(str(ROOT / 'configs/triangle.py:quick'),
+                           QUICK[1:] + [f'--config.data_dir={generated_data_dir}'])
+  s = validation.validate(config)
+  train.check_dataset_files(s)
+  assert capfd.readouterr().err == ''  # the sizes it knows
+  published = dataclasses.replace(s.info, num_train=50_000, num_test=200)
+  train.check_dataset_files(dataclasses.replace(s, info=published))
+  err = capfd.readouterr().err
+  assert err.count('\n') == 1 and err.startswith(
+      f'warning: triangle/small in {generated_data_dir} holds other split sizes than the '
+      'published ones (train 512 examples, not 50,000); steps per epoch count the published '
+      '50,000.'), err

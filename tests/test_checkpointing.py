@@ -101,6 +101,27 @@ def test_every_checkpoint_damaged_is_one_sentence(three_saves, tmp_path):
   ckpt.close()
 
 
+def test_set_aside_moves_and_never_deletes(tmp_path, monkeypatch):
+  """--restart's set_aside_run moves everything but the lock and what earlier starts set aside;
+  two starts within one second get two folders (the second would otherwise overwrite the
+  first's copies)."""
+  monkeypatch.setattr(time, 'gmtime', lambda *_: time.struct_time((2026, 1, 2, 3, 4, 5, 0, 2, 0)))
+  workdir = tmp_path / 'run'
+  assert checkpointing.set_aside_run(str(workdir)) is None  # nothing there: nothing made
+  for name in ('metrics.jsonl', 'best/7/x', checkpointing.LOCK_FILE):
+    (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+    (workdir / name).write_text(name)
+  first = checkpointing.set_aside_run(str(workdir))
+  assert first == workdir / checkpointing.SET_ASIDE_DIR / '2026-01-02T030405Z'
+  assert sorted(p.name for p in workdir.iterdir()) == [checkpointing.LOCK_FILE,
+                                                        checkpointing.SET_ASIDE_DIR]
+  assert (first / 'best/7/x').read_text() == 'best/7/x'
+  (workdir / 'metrics.jsonl').write_text('second')
+  copy = checkpointing.SetAside(str(workdir)).keep_copy('metrics.jsonl', b'copy')
+  assert copy == first.with_name(f'{first.name}.1') / 'metrics.jsonl'
+  assert (first / 'metrics.jsonl').read_text() == 'metrics.jsonl'
+
+
 def test_non_finite_state_is_never_saved(generated_data_dir, tmp_path):
   # lr=1e30: step 1's update is huge but finite; step 2 overflows. A checkpoint every step.
   config = quick_config(generated_data_dir, total_steps=6, log_every_steps=3,
@@ -158,6 +179,17 @@ def test_one_run_per_workdir(tmp_path):
   assert owner['pid'] == os.getpid() and owner['host'] == socket.gethostname()
   lock.release()
   assert not (tmp_path / checkpointing.LOCK_FILE).exists()
+
+
+def test_a_torn_lock_is_taken_over_without_a_wrong_pid(tmp_path, caplog):
+  """A lock its owner left unreadable (killed while writing it) is taken over; the line said
+  'from dead pid None'."""
+  (tmp_path / checkpointing.LOCK_FILE).write_text('{"host": "h')
+  lock = checkpointing.WorkdirLock(str(tmp_path))
+  with caplog.at_level(logging.WARNING):
+    lock.acquire()
+  lock.release()
+  assert 'from a run that left it unreadable' in caplog.text and 'None' not in caplog.text
 
 
 def _free_port():

@@ -427,20 +427,90 @@ def test_data_damaged_mid_run_is_the_start_up_sentence(split, generated_data_dir
 # ---------------------------------------------------------------------------------------------
 # metrics.jsonl: torn lines and rows past the checkpoint; one reader for all.
 
-def test_resume_trims_torn_line_and_rows_past_the_checkpoint(saved_run, generated_data_dir,
-                                                             tmp_path, capfd):
-  """What kill -9 after step 5's row leaves: a row past the checkpoint of step 4 and a torn last
-  line. The resume drops them, and every step then appears once and parses."""
+def test_resume_moves_aside_what_lies_past_its_checkpoint(saved_run, generated_data_dir,
+                                                         tmp_path, capfd):
+  """What kill -9 leaves when the best checkpoint of step 4 was committed and the latest was not,
+  after step 5's row: rows (steps 3 to 5, and the evaluations of step 4) and a best checkpoint
+  past the checkpoint of step 2, and a torn last line. The resume moves them aside, with a copy
+  of metrics.jsonl as it was and the line saying where; every step then appears once and
+  parses, and the best checkpoint is this run's."""
   _, workdir = _copy_run(saved_run, tmp_path)
+  shutil.rmtree(workdir / 'checkpoints' / '4')
+  best = _files(workdir / 'best' / '4')
   metrics = workdir / metric_writer.METRICS_FILE
   with open(metrics, 'ab') as f:
     f.write(b'{"step": 5, "split": "train", "loss": 9.0}\n{"step": 6, "split": "train", "lo')
+  before = metrics.read_bytes()
   code, out, err = _run_main(_argv(workdir, generated_data_dir), capfd)
   assert code == 0 and 'Traceback' not in err, err
-  assert 'Trimmed' in out and 'dropped 1 rows past it and 1 unreadable line' in out, out
+  aside, = (workdir / checkpointing.SET_ASIDE_DIR).iterdir()
+  assert (f'Moved 5 rows of {metrics} past step 2 and 1 unreadable line(s) aside: the file as '
+          f'it was is kept as {aside / metric_writer.METRICS_FILE}') in out, out
+  assert (aside / metric_writer.METRICS_FILE).read_bytes() == before
+  assert (f'Moved the best checkpoint of step 4 into {aside}: they are past step 2, where this '
+          'run resumes') in out, out
+  assert _files(aside / 'best' / '4') == best
   rows = [json.loads(l) for l in metrics.read_text().splitlines()]  # every line parses
   assert [r['step'] for r in rows if r['split'] == 'train'] == list(range(1, 13))
   assert [r for r in rows if r['step'] == 5][0]['loss'] != 9.0
+  evals = {r['step']: r['accuracy'] for r in rows if r['split'] == 'eval'}
+  ckpt = checkpointing.Checkpointer(str(workdir))
+  try:
+    assert ckpt.best.best_step() == max(evals, key=lambda s: (evals[s], -s))
+  finally:
+    ckpt.close()
+
+
+def test_fresh_start_over_an_earlier_run_is_refused_until_restart(saved_run, generated_data_dir,
+                                                                  tmp_path, capfd):
+  """checkpoints/ removed (by hand, or lost), then the command again with another lr: a fresh
+  start there would drop that run's metrics and keep its best checkpoint as this run's. It is
+  refused in one sentence, touching nothing; with --restart the earlier run is moved aside,
+  byte for byte, and the new run's best checkpoint and metrics are its own."""
+  _, workdir = _copy_run(saved_run, tmp_path)
+  shutil.rmtree(workdir / 'checkpoints')
+  before = _files(workdir)
+  argv = _argv(workdir, generated_data_dir) + ['--config.lr=1e-6']
+  code, out, err = _run_main(argv, capfd)
+  _assert_one_error(code, err, f'{workdir} holds an earlier run (metrics up to step 4, the best '
+                    'checkpoint of step 4) but no checkpoint to resume it from', '--restart')
+  assert 'Resuming' not in out
+  assert _files(workdir) == before
+  code, out, err = _run_main(argv + ['--restart'], capfd)
+  assert code == 0 and 'Traceback' not in err, err
+  aside, = (workdir / checkpointing.SET_ASIDE_DIR).iterdir()
+  assert f'--restart: moved what {workdir} held into {aside}' in out, out
+  assert 'Resuming' not in out
+  assert _files(aside) == before
+  rows = [json.loads(l) for l in (workdir / metric_writer.METRICS_FILE).read_text().splitlines()]
+  assert [r['step'] for r in rows if r['split'] == 'train'] == list(range(1, 13))
+  evals = {r['step']: r['accuracy'] for r in rows if r['split'] == 'eval'}
+  ckpt = checkpointing.Checkpointer(str(workdir))
+  try:
+    assert ckpt.best.all_steps() == [max(evals, key=lambda s: (evals[s], -s))]
+  finally:
+    ckpt.close()
+
+
+def test_fresh_start_after_a_run_killed_before_its_first_save(generated_data_dir, tmp_path,
+                                                             capfd):
+  """A run killed at step 1, before its first checkpoint (step 2), then the command again with
+  another lr: it starts afresh without --restart, but nothing is dropped: the metrics row and the
+  other config.json are moved aside, and no line speaks of resuming."""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / metric_writer.METRICS_FILE).write_text(
+      '{"step": 1, "split": "train", "loss": 9.0}\n')
+  config = _config(generated_data_dir)
+  (workdir / train.CONFIG_FILE).write_text(config.to_json())
+  code, out, err = _run_main(_argv(workdir, generated_data_dir) + ['--config.lr=1e-6'], capfd)
+  assert code == 0 and 'Traceback' not in err, err
+  aside, = (workdir / checkpointing.SET_ASIDE_DIR).iterdir()
+  assert 'Resuming' not in out, out
+  assert f'Moved config.json of another config (lr 0.001 -> 1e-06) into {aside}' in out, out
+  assert json.loads((aside / train.CONFIG_FILE).read_text())['lr'] == config.lr
+  assert '"loss": 9.0' in (aside / metric_writer.METRICS_FILE).read_text()
+  assert json.loads((workdir / train.CONFIG_FILE).read_text())['lr'] == 1e-6
 
 
 def test_every_reader_skips_what_it_cannot_parse(saved_run, tmp_path, capfd):
@@ -568,18 +638,26 @@ def test_reproduce_resumes_a_partial_run(tiny_reproduce, capfd):
   assert _summary(argv) == summary
 
 
-def test_killed_after_the_final_save_writes_eval_final(tiny_reproduce, capfd):
-  """A kill between the final checkpoint and eval_final.json: the rerun evaluates that step and
-  writes the file (reproduce reads it), with the result of the uninterrupted run."""
+@pytest.mark.parametrize('damage', ['missing', 'torn'])
+def test_killed_after_the_final_save_writes_eval_final(damage, tiny_reproduce, capfd):
+  """A kill between the final checkpoint and eval_final.json (or while writing it): the rerun
+  evaluates that step and writes the file (reproduce reads it), with the result of the
+  uninterrupted run; a torn one is moved aside first, not kept as the run's result."""
   _, root = tiny_reproduce
   workdir = root / 'tiny_a'
   final = json.loads((workdir / 'eval_final.json').read_text())
-  (workdir / 'eval_final.json').unlink()
+  if damage == 'missing':
+    (workdir / 'eval_final.json').unlink()
+  else:
+    (workdir / 'eval_final.json').write_text('{"step": 12, "accura')
   code, out, err = _run_main(_argv(workdir, json.loads(
       (workdir / 'config.json').read_text())['data_dir']), capfd)
   assert code == 0, err
   assert 'nothing to train' in out
   assert json.loads((workdir / 'eval_final.json').read_text()) == final
+  if damage == 'torn':
+    aside, = (workdir / checkpointing.SET_ASIDE_DIR).iterdir()
+    assert (aside / 'eval_final.json').read_text() == '{"step": 12, "accura'
 
 
 def test_reproduce_refuses_another_config_and_a_locked_workdir(tiny_reproduce, monkeypatch,
@@ -610,16 +688,47 @@ def test_reproduce_refuses_another_config_and_a_locked_workdir(tiny_reproduce, m
     holder.wait()
 
 
-def test_reproduce_restart_deletes_and_retrains(tiny_reproduce, capfd):
+def test_reproduce_restart_moves_aside_and_retrains(tiny_reproduce, capfd):
+  """--restart moves what the workdir held into its set_aside/ folder, the way `main --restart`
+  does (checkpointing.set_aside_run), and retrains: nothing is deleted."""
   argv, root = tiny_reproduce
   marker = root / 'tiny_a' / 'note.txt'
   marker.write_text('from the earlier run')
+  before = _files(root / 'tiny_a')
   summary = _summary(argv)
   code, out, err = _run(reproduce, argv + ['--restart', '--only=tiny_a'], capfd)
   assert code == 0, err
-  assert f'--restart: deleted the contents of {root / "tiny_a"}' in out
+  aside, = (root / 'tiny_a' / checkpointing.SET_ASIDE_DIR).iterdir()
+  assert f'--restart: moved what {root / "tiny_a"} held into {aside}' in out, out
+  assert _files(aside) == before  # every file of the earlier run, byte for byte
   assert not marker.exists() and 'reusing' not in out
   assert _summary(argv)['tiny_a'] == summary['tiny_a']  # retrained from scratch, same result
+
+
+# ---------------------------------------------------------------------------------------------
+# The tests under a user's XLA_FLAGS.
+
+_SHOW_TEST_SETUP = (
+    'import os, sys, warnings; sys.path.insert(0, "tests"); import conftest, jax; '
+    'print(jax.device_count(), conftest.xla_flags(1), conftest.xla_flag_conflicts(), sep="|")')
+
+
+@pytest.mark.parametrize('user_flags', ['--xla_cpu_enable_fast_math=false', '',
+                                        '--xla_force_host_platform_device_count=2'])
+def test_the_tests_add_their_xla_flags_to_the_user_s(user_flags):
+  """GPU hosts and NVIDIA's JAX containers set XLA_FLAGS: the tests keep the user's flags, add
+  their own (8 devices here, and in the commands they run), and name a user flag they replace."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('PYTEST_XDIST_WORKER', 'AIT_JAX_TESTS_USER_XLA_FLAGS')}  # as a user's
+  env['XLA_FLAGS'] = user_flags
+  out = subprocess.run([sys.executable, '-c', _SHOW_TEST_SETUP], cwd=ROOT, env=env, text=True,
+                       capture_output=True, timeout=limit(120))
+  devices, one_device_flags, conflicts = out.stdout.strip().split('|')
+  assert devices == '8', out.stderr
+  assert '--xla_force_host_platform_device_count=1' in one_device_flags
+  if user_flags.startswith('--xla_cpu'):
+    assert one_device_flags.startswith(user_flags)
+  assert ('device_count=2' in conflicts) == ('device_count=2' in user_flags)
 
 
 # ---------------------------------------------------------------------------------------------
