@@ -358,6 +358,7 @@ def test_a_signal_ends_a_compile_at_once_in_one_line(signum, status, tmp_path):
   try:
     line = proc.stdout.readline()  # printed as the train step's compile starts
     assert line.startswith('compiling the train step'), line + proc.stderr.read()
+    time.sleep(3)  # into XLA's compile (about 10 s of C++ on an idle host), past the tracing
     proc.send_signal(signum)
     t0 = time.monotonic()
     _, err = proc.communicate(timeout=limit(60))
