@@ -370,3 +370,16 @@ def test_a_signal_ends_a_compile_at_once_in_one_line(signum, status, tmp_path):
   assert err == (f'error: interrupted by {name} while compiling the train step for v5e-4; '
                  'stopped, nothing more written.\n'), err
   assert 'KeyboardInterrupt' not in err and list(tmp_path.iterdir()) == []
+
+
+def test_gpu_sh_compile_runs_here(tmp_path):
+  """`launch/gpu.sh compile` is `python -m ait_jax.compile` for the GPU named, from the checkout."""
+  gpu_sh = ROOT / 'launch' / 'gpu.sh'
+  out = subprocess.run([gpu_sh, 'compile', '--dry-run', '--gpu', 'h200', '--config',
+                        'configs/cifar100.py:model=base', '--', '--config.batch_size=256'],
+                       cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+  assert out.splitlines() == ['python -m ait_jax.compile --config=configs/cifar100.py:model=base '
+                              '--topology=h200 --config.batch_size=256']
+  out = subprocess.run([gpu_sh, 'compile', '--dry-run', '--config', 'configs/c.py'],
+                       cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+  assert out.strip().endswith('--topology=h100x8')  # the default: one host of 8 H100s
