@@ -726,11 +726,27 @@ def _config_cell(r: dict) -> str:
   return ' '.join([f"`{r['config_spec']}`"] + [f'`{o}`' for o in overrides])
 
 
+def linear_bound(report: dict, capacity: int) -> int | None:
+  """The largest power-of-two per-chip batch that fits if the memory plan is affine in the batch,
+  from the one compile: what the plan holds beyond the train state, spread over its images as if
+  all of it grew with them. The part that does not (gradients, the optimizer's temporaries) makes
+  this a lower bound of what a search would find. None when it cannot say."""
+  state, needed, b = report['state_bytes_per_chip'], report['needed_bytes'], report['per_chip_batch']
+  if needed is None or needed <= state or capacity <= state:
+    return None
+  images = (capacity - state) * b // (needed - state)
+  return 2 ** int(math.log2(images)) if images >= 1 else None
+
+
 def _gpu_row(r: dict) -> tuple:
   t = r['train']
   c, k = t['collectives'], t.get('kernels')
   grads = c and c['by_scope'].get('parameter gradients')
   best, searched = _search_cells(t)
+  if 'search' not in t:  # not searched: the bound from the one compile, marked
+    bound = linear_bound(t, r['hbm_capacity_bytes'])
+    best = '-' if bound is None else f'≥ {bound} (linear)'
+
   return (_config_cell(r), _model_label(r['model']), r['model']['dtype'], r['slice'],
           t['global_batch'], t['per_chip_batch'], _size(t['needed_bytes']),
           ('yes' if t['fits'] else 'no') + f" ({_size(t.get('margin_bytes'))} left)",

@@ -214,6 +214,15 @@ def test_a_config_that_cannot_fit_a_gpu_says_so_in_one_sentence(tmp_path):
   assert evaluation['oom'] is None and evaluation['search']['trials'] == []
 
 
+def test_linear_bound_of_the_largest_batch():
+  report = {'state_bytes_per_chip': 1 * GIB, 'needed_bytes': 3 * GIB, 'per_chip_batch': 512}
+  # 59 GiB left for images at 2 GiB per 512 of them: 15,104 images, 8,192 as a power of two
+  assert tpu_compile.linear_bound(report, 60 * GIB) == 8192
+  assert tpu_compile.linear_bound(report, 2 * GIB) == 256
+  assert tpu_compile.linear_bound(report, GIB) is None  # the state alone fills it
+  assert tpu_compile.linear_bound(dict(report, needed_bytes=None), 60 * GIB) is None
+
+
 def test_every_gpu_name_gives_its_gpus_and_hosts():
   assert {n: (t.count, t.hosts, t.topology) for n, t in gpus.TARGETS.items()
           if n.startswith('h100')} == {
