@@ -829,6 +829,20 @@ def _selection(config, mesh) -> str | None:
   return workspace.resolve_selection(c.selection, groups, 0, 1, mesh)
 
 
+@contextlib.contextmanager
+def _no_compilation_cache():
+  """JAX's persistent compilation cache off (a user's JAX_COMPILATION_CACHE_DIR, the tests' one):
+  a compile-only executable cannot be loaded back from it, and JAX warns on stderr each time it
+  tries (seen with the cache the test suite sets)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  saved = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_enable_compilation_cache', saved)
+
+
 def _write_json(path: str, result: dict) -> None:
   """The report, whole or not at all (a signal may end the process at any moment)."""
   tmp = f'{path}.tmp{os.getpid()}'
@@ -857,7 +871,7 @@ def main(fv: flags.FlagValues) -> dict | None:
   if fv.json:
     cli.check_output_path('json', fv.json)
   now = {'what': f'starting the compiler for {fv.topology}'}
-  with exit_on_signals(lambda: now['what']):
+  with exit_on_signals(lambda: now['what']), _no_compilation_cache():
     result = _compile_all(fv, spec, config, now)
   kind = result['device_kind']
   sentences = [does_not_fit_sentence(s, result[s], spec, kind) for s in ('train', 'eval')
