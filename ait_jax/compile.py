@@ -411,8 +411,9 @@ def exit_on_signals(what):
     write.close()
 
 
-_DEFINITION = re.compile(r'^\s*(?:ROOT )?%(?P<name>[\w.\-]+) = (?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]'
-                         r'\S* (?P<opcode>[a-z][a-z0-9\-]*)\((?P<operands>[^)]*)\)(?P<rest>.*)$')
+_DEFINITION = re.compile(r'^\s*(?:ROOT )?%(?P<name>[\w.\-]+) = '
+                         r'(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]\S* '
+                         r'(?P<opcode>[a-z][a-z0-9\-]*)\((?P<operands>[^)]*)\)(?P<rest>.*)$')
 
 
 def _gradients_concatenated(parts: list, hlo_text: str, param_sizes: set) -> list:
@@ -731,7 +732,8 @@ def linear_bound(report: dict, capacity: int) -> int | None:
   from the one compile: what the plan holds beyond the train state, spread over its images as if
   all of it grew with them. The part that does not (gradients, the optimizer's temporaries) makes
   this a lower bound of what a search would find. None when it cannot say."""
-  state, needed, b = report['state_bytes_per_chip'], report['needed_bytes'], report['per_chip_batch']
+  state, needed = report['state_bytes_per_chip'], report['needed_bytes']
+  b = report['per_chip_batch']
   if needed is None or needed <= state or capacity <= state:
     return None
   images = (capacity - state) * b // (needed - state)

@@ -51,7 +51,8 @@ Flags (environment variable, default):
                                   CONFIG is relative to the checkout, other paths to the current folder
   --data-dir DIR      DATA_DIR    (none: the config's data_dir; e.g. gs://BUCKET/tfds)
   --log-file FILE     LOG_FILE    (WORKDIR/train.log; \$HOME/ait_logs/train.log for a gs:// workdir)
-  --gpu GPU           GPU         ($D_GPU; compile's target: a100-40, a100-80, h100, h200, h100x8, ...)
+  --gpu GPU           GPU         ($D_GPU; compile's target: a100-40, a100-80, h100, h200,
+                                  h100x8, ...)
   --dry-run           DRY_RUN=1   (0; print each command instead of running it)
   -h, --help          this help
 
