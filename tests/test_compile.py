@@ -392,3 +392,12 @@ def test_gpu_sh_compile_runs_here(tmp_path):
   out = subprocess.run([gpu_sh, 'compile', '--dry-run', '--config', 'configs/c.py'],
                        cwd=tmp_path, capture_output=True, text=True, check=True).stdout
   assert out.strip().endswith('--topology=h100x8')  # the default: one host of 8 H100s
+
+
+def test_gpu_without_the_cuda_plugin_is_one_error_line(tmp_path):
+  env = dict(_quiet_env(), AIT_JAX_CUDA_PLUGIN=str(tmp_path / 'none'))
+  proc = subprocess.run([sys.executable, '-m', 'ait_jax.compile', QUICK, '--topology=h100'],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=limit(600), env=env)
+  assert proc.returncode == 2 and proc.stdout == '', proc.stdout + proc.stderr
+  assert proc.stderr.startswith("error: Compiling for a GPU needs JAX's CUDA plugin, not found in "
+                                f"{tmp_path / 'none'}: pip install") and proc.stderr.count('\n') == 1
