@@ -29,10 +29,11 @@ def validate(config: ml_collections.ConfigDict, mesh=None, *, processes: int | N
              batch_fields=('batch_size', 'eval_batch_size')) -> steps.Setup:
   """The run's Setup from `config`; with `mesh`, the `batch_fields` are also checked against
   its 'data' axis and `processes` (default: this run's; ait_jax.compile passes the target
-  slice's hosts, and only the fields of the steps it compiles)."""
+  slice's hosts, and only the fields of the steps it compiles), and so is each host's share of
+  the prefetched batches against the host's memory."""
   _check_fields(config)
   info = datasets.get_info(config.dataset, tuple(config.question_types) or None)
-  _check_pipeline(config, info)
+  _check_pipeline(config, info, processes or jax.process_count())
   steps_per_epoch = info.num_train // config.batch_size
   if steps_per_epoch < 1:
     raise errors.ConfigError(f'batch_size={config.batch_size} is larger than the {info.num_train} '
@@ -91,9 +92,11 @@ def _size(n: float) -> str:
   return f'{n / 2 ** 30:.1f} GiB' if n >= 2 ** 30 else f'{n / 2 ** 20:.1f} MiB'
 
 
-def _check_pipeline(config: ml_collections.ConfigDict, info: datasets.DatasetInfo) -> None:
+def _check_pipeline(config: ml_collections.ConfigDict, info: datasets.DatasetInfo,
+                    processes: int) -> None:
   """The input pipeline's options: reader threads, prefetched batches, the evaluation batch and
-  device_data, against this host's memory and the devices' budget."""
+  device_data, against this host's memory and the devices' budget. Each of the `processes` hosts
+  reads its share of a global batch (ait_jax.compile passes the target's hosts)."""
   if int(config.prefetch) < 0:
     raise errors.ConfigError(
         f'prefetch={config.prefetch} must be 0 (read in the training thread) or a '
@@ -105,11 +108,11 @@ def _check_pipeline(config: ml_collections.ConfigDict, info: datasets.DatasetInf
         '(8 per CPU core of this host); the default is 1.')
   per_example = int(np.prod(info.image_shape)) + 4 * info.question_dim + 16  # uint8 image, labels
   budget = _host_memory_bytes() // 2  # the other half: the process, grain, the eval batch
-  processes = jax.process_count()
   ready = max(int(config.prefetch), 1) * (config.batch_size // processes) * per_example
   if ready > budget:
-    raise errors.ConfigError(f'prefetch={config.prefetch} batches of {config.batch_size} need '
-                             f'{_size(ready)} of host memory, more than half of this host\'s '
+    share = f' ({config.batch_size // processes} per host)' if processes > 1 else ''
+    raise errors.ConfigError(f'prefetch={config.prefetch} batches of {config.batch_size}{share} '
+                             f'need {_size(ready)} of host memory, more than half of this host\'s '
                              f'{_size(2 * budget)}; lower prefetch.')
   # A larger eval batch than the split is cut to the split (train.Trainer.eval_batch_size).
   evaluated = min(int(config.eval_batch_size), info.num_test) // processes * per_example

@@ -22,6 +22,8 @@ CONFIG=${CONFIG:-}
 WORKDIR=${WORKDIR:-}
 DATA_DIR=${DATA_DIR:-}
 LOG_FILE=${LOG_FILE:-}
+D_GPU=h100x8
+GPU=${GPU:-$D_GPU}
 
 usage() {
   cat <<EOF
@@ -37,6 +39,9 @@ Subcommands:
             python -m ait_jax.distributed (process index, process count, devices)
   train     the preflight, then python -m ait_jax.main --config=CONFIG --workdir=WORKDIR
             [--config.data_dir=DATA_DIR] [extra], with all output appended to LOG_FILE
+  compile   here, before renting a GPU (no GPU, driver or venv needed): python -m ait_jax.compile
+            --config=CONFIG --topology=GPU [extra], the steps compiled by JAX's CUDA plugin, memory
+            per GPU and whether it fits; exit status 1 when it does not (plugin: README, GPU)
 
 Flags (environment variable, default):
   --venv DIR          VENV        ($D_VENV)
@@ -48,6 +53,8 @@ Flags (environment variable, default):
                                   CONFIG is relative to the checkout, other paths to the current folder
   --data_dir DIR      DATA_DIR    (none: the config's data_dir; e.g. gs://BUCKET/tfds)
   --log-file FILE     LOG_FILE    (WORKDIR/train.log; \$HOME/ait_logs/train.log for a gs:// workdir)
+  --gpu GPU           GPU         ($D_GPU; compile's target: a100-40, a100-80, h100, h200,
+                                  h100x8, ...)
   --dry-run           DRY_RUN=1   (0; print each command instead of running it; anywhere, after -- too)
   -h, --help          this help
 
@@ -67,7 +74,7 @@ EOF
 SWITCHES=(--dry-run=DRY_RUN)
 # shellcheck disable=SC2034
 VALUE_FLAGS=(--venv=VENV --python=PYTHON --cuda=CUDA --extras=EXTRAS --config=CONFIG
-             --workdir=WORKDIR --data_dir=DATA_DIR --log-file=LOG_FILE)
+             --workdir=WORKDIR --data_dir=DATA_DIR --log-file=LOG_FILE --gpu=GPU)
 parse_args "$@"
 
 [[ -n $SUBCOMMAND ]] || { usage >&2; die "no subcommand given."; }
@@ -112,7 +119,15 @@ cmd_train() {
   run_sh "cd $(quote "$ROOT") && { $(quote "$PY") -m ait_jax.distributed && $(quote "$PY") -m ait_jax.main $(quote "${args[@]}"); } 2>&1 | tee -a $(quote "$log")"
 }
 
+cmd_compile() {
+  require "$CONFIG" --config CONFIG
+  local args=("--config=$CONFIG" "--topology=$GPU")
+  args+=(${EXTRA[@]+"${EXTRA[@]}"})
+  cd "$ROOT"  # the config path is relative to the checkout, as for train
+  run python -m ait_jax.compile "${args[@]}"
+}
+
 case $SUBCOMMAND in
-  install | check | train) "cmd_$SUBCOMMAND" ;;
-  *) die "unknown subcommand '$SUBCOMMAND': use install, check or train." ;;
+  install | check | train | compile) "cmd_$SUBCOMMAND" ;;
+  *) die "unknown subcommand '$SUBCOMMAND': use install, check, train or compile." ;;
 esac
