@@ -6,7 +6,7 @@
   python -m ait_jax.reproduce --scale=cpu --data_dir=data --out=results/cpu   # ~2 h, 2 CPU cores
   python -m ait_jax.reproduce --scale=tiny --data_dir=data --out=/tmp/tiny     # the same, seconds
 
-`--scale=cpu` is a small experiment (issue 35): Triangle, AiT against the dense ViT of the same
+`--scale=cpu` is a small experiment: Triangle, AiT against the dense ViT of the same
 dims, 3 seeds each, on fresh training triangles; Sort-of-CLEVR binary questions, AiT against ViT,
 3 seeds; all three question types, AiT against ViT, one seed; one ablation pair (AiT without its
 bottleneck on Triangle, beside AiT's seed 0). RESULTS.md gives mean ± std over seeds with the
