@@ -131,7 +131,7 @@ def check_workdir(workdir: str | None, *, writable: bool = True) -> None:
                                   for m in ('gcsfs', 'tensorflow')):
       raise errors.InputError(
           f'--workdir={workdir} is on Google Cloud Storage, which needs gcsfs: '
-          'pip install -e .[gcs] (or pip install gcsfs), or use a local folder.')
+          'pip install -c constraints.txt -e .[gcs] (or pip install gcsfs), or use a local folder.')
     return
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):

@@ -223,7 +223,7 @@ def topology_devices(spec, num_slices: int = 1) -> list:
   if is_gpu(spec):
     return gpus.devices(spec)
   if importlib.util.find_spec('libtpu') is None:
-    raise errors.UserError("Compiling for a TPU needs libtpu: pip install -e '.[tpu]'.")
+    raise errors.UserError("Compiling for a TPU needs libtpu: pip install -c constraints.txt -e '.[tpu]'.")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   kwargs = {'wrap': spec.wrap, 'num_slices': num_slices}
   if spec.chip_config:
@@ -870,8 +870,7 @@ def main(fv: flags.FlagValues) -> dict | None:
   # host memory is that of one of the target's hosts, reading its share of the global batch.
   validation.validate(config, processes=planned_hosts(spec, fv.num_slices))
   cli.skip_absent_tpu(force_cpu=True)  # this host only compiles
-  if fv.json:
-    cli.check_output_path('json', fv.json)
+  cli.check_output_path('json', fv.json)
   now = {'what': f'starting the compiler for {fv.topology}'}
   with exit_on_signals(lambda: now['what']), _no_compilation_cache():
     result = _compile_all(fv, spec, config, now)

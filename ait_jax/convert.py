@@ -8,7 +8,7 @@ project's `params` and `memory` trees; the command writes them as an ordinary ai
   python -m ait_jax.main --config=configs/cifar10.py:model=small --workdir=DIR --mode=eval \
       --config.model.eval_writes_memory=True   # the reference's evaluation protocol
 
-Reading a .pth needs torch (`pip install ait_jax[convert]`); a .npz of the state_dict does not.
+Reading a .pth needs torch (`pip install -c constraints.txt -e '.[convert]'`); a .npz of the state_dict does not.
 """
 import os
 import re
@@ -268,7 +268,7 @@ def load_state_dict(path: str) -> dict:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise errors.InputError(
-        'Reading a .pth needs PyTorch: pip install "ait_jax[convert]" (or save the '
+        'Reading a .pth needs PyTorch: pip install -c constraints.txt -e .[convert] (or save the '
         'state_dict as a .npz of numpy arrays, which needs no torch).') from None
   try:
     loaded = torch.load(path, map_location='cpu', weights_only=True)

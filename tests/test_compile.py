@@ -327,6 +327,8 @@ def test_parse_oom_messages():
      'batch_size=2 must be divisible by the 2 data shards and the 4 processes'),
     (['--topology=v4-8', '--config.model.depth=0'], 'model.depth=0'),
     (['--topology='], '--topology is empty'),
+    # blank (an unset shell variable): it compiled, wrote nothing and exited 0
+    (['--topology=v5e-4', '--json='], '--json is empty (is the shell variable in it set?)'),
     (['--topology=v5e-4', '--config.device_data=True'], 'device_data=True'),
 ])
 def test_user_mistakes_are_one_error_line(argv, expected):

@@ -60,7 +60,7 @@ def check_data_dir(data_dir: str) -> None:
                                                 for m in ('gcsfs', 'tensorflow')):
       raise errors.InputError(
           f'The data_dir {data_dir} is on Google Cloud Storage, which needs gcsfs: '
-          'pip install -e .[gcs] (or pip install gcsfs), or use a local folder.')
+          'pip install -c constraints.txt -e .[gcs] (or pip install gcsfs), or use a local folder.')
     return
   existing = paths.nearest_existing(data_dir)
   if not os.path.isdir(existing):
@@ -232,7 +232,7 @@ def _check_catalog_needs(info: datasets.DatasetInfo, name: str, data_dir: str) -
              if importlib.util.find_spec(m) is None]
   if missing:
     raise errors.UserError(f'Preparing {name!r} needs {" and ".join(missing)}; install them with '
-                           f'`pip install -e .[prepare] importlib_resources` and run again.')
+                           f'`pip install -c constraints.txt -e .[prepare]` and run again.')
 
 
 def _index_subset(info: datasets.DatasetInfo, data_dir: str) -> None:
