@@ -363,7 +363,7 @@ def test_reading_a_pth_without_torch_says_what_to_install(tmp_path, monkeypatch)
   path = tmp_path / 'model.pth'
   path.write_bytes(b'')
   monkeypatch.setitem(__import__('sys').modules, 'torch', None)  # import torch -> ImportError
-  with pytest.raises(ValueError, match=r'pip install "ait_jax\[convert\]"'):
+  with pytest.raises(ValueError, match=r'pip install -c constraints.txt -e \.\[convert\]'):
     convert.load_state_dict(str(path))
 
 
