@@ -121,3 +121,13 @@ run_sh() {
     bash -o pipefail -c "$1"
   fi
 }
+
+# compile_here TOPOLOGY: `compile` of both scripts, run on this host (a TPU slice or a GPU is
+# compiled for, not needed): python -m ait_jax.compile for --config and the extra arguments.
+compile_here() {
+  require "$CONFIG" --config CONFIG
+  local args=("--config=$CONFIG" "--topology=$1")
+  args+=(${EXTRA[@]+"${EXTRA[@]}"})
+  cd "$ROOT" || die "cannot enter $ROOT."  # the config path is relative to the checkout, as for train
+  run python -m ait_jax.compile "${args[@]}"
+}

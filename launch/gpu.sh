@@ -120,11 +120,7 @@ cmd_train() {
 }
 
 cmd_compile() {
-  require "$CONFIG" --config CONFIG
-  local args=("--config=$CONFIG" "--topology=$GPU")
-  args+=(${EXTRA[@]+"${EXTRA[@]}"})
-  cd "$ROOT"  # the config path is relative to the checkout, as for train
-  run python -m ait_jax.compile "${args[@]}"
+  compile_here "$GPU"
 }
 
 case $SUBCOMMAND in

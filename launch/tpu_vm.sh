@@ -138,11 +138,7 @@ ssh_workers() {
 }
 
 cmd_compile() {
-  require "$CONFIG" --config CONFIG
-  local args=("--config=$CONFIG" "--topology=$ACCELERATOR_TYPE")
-  args+=(${EXTRA[@]+"${EXTRA[@]}"})
-  cd "$ROOT"  # the config path is relative to the checkout, as for train
-  run python -m ait_jax.compile "${args[@]}"
+  compile_here "$ACCELERATOR_TYPE"
 }
 
 # runtime_version ACCELERATOR_TYPE: the TPU software version that Cloud TPU's docs name for the

@@ -149,7 +149,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
       self.wfile.write(data[:answer])
       self.wfile.flush()
     except (BrokenPipeError, ConnectionResetError):
-      pass
+      pass  # the client hung up mid-answer: what the tests with a cap, a stall or a signal do
     return None
 
 
