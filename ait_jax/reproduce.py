@@ -56,6 +56,11 @@ def define_flags(fv: flags.FlagValues) -> None:
                     '<workdir>/set_aside/<UTC time>/) and train them afresh (a workdir a live run '
                     'holds is refused); without it finished runs are reused and partial ones '
                     'resumed.', flag_values=fv)
+  flags.DEFINE_integer('jobs', None, 'How many runs train at once (default: 2 for --scale=cpu, '
+                       'else 1). 1 trains them one by one in this process; N > 1 trains N at a '
+                       'time, each as its own `python -m ait_jax.main` writing <workdir>/train.log '
+                       '(on 2 CPU cores, 2 train about 1.4 times the images per second of 1).',
+                       lower_bound=1, flag_values=fv)
 
 SEEDS = (0, 1, 2)
 ALL_TYPES = ('non_relational', 'binary', 'ternary')
@@ -64,19 +69,25 @@ ALL_TYPES = ('non_relational', 'binary', 'ternary')
 _SOC_MODEL = {'model.depth': 2, 'model.width': 128, 'model.mlp_dim': 256, 'model.num_heads': 2}
 
 
-def experiment(triangle_steps: int, soc_steps: int, seeds=SEEDS, soc_seeds=SEEDS,
-               small: bool = False) -> dict:
+def experiment(triangle_steps: int, soc_steps: int, soc_all_steps: int, seeds=SEEDS,
+               soc_seeds=SEEDS, small: bool = False) -> dict:
   """The runs of the small experiment: name -> (config, variant, overrides). A run's name is its
   group (`group_of`) and `_s<seed>`; the groups are the rows of RESULTS.md's table."""
   tri = {'model.depth': 2, 'fresh_train_data': True, 'total_steps': triangle_steps,
          'eval_every_steps': max(1, triangle_steps // 10),
          'checkpoint_every_steps': max(1, triangle_steps // 10), 'eval_train_examples': 2000}
+  # 4,000 train-split questions per evaluation: enough to see memorisation, a fraction of the
+  # 98,000 binary ones.
   soc = {**_SOC_MODEL, 'total_steps': soc_steps, 'eval_every_steps': max(1, soc_steps // 6),
-         'checkpoint_every_steps': max(1, soc_steps // 6), 'eval_train_examples': -1}
+         'checkpoint_every_steps': max(1, soc_steps // 6), 'eval_train_examples': 4000}
+  soc_all = dict(soc, total_steps=soc_all_steps, question_types=ALL_TYPES,
+                 eval_every_steps=max(1, soc_all_steps // 6),
+                 checkpoint_every_steps=max(1, soc_all_steps // 6))
   if small:  # the builders' small configs, one layer, one save (a test: compile time is its cost)
     small_run = {'model.depth': 1, 'checkpoint_every_steps': triangle_steps}
     tri.update(small_run, dataset='triangle/small', eval_train_examples=64, eval_batch_size=200)
-    soc.update(small_run, dataset='sort_of_clevr/small', eval_train_examples=-1)
+    for c in (soc, soc_all):
+      c.update(small_run, dataset='sort_of_clevr/small', eval_train_examples=-1)
   runs = {}
   for seed in seeds:
     runs[f'triangle_ait_s{seed}'] = ('triangle', 'model=small,quick', dict(tri, seed=seed))
@@ -90,7 +101,7 @@ def experiment(triangle_steps: int, soc_steps: int, seeds=SEEDS, soc_seeds=SEEDS
   for model in ('ait', 'vit'):
     runs[f'soc_all_{model}_s{soc_seeds[0]}'] = (
         'sort_of_clevr', f'model={"vit_" if model == "vit" else ""}small,quick',
-        dict(soc, seed=soc_seeds[0], question_types=ALL_TYPES))
+        dict(soc_all, seed=soc_seeds[0]))
   return runs
 
 
@@ -105,23 +116,25 @@ RUNS = {
             'num_epochs': 8, 'batch_size': 256,
             'question_types': ('non_relational', 'binary', 'ternary')}),
     },
-    # Triangle 10,000 steps of 64 (12.8 epochs of fresh images), Sort-of-CLEVR 3,000 (about two
-    # epochs of the 98,000 binary questions). Sized by ESTIMATE_MS_PER_STEP to about 2 hours.
-    'cpu': experiment(10_000, 3_000),
-    'tiny': experiment(2, 2, seeds=(0, 1), soc_seeds=(0,), small=True),
+    # Triangle 60,000 steps of 64 (77 epochs of fresh images), Sort-of-CLEVR binary 3,000 (about
+    # two epochs of the 98,000 questions) and all types 6,000 (1.3 epochs of 294,000). Sized by
+    # ESTIMATE_MS_PER_STEP to about 100 minutes with --jobs=2 (docs/training.md#cpu-experiment).
+    'cpu': experiment(60_000, 3_000, 6_000),
+    'tiny': experiment(2, 2, 2, seeds=(0, 1), soc_seeds=(0,), small=True),
 }
 # The run whose checkpoint is evaluated at several batch sizes, and whose figures are drawn.
 BATCH_INDEPENDENCE_RUN = {'gpu': 'sort_of_clevr_ait', 'cpu': 'soc_all_ait_s0'}
 EVAL_BATCH_SIZES = (1, 64, 512)
 
-# Milliseconds per training step on an idle 2-core x86_64 CPU, evaluations included, per group:
-# measured by the committed results/cpu/summary.json of 2026-12 (width 64 depth 2 Triangle AiT
-# 168 s and ViT 91 s for 4,000 steps; width 128 Sort-of-CLEVR AiT 694 s for 3,000 steps on all
-# three types). Binary-only Sort-of-CLEVR evaluates a third of the questions; its ViT and the
-# ablation are taken as their Triangle ratios. An estimate, printed before the runs start.
-ESTIMATE_MS_PER_STEP = {'triangle_ait': 42, 'triangle_vit': 23, 'triangle_ait_no_bottleneck': 42,
-                        'soc_binary_ait': 190, 'soc_binary_vit': 105, 'soc_all_ait': 231,
-                        'soc_all_vit': 128}
+# Milliseconds per training step of one run while a second trains beside it (`--jobs=2`) on an
+# idle 2-core x86_64 CPU, per group, from the trials of 2026-12-08 (docs/training.md#cpu-trials):
+# Triangle width 64 AiT 3,300 images/s and ViT 6,300; Sort-of-CLEVR width 128 AiT about 450 and
+# ViT about 900. The ablation is taken as AiT. One run alone steps 1.45 times as fast as one of two
+# (`ALONE_SPEEDUP`, Triangle AiT: 4,970 images/s against 3,420). An estimate, printed at the start.
+ESTIMATE_MS_PER_STEP = {'triangle_ait': 20, 'triangle_vit': 11, 'triangle_ait_no_bottleneck': 20,
+                        'soc_binary_ait': 140, 'soc_binary_vit': 70, 'soc_all_ait': 140,
+                        'soc_all_vit': 70}
+ALONE_SPEEDUP = 1.45
 
 # Per group: the task, the paper's number (docs/training.md#paper-results), the baseline, and the
 # recipe fields that differ from the paper's.
@@ -155,16 +168,16 @@ def group_of(run: str) -> str:
   return head if sep and seed.isdigit() else run
 
 
-def estimate_minutes(runs: dict) -> float | None:
-  """The plan's training time on an idle 2-core CPU by ESTIMATE_MS_PER_STEP (None if a group has
-  no measurement)."""
+def estimate_minutes(runs: dict, jobs: int = 2) -> float | None:
+  """The plan's training time on an idle 2-core CPU with `jobs` runs at a time, by
+  ESTIMATE_MS_PER_STEP (None if a group has no measurement)."""
   total = 0.0
   for run, (_, _, overrides) in runs.items():
     ms = ESTIMATE_MS_PER_STEP.get(group_of(run))
     if ms is None or 'total_steps' not in overrides:
       return None
     total += ms * overrides['total_steps'] / 1000
-  return total / 60
+  return total / 60 / (ALONE_SPEEDUP if jobs == 1 else 2)
 
 
 def _load_config(name: str, variant: str, overrides: dict):
@@ -251,8 +264,8 @@ def _markdown(summary: dict) -> str:
            '']
   if summary.get('estimate_minutes') is not None:
     lines += [f"Estimated training time before the run: {summary['estimate_minutes']:.0f} min "
-              'on an idle 2-core CPU (`reproduce.ESTIMATE_MS_PER_STEP`, from earlier measured '
-              'runs).', '']
+              f"on an idle 2-core CPU, {summary.get('jobs', 1)} run(s) at a time "
+              '(`reproduce.ESTIMATE_MS_PER_STEP`, from measured trials).', '']
   if summary['scale'] in ('cpu', 'tiny'):
     lines += ['**CPU-scale runs**, not the paper\'s recipe: small models and few epochs; each '
               'row says which recipe fields differ from the paper. Parameters start as the '
@@ -401,14 +414,52 @@ def _wall_seconds(workdir: str) -> float:
     return 0.0
 
 
+def _add_wall_seconds(workdir: str, seconds: float) -> None:
+  from ait_jax import metric_writer  # pylint: disable=g-import-not-at-top
+  metric_writer.write_text_atomic(os.path.join(workdir, WALL_FILE), json.dumps(
+      {'seconds': _wall_seconds(workdir) + seconds}))
+
+
+def _stopped(run: str | None = None) -> None:
+  from ait_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  where = f' in run {run}' if run else ''
+  print(f'reproduce stopped{where}; rerun the same command to resume (finished runs are '
+        'reused).', flush=True)
+  raise SystemExit(checkpointing.EXIT_PREEMPTED)
+
+
+def _train_in_processes(runs: dict, plans: dict, data_dir: str, jobs: int) -> None:
+  """--jobs > 1: trains the unfinished runs `jobs` at a time, each as its own `main` process
+  (`run_pool`); the datasets are built here first, so that no two children build one."""
+  from ait_jax import run_pool, validation  # pylint: disable=g-import-not-at-top
+  from ait_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  pending = []
+  for run, (name, variant, overrides) in runs.items():
+    config, workdir = plans[run]
+    setup = validation.validate(config)
+    if _finished(workdir, setup.total_steps):
+      continue
+    prepare.ensure_prepared(setup.info, data_dir)
+    args = [f'--config={name}:{variant}', f'--workdir={workdir}', f'--config.data_dir={data_dir}',
+            *config_overrides.as_flags(overrides)]
+    pending.append(run_pool.Job(run, run_pool.main_command(args), workdir, setup.total_steps))
+  if pending:
+    print(f'Training {len(pending)} runs, {jobs} at a time, each in its own process.', flush=True)
+  signal_name = run_pool.train(pending, jobs,
+                               on_done=lambda job, o: _add_wall_seconds(job.workdir, o.seconds))
+  if signal_name:
+    _stopped()
+
+
 def main(fv: flags.FlagValues) -> None:
   cli.require(fv, 'out', hint='DIR (e.g. results/cpu)')
   runs = selected_runs(fv.scale, fv.only)
   for flag in ('out', 'data_dir', 'workdir_root'):
     _check_writable_folder(flag, fv[flag].value)
   scale, out, data_dir, workdir_root = fv.scale, fv.out, fv.data_dir, fv.workdir_root
+  jobs = fv.jobs or (2 if scale == 'cpu' else 1)
   import jax  # pylint: disable=g-import-not-at-top
-  from ait_jax import checkpointing, metric_writer, train, validation, visualize  # pylint: disable=g-import-not-at-top
+  from ait_jax import metric_writer, train, validation, visualize  # pylint: disable=g-import-not-at-top
   plans = {}
   for run, (name, variant, overrides) in runs.items():
     config = _load_config(name, variant, overrides)
@@ -424,11 +475,13 @@ def main(fv: flags.FlagValues) -> None:
              'hardware': f'{jax.devices()[0].device_kind} ({jax.device_count()} device(s)), '
                          f'{os.cpu_count()} CPU cores, {platform.machine()}',
              'command': f'python -m ait_jax.reproduce --scale={scale} '
-                        f'--data_dir={data_dir} --out={out}',
-             'estimate_minutes': estimate_minutes(runs), 'runs': {}}
+                        f'--data_dir={data_dir} --out={out} --jobs={jobs}',
+             'jobs': jobs, 'estimate_minutes': estimate_minutes(runs, jobs), 'runs': {}}
   if summary['estimate_minutes'] is not None:
     print(f'{len(runs)} runs, estimated {summary["estimate_minutes"]:.0f} min of training on an '
-          'idle 2-core CPU (reproduce.ESTIMATE_MS_PER_STEP).', flush=True)
+          f'idle 2-core CPU, {jobs} at a time (reproduce.ESTIMATE_MS_PER_STEP).', flush=True)
+  if jobs > 1:
+    _train_in_processes(runs, plans, data_dir, jobs)
   for run, (name, variant, overrides) in runs.items():
     config, workdir = plans[run]
     command = _command(name, variant, overrides, data_dir, workdir)
@@ -439,12 +492,9 @@ def main(fv: flags.FlagValues) -> None:
       print(f'== {run}: {command}', flush=True)
       start = time.time()
       result = train.train_and_evaluate(config, workdir)
-      metric_writer.write_text_atomic(os.path.join(workdir, WALL_FILE), json.dumps(
-          {'seconds': _wall_seconds(workdir) + time.time() - start}))
+      _add_wall_seconds(workdir, time.time() - start)
       if result['preempted']:
-        print(f'reproduce stopped in run {run}; rerun the same command to resume it (finished '
-              'runs are reused).', flush=True)
-        raise SystemExit(checkpointing.EXIT_PREEMPTED)
+        _stopped(run)
     with open(os.path.join(workdir, 'eval_final.json')) as f:
       final = json.load(f)
     os.makedirs(os.path.join(out, run), exist_ok=True)
