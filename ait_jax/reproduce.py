@@ -218,6 +218,25 @@ def batch_independence(config, workdir: str) -> list[dict]:
   return rows
 
 
+def workspace_stats(config, workdir: str) -> dict | None:
+  """For an AiT run's last checkpoint: per layer, the stored slots' mean |cos| (against the value
+  at initialisation: a collapsed memory is near 1) and the fraction of the first test batch's
+  tokens that no slot's top-k selects (tokens the bottleneck never lets into the memory); None
+  for a ViT. The quantities of `visualize`'s figures, as numbers beside every AiT run."""
+  if config.model.vit:
+    return None
+  import jax  # pylint: disable=g-import-not-at-top
+  from ait_jax import visualize  # pylint: disable=g-import-not-at-top
+  trainer, _, state = visualize.restore(config, workdir, 'latest')
+  data = visualize.collect(trainer, state)
+  memory = jax.device_get(state.memory)
+  dim = memory['block0']['workspace']['slots'].shape[-1]
+  return {'memory_mean_abs_cos': visualize.memory_mean_abs_cos(memory),
+          'memory_mean_abs_cos_at_init': visualize.random_mean_abs_cos(dim),
+          'tokens_never_selected': [float((layer['selections'].sum((0, 1)) == 0).mean())
+                                    for layer in data['layers']]}
+
+
 def _pct(values) -> str:
   """'98.12 ± 0.31' (sample std over seeds) or '98.12' for one value; '' for none."""
   values = [100 * v for v in values if v is not None]
@@ -259,9 +278,10 @@ def groups(summary_runs: dict) -> dict:
 def _markdown(summary: dict) -> str:
   lines = [f"# Reproduction on the generated benchmarks: scale `{summary['scale']}`", '',
            f"Hardware: {summary['hardware']}. Command: `{summary['command']}`. "
-           f"Training wall time {sum(r['wall_seconds'] for r in summary['runs'].values()) / 60:.1f}"
-           f" min (all sessions of each run); this command {summary['wall_seconds'] / 60:.1f} min.",
-           '']
+           f"Training time summed over the runs "
+           f"{sum(r['wall_seconds'] for r in summary['runs'].values()) / 60:.1f} min (each run "
+           f"over all its sessions, {summary.get('jobs', 1)} at a time); this invocation's wall "
+           f"time {summary['wall_seconds'] / 60:.1f} min.", '']
   if summary.get('estimate_minutes') is not None:
     lines += [f"Estimated training time before the run: {summary['estimate_minutes']:.0f} min "
               f"on an idle 2-core CPU, {summary.get('jobs', 1)} run(s) at a time "
@@ -283,23 +303,33 @@ def _markdown(summary: dict) -> str:
                    f"{_pct(g['train_split_accuracy'])} | {g.get('paper', '')} | "
                    f"{g.get('baseline', '')} | {g.get('epochs') or 0:.3g} | "
                    f"{g.get('differs', '')} |")
-    lines += ['', '![train-split and test accuracy against step, every run](curves.png)', '',
-              'Diagnosis (issue 35, item 5): written by hand after the run, from the table, the '
-              'curves and `visualize`\'s figures; a train-split accuracy far above the test '
-              'accuracy is memorisation.', '']
-  lines += ['| run | command | steps | wall s | test accuracy | per type |', '|---|---|---|---|---|---|']
+    lines += ['', '![train-split and test accuracy against step, every run](curves.png)', '']
+  lines += ['## Diagnosis', '']
+  lines += [summary['diagnosis'].strip() if summary.get('diagnosis') else
+            f'Not written yet: it is kept by hand in `{DIAGNOSIS_FILE}` beside this file, from '
+            'the tables, the curves and the figures, and copied here on every run.', '']
+  lines += ['## Every run', '',
+            '| run | steps | wall s | test % | train split % | per subtype % | balance loss (end) '
+            '| memory mean \\|cos\\| per layer (at init) | tokens no slot selects, per layer |',
+            '|---|---|---|---|---|---|---|---|---|']
   for name, r in summary['runs'].items():
-    types = ', '.join(f'{t} {100 * r["eval"][f"accuracy_{t}"]:.1f}' for t in clevr.QUESTION_TYPES
-                      if f'accuracy_{t}' in r['eval'])
-    lines.append(f"| {name} | `{r['command']}` | {r['eval']['step']} | {r['wall_seconds']:.0f} | "
-                 f"{100 * r['eval']['accuracy']:.2f} | {types} |")
+    subtypes = ', '.join(f'{k.removeprefix("accuracy_")} {100 * v:.1f}'
+                         for k, v in r['eval'].items()
+                         if k.startswith('accuracy_') and k[-1].isdigit())
+    ws = r.get('workspace') or {}
+    cos = (', '.join(f'{c:.2f}' for c in ws['memory_mean_abs_cos']) +
+           f" ({ws['memory_mean_abs_cos_at_init']:.2f})" if ws else '—')
+    never = ', '.join(f'{100 * f:.0f}%' for f in ws['tokens_never_selected']) if ws else '—'
+    train_split = r.get('train_split_accuracy')
+    balance = r.get('balance_loss_end')
+    lines.append(
+        f"| {name} | {r['eval']['step']} | {r['wall_seconds']:.0f} | "
+        f"{100 * r['eval']['accuracy']:.2f} | "
+        f"{'' if train_split is None else f'{100 * train_split:.2f}'} | {subtypes} | "
+        f"{'—' if not balance else f'{balance:.3f}'} | {cos} | {never} |")
+  lines += ['', 'Each run\'s command:', '']
+  lines += [f"- {name}: `{r['command']}`" for name, r in summary['runs'].items()]
   bi_run = summary.get('batch_independence_run')
-  sub = [f"{k.removeprefix('accuracy_')} {100 * v:.1f}"
-         for k, v in summary['runs'].get(bi_run, {}).get('eval', {}).items()
-         if k.startswith('accuracy_') and k[-1].isdigit()]
-  if sub:
-    lines += ['', f'Sort-of-CLEVR per subtype ({bi_run}; type_subtype accuracy %): '
-              f'{", ".join(sub)}.']
   if summary.get('batch_independence'):
     lines += ['', f'## Evaluation batch independence ({bi_run}, one checkpoint)', '',
               '| eval_writes_memory | eval batch | accuracy | predictions equal to batch 1 |',
@@ -358,6 +388,7 @@ def _check_writable_folder(flag: str, path: str) -> None:
 
 
 WALL_FILE = 'reproduce_wall_seconds.json'  # in a run's workdir: its training time so far
+DIAGNOSIS_FILE = 'diagnosis.md'  # in --out, written by hand; RESULTS.md includes it
 
 
 def _finished(workdir: str, total_steps: int) -> bool:
@@ -442,7 +473,9 @@ def _train_in_processes(runs: dict, plans: dict, data_dir: str, jobs: int) -> No
     prepare.ensure_prepared(setup.info, data_dir)
     args = [f'--config={name}:{variant}', f'--workdir={workdir}', f'--config.data_dir={data_dir}',
             *config_overrides.as_flags(overrides)]
-    pending.append(run_pool.Job(run, run_pool.main_command(args), workdir, setup.total_steps))
+    ms = ESTIMATE_MS_PER_STEP.get(group_of(run))
+    pending.append(run_pool.Job(run, run_pool.main_command(args), workdir, setup.total_steps,
+                                estimate_s=ms * setup.total_steps / 1000 if ms else None))
   if pending:
     print(f'Training {len(pending)} runs, {jobs} at a time, each in its own process.', flush=True)
   signal_name = run_pool.train(pending, jobs,
@@ -506,6 +539,8 @@ def main(fv: flags.FlagValues) -> None:
         'group': group_of(run), 'seed': config.seed,
         'epochs': setup.total_steps / setup.steps_per_epoch,
         'train_split_accuracy': _last(rows, 'eval_train'),
+        'balance_loss_end': _last(rows, 'train', 'balance_loss'),
+        'workspace': workspace_stats(config, workdir),
         'curve': {split: [(r['step'], r['accuracy']) for r in rows
                           if r.get('split') == split and 'accuracy' in r]
                   for split in ('eval', 'eval_train')}}
@@ -514,6 +549,11 @@ def main(fv: flags.FlagValues) -> None:
       summary['batch_independence'] = batch_independence(config, workdir)
       visualize.visualize(workdir, os.path.join(out, run, 'figures'), which='latest')
   summary['wall_seconds'] = time.time() - start_all
+  try:
+    with open(os.path.join(out, DIAGNOSIS_FILE)) as f:
+      summary['diagnosis'] = f.read()
+  except FileNotFoundError:
+    pass
   summary['groups'] = groups(summary['runs'])
   plot_curves(summary, out)
   metric_writer.write_text_atomic(os.path.join(out, 'summary.json'), json.dumps(summary, indent=2))

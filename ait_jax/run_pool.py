@@ -29,11 +29,13 @@ LOG_FILE = 'train.log'  # in each run's workdir: the child's console
 
 @dataclasses.dataclass
 class Job:
-  """One run to train: its name, its command (argv), workdir and last step."""
+  """One run to train: its name, its command (argv), workdir and last step, and the seconds it is
+  expected to take (for the pool's ETA before the run reports its own)."""
   name: str
   command: list[str]
   workdir: str
   total_steps: int
+  estimate_s: float | None = None
 
 
 @dataclasses.dataclass
@@ -68,17 +70,23 @@ def last_train_row(workdir: str) -> dict | None:
   return None
 
 
-def _progress(live: dict, queued: int, done: int) -> str:
-  parts = []
+def _progress(live: dict, queue: list[Job], done: int, parallel: int) -> str:
+  """One line: each live run's step and ETA, and the whole pool's ETA (the live runs' ETAs and
+  the waiting runs' estimates, shared over `parallel`) when every run has one."""
+  parts, left = [], 0.0
   for job, _, _ in live.values():
     row = last_train_row(job.workdir)
-    if row is None:
-      parts.append(f'{job.name} starting')
-    else:
-      eta = row.get('eta_sec')
-      parts.append(f'{job.name} step {row["step"]}/{job.total_steps}' +
-                   (f' (ETA {eta / 60:.0f} min)' if isinstance(eta, (int, float)) else ''))
-  return (f'[reproduce] {done} finished, {len(live)} training, {queued} waiting: ' +
+    eta = row.get('eta_sec') if row else None
+    if not isinstance(eta, (int, float)):
+      eta = job.estimate_s
+    left = left + eta if left is not None and eta is not None else None
+    parts.append(f'{job.name} starting' if row is None else
+                 f'{job.name} step {row["step"]}/{job.total_steps}' +
+                 (f' (ETA {eta / 60:.0f} min)' if eta is not None else ''))
+  for job in queue:
+    left = left + job.estimate_s if left is not None and job.estimate_s is not None else None
+  total = f'; all runs ETA {left / parallel / 60:.0f} min' if left is not None else ''
+  return (f'[reproduce] {done} finished, {len(live)} training, {len(queue)} waiting{total}: ' +
           '; '.join(parts))
 
 
@@ -144,7 +152,7 @@ def train(jobs: list[Job], parallel: int, on_done=None) -> str | None:
                 flush=True)
       if live and time.time() - last_progress >= PROGRESS_EVERY_S:
         last_progress = time.time()
-        print(_progress(live, len(queue), done), flush=True)
+        print(_progress(live, queue, done, parallel), flush=True)
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)

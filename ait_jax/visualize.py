@@ -346,6 +346,16 @@ def memory_similarity(slots: np.ndarray) -> np.ndarray:
   return x @ x.T
 
 
+def memory_mean_abs_cos(memory) -> list[float]:
+  """Per layer, the mean |cos| between distinct stored slots (1: every slot points the same way,
+  a collapsed memory; about `random_mean_abs_cos` at initialisation)."""
+  out = []
+  for layer in range(len(memory)):
+    sim = memory_similarity(np.asarray(memory[f'block{layer}']['workspace']['slots']))
+    out.append(float(np.abs(sim[~np.eye(len(sim), dtype=bool)]).mean()))
+  return out
+
+
 def random_mean_abs_cos(dim: int) -> float:
   """E|cos| of two independent random directions in `dim` dimensions: Γ(d/2) / (√π Γ((d+1)/2)),
   about √(2 / (π d)). The memory starts as independent N(0, 1) slots (models.py), so this is the
@@ -361,13 +371,12 @@ def plot_memory_similarity(memory, path: str, step: int) -> str:
   fig, axes = _new_figure(rows, cols)
   for ax in axes.flat[depth:]:
     ax.axis('off')
-  for layer in range(depth):
+  for layer, mean_abs_cos in enumerate(memory_mean_abs_cos(memory)):
     slots = np.asarray(memory[f'block{layer}']['workspace']['slots'])
     sim = memory_similarity(slots)
-    off = sim[~np.eye(len(sim), dtype=bool)]
     ax = axes.flat[layer]
     im = ax.imshow(sim, cmap='RdBu_r', vmin=-1, vmax=1, interpolation='nearest')
-    ax.set_title(f'layer {layer}: mean |cos| between distinct slots {np.abs(off).mean():.2f}\n'
+    ax.set_title(f'layer {layer}: mean |cos| between distinct slots {mean_abs_cos:.2f}\n'
                  f'(expected at initialisation, independent N(0, 1) slots in '
                  f'{slots.shape[-1]} dimensions: {random_mean_abs_cos(slots.shape[-1]):.2f}; '
                  f'1 = the same direction)', fontsize=10)

@@ -27,6 +27,8 @@ def test_tiny_reproduce_writes_the_table_and_curves(generated_data_dir, tmp_path
   out, work = tmp_path / 'out', tmp_path / 'work'
   argv = ['reproduce', '--scale=tiny', f'--data_dir={generated_data_dir}', f'--out={out}',
           f'--workdir_root={work}']
+  out.mkdir()
+  (out / reproduce.DIAGNOSIS_FILE).write_text('The hand-written diagnosis.\n')
   with pytest.raises(SystemExit) as exit_info:
     cli.run(reproduce.define_flags, reproduce.main, argv)
   _, err = capfd.readouterr()
@@ -47,6 +49,15 @@ def test_tiny_reproduce_writes_the_table_and_curves(generated_data_dir, tmp_path
     row = f"| {group} | {g['task']} | {len(g['runs'])} | {g['test_mean_std']['accuracy']} |"
     assert row in results
   assert '99.64 (AiT-Base)' in results and '43.7 (majority per subtype)' in results
+  assert '## Diagnosis\n\nThe hand-written diagnosis.\n' in results
+  for name, run in summary['runs'].items():  # the workspace's numbers, for AiT runs only
+    ws = run['workspace']
+    if '_vit_' in name:
+      assert ws is None
+    else:
+      assert len(ws['memory_mean_abs_cos']) == len(ws['tokens_never_selected']) == 1  # depth 1
+      assert 0 < ws['memory_mean_abs_cos'][0] <= 1 and 0 <= ws['tokens_never_selected'][0] <= 1
+  assert '| triangle_vit_s0 | 2 |' in results and '| — | — |' in results
   assert (out / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   for run in summary['runs']:
     assert (out / run / 'metrics.jsonl').exists() and (out / run / 'eval_final.json').exists()

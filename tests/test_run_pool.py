@@ -90,10 +90,17 @@ def test_progress_names_each_live_run_step_and_eta(tmp_path):
   (tmp_path / 'r' / 'metrics.jsonl').write_text(
       json.dumps({'step': 10, 'split': 'train', 'eta_sec': 300.0}) + '\n' +
       json.dumps({'step': 10, 'split': 'eval', 'accuracy': 0.5}) + '\n{"torn')
-  waiting = _job(tmp_path, 'w')
-  line = run_pool._progress({1: (job, None, 0), 2: (waiting, None, 0)}, queued=3, done=4)
-  assert line == ('[reproduce] 4 finished, 2 training, 3 waiting: r step 10/10 (ETA 5 min); '
-                  'w starting')
+  starting = _job(tmp_path, 's')
+  queue = [_job(tmp_path, f'q{i}') for i in range(3)]
+  live = {1: (job, None, 0), 2: (starting, None, 0)}
+  assert run_pool._progress(live, queue, done=4, parallel=2) == (
+      '[reproduce] 4 finished, 2 training, 3 waiting: r step 10/10 (ETA 5 min); s starting')
+  for j, seconds in zip([starting] + queue, (60, 120, 180, 240)):
+    j.estimate_s = seconds
+  # (300 + 60 + 120 + 180 + 240) s over two at a time: 7.5 min.
+  assert run_pool._progress(live, queue, done=4, parallel=2) == (
+      '[reproduce] 4 finished, 2 training, 3 waiting; all runs ETA 8 min: r step 10/10 (ETA 5 '
+      'min); s starting')
 
 
 def test_tiny_reproduce_with_two_jobs(generated_data_dir, tmp_path, capfd):
