@@ -15,9 +15,11 @@ def test_cpu_experiment_has_the_issue_35_runs_within_two_hours_at_two_jobs():
     groups.setdefault(reproduce.group_of(run), []).append(run)
   assert {g: len(r) for g, r in groups.items()} == {
       'triangle_ait': 3, 'triangle_vit': 3, 'triangle_ait_no_bottleneck': 1,
+      'triangle_ait_stored_split': 1,
       'soc_binary_ait': 3, 'soc_binary_vit': 3, 'soc_all_ait': 1, 'soc_all_vit': 1}
   assert set(groups) == set(reproduce.GROUPS) == set(reproduce.ESTIMATE_MS_PER_STEP)
-  assert all(runs[r][2].get('fresh_train_data') for r in runs if r.startswith('triangle'))
+  assert [r for r in runs if r.startswith('triangle') and not runs[r][2]['fresh_train_data']] == [
+      'triangle_ait_stored_split_s0']  # the one run that shows what fresh images change
   assert 60 < reproduce.estimate_minutes(runs, jobs=2) <= 120
   # The tiny scale is the same experiment: the same groups.
   assert {reproduce.group_of(r) for r in reproduce.RUNS['tiny']} == set(groups)
