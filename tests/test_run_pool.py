@@ -15,8 +15,9 @@ from ait_jax import errors
 from ait_jax import reproduce
 from ait_jax import run_pool
 
-# A stand-in for `main`: notes its process group, logs a train row, then waits; on each signal it notes it and, like
-# main's first signal, "saves" and exits 75. Exits 0 after `seconds`, or `status` at once.
+# A stand-in for `main`: notes its process group, logs a train row, then waits; on a signal it
+# notes it and, like main on its first signal, "saves" and exits 75. Exits 0 after `seconds`, or
+# `status` at once.
 _CHILD = r'''
 import json, os, signal, sys, time
 workdir, seconds, status = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
