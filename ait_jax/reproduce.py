@@ -473,9 +473,10 @@ def _stopped(run: str | None = None) -> None:
   raise SystemExit(checkpointing.EXIT_PREEMPTED)
 
 
-def _train_in_processes(runs: dict, plans: dict, data_dir: str, jobs: int) -> None:
+def _train_in_processes(runs: dict, plans: dict, data_dir: str, jobs: int) -> set[str]:
   """--jobs > 1: trains the unfinished runs `jobs` at a time, each as its own `main` process
-  (`run_pool`); the datasets are built here first, so that no two children build one."""
+  (`run_pool`); the datasets are built here first, so that no two children build one. Returns
+  the names of the runs it trained."""
   from ait_jax import run_pool, validation  # pylint: disable=g-import-not-at-top
   from ait_jax.data import prepare  # pylint: disable=g-import-not-at-top
   pending = []
@@ -491,11 +492,12 @@ def _train_in_processes(runs: dict, plans: dict, data_dir: str, jobs: int) -> No
     pending.append(run_pool.Job(run, run_pool.main_command(args), workdir, setup.total_steps,
                                 estimate_s=ms * setup.total_steps / 1000 if ms else None))
   if pending:
-    print(f'Training {len(pending)} runs, {jobs} at a time, each in its own process.', flush=True)
+    print(f'Runs to train: {len(pending)}, {jobs} at a time, each in its own process.', flush=True)
   signal_name = run_pool.train(pending, jobs,
                                on_done=lambda job, o: _add_wall_seconds(job.workdir, o.seconds))
   if signal_name:
     _stopped()
+  return {job.name for job in pending}
 
 
 def main(fv: flags.FlagValues) -> None:
@@ -527,13 +529,14 @@ def main(fv: flags.FlagValues) -> None:
   if summary['estimate_minutes'] is not None:
     print(f'{len(runs)} runs, estimated {summary["estimate_minutes"]:.0f} min of training on an '
           f'idle 2-core CPU, {jobs} at a time (reproduce.ESTIMATE_MS_PER_STEP).', flush=True)
-  if jobs > 1:
-    _train_in_processes(runs, plans, data_dir, jobs)
+  trained = _train_in_processes(runs, plans, data_dir, jobs) if jobs > 1 else set()
   for run, (name, variant, overrides) in runs.items():
     config, workdir = plans[run]
     command = _command(name, variant, overrides, data_dir, workdir)
     setup = validation.validate(config)
-    if _finished(workdir, setup.total_steps):
+    if run in trained:
+      print(f'== {run}: trained above ({command})', flush=True)
+    elif _finished(workdir, setup.total_steps):
       print(f'== {run}: reusing the finished run in {workdir} ({command})', flush=True)
     else:
       print(f'== {run}: {command}', flush=True)
