@@ -249,6 +249,19 @@ def workspace_stats(config, workdir: str) -> dict | None:
                                     for layer in data['layers']]}
 
 
+MAX_TRAIN_ROWS = 1000  # train rows kept in --out's copy of a run's metrics.jsonl
+
+
+def thin_rows(rows: list[dict], max_train_rows: int = MAX_TRAIN_ROWS) -> list[dict]:
+  """Every evaluation row, and at most `max_train_rows` train rows evenly spaced, the last kept:
+  --out's copy of metrics.jsonl, small enough to commit (a 60,000-step run logs 6,000 train rows,
+  2.2 MB); the workdir keeps every row."""
+  train = [i for i, r in enumerate(rows) if r.get('split') == 'train']
+  stride = -(-len(train) // max_train_rows) if train else 1
+  keep = set(train[::-1][::stride])
+  return [r for i, r in enumerate(rows) if r.get('split') != 'train' or i in keep]
+
+
 def _pct(values) -> str:
   """'98.12 ± 0.31' (sample std over seeds) or '98.12' for one value; '' for none."""
   values = [100 * v for v in values if v is not None]
@@ -548,9 +561,11 @@ def main(fv: flags.FlagValues) -> None:
     with open(os.path.join(workdir, 'eval_final.json')) as f:
       final = json.load(f)
     os.makedirs(os.path.join(out, run), exist_ok=True)
-    for f in ('metrics.jsonl', 'eval_final.json', 'config.json'):
+    for f in ('eval_final.json', 'config.json'):
       shutil.copy(os.path.join(workdir, f), os.path.join(out, run, f))
     rows = metric_writer.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+    metric_writer.write_text_atomic(os.path.join(out, run, 'metrics.jsonl'), ''.join(
+        json.dumps(r) + '\n' for r in thin_rows(rows)))
     summary['runs'][run] = {
         'command': command, 'wall_seconds': _wall_seconds(workdir), 'eval': final,
         'group': group_of(run), 'seed': config.seed,

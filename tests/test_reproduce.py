@@ -63,3 +63,13 @@ def test_tiny_reproduce_writes_the_table_and_curves(generated_data_dir, tmp_path
   assert (out / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   for run in summary['runs']:
     assert (out / run / 'metrics.jsonl').exists() and (out / run / 'eval_final.json').exists()
+
+
+def test_thin_rows_keeps_every_evaluation_and_the_last_train_row():
+  rows = [{'step': s, 'split': 'train'} for s in range(1, 26)]
+  rows.insert(10, {'step': 10, 'split': 'eval'})
+  rows.append({'step': 25, 'split': 'eval_train'})
+  thinned = reproduce.thin_rows(rows, max_train_rows=5)
+  assert [r['step'] for r in thinned if r['split'] == 'train'] == [5, 10, 15, 20, 25]
+  assert [r['split'] for r in thinned if r['split'] != 'train'] == ['eval', 'eval_train']
+  assert reproduce.thin_rows(rows, max_train_rows=100) == rows
