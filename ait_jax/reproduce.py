@@ -131,14 +131,15 @@ BATCH_INDEPENDENCE_RUN = {'gpu': 'sort_of_clevr_ait', 'cpu': 'soc_all_ait_s0'}
 EVAL_BATCH_SIZES = (1, 64, 512)
 
 # Milliseconds per training step of one run while a second trains beside it (`--jobs=2`) on an
-# idle 2-core x86_64 CPU, per group, from the trials of 2026-12-08 (docs/training.md#cpu-trials):
-# Triangle width 64 AiT 3,300 images/s and ViT 6,300; Sort-of-CLEVR width 128 AiT about 450 and
-# ViT about 900. The ablation is taken as AiT. One run alone steps 1.45 times as fast as one of two
-# (`ALONE_SPEEDUP`, Triangle AiT: 4,970 images/s against 3,420). An estimate, printed at the start.
-ESTIMATE_MS_PER_STEP = {'triangle_ait': 20, 'triangle_vit': 11, 'triangle_ait_no_bottleneck': 20,
-                        'triangle_ait_stored_split': 20,
-                        'soc_binary_ait': 140, 'soc_binary_vit': 70, 'soc_all_ait': 140,
-                        'soc_all_vit': 70}
+# idle 2-core x86_64 CPU, evaluations included, per group: measured by this command's run of
+# 2026-12-08 (results/cpu/summary.json, each run's wall seconds over its steps, the mean over
+# seeds). One run alone steps 1.45 times as fast as one of two (`ALONE_SPEEDUP`: Triangle AiT,
+# 4,971 images/s alone against 3,600 side by side, docs/training.md#cpu-experiment). An estimate,
+# printed at the start.
+ESTIMATE_MS_PER_STEP = {'triangle_ait': 21, 'triangle_vit': 13, 'triangle_ait_no_bottleneck': 15,
+                        'triangle_ait_stored_split': 21,
+                        'soc_binary_ait': 171, 'soc_binary_vit': 83, 'soc_all_ait': 144,
+                        'soc_all_vit': 81}
 ALONE_SPEEDUP = 1.45
 
 # Per group: the task, the paper's number (docs/training.md#paper-results), the baseline, and the
