@@ -130,6 +130,8 @@ def train(jobs: list[Job], parallel: int, on_done=None) -> str | None:
                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
         live[child.pid] = (job, child, time.time())
+        if stopped:  # a signal came while it started: it has not been passed on to this one
+          child.send_signal(signal.Signals[stopped[-1]])
         print(f'== {job.name}: started ({os.path.join(job.workdir, LOG_FILE)})', flush=True)
       time.sleep(0.5)
       for pid in list(live):
@@ -144,8 +146,11 @@ def train(jobs: list[Job], parallel: int, on_done=None) -> str | None:
         if outcome.returncode == 0:
           done += 1
           print(f'== {job.name}: finished in {outcome.seconds / 60:.1f} min', flush=True)
-        elif outcome.returncode == checkpointing.EXIT_PREEMPTED or stopped:
+        elif outcome.returncode == checkpointing.EXIT_PREEMPTED:
           print(f'== {job.name}: saved and stopped ({log})', flush=True)
+        elif stopped:  # a second signal ends a run without saving (main's rule)
+          print(f'== {job.name}: stopped with exit status {outcome.returncode}, resumes from its '
+                f'last checkpoint ({log})', flush=True)
         else:
           failed.append((job, outcome, log))
           print(f'== {job.name}: failed with exit status {outcome.returncode} ({log})',
