@@ -3,7 +3,7 @@
 (docs/model.md#batch-dependence).
 
   python -m ait_jax.reproduce --scale=gpu --data_dir=data --out=results/gpu   # one H200
-  python -m ait_jax.reproduce --scale=cpu --data_dir=data --out=results/cpu   # ~2 h, 2 CPU cores
+  python -m ait_jax.reproduce --scale=cpu --data_dir=data --out=results/cpu   # ~100 min, 2 CPU cores
   python -m ait_jax.reproduce --scale=tiny --data_dir=data --out=/tmp/tiny     # the same, seconds
 
 `--scale=cpu` is a small experiment: Triangle, AiT against the dense ViT of the same
