@@ -583,8 +583,10 @@ def _tiny_runs(**changes):
 
 
 def _reproduce_argv(root, data_dir, *extra):
+  # One run at a time, in the process under test (--jobs=2, the cpu scale's default, trains in
+  # child processes: tests/test_run_pool.py).
   return [f'--out={root / "out"}', f'--data_dir={data_dir}', f'--workdir_root={root / "work"}',
-          *extra]
+          '--jobs=1', *extra]
 
 
 @pytest.fixture(scope='module')
