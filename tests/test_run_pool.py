@@ -117,6 +117,8 @@ def test_tiny_reproduce_with_two_jobs(generated_data_dir, tmp_path, capfd):
   assert 'Runs to train: 1, 2 at a time' in captured.out
   summary = json.loads((out / 'summary.json').read_text())
   assert set(summary['runs']) == set(runs)
+  # No diagnosis.md in --out yet: RESULTS.md says where it is to be written.
+  assert 'Not written yet: it is kept by hand in `diagnosis.md`' in (out / 'RESULTS.md').read_text()
   for run in runs:
     assert summary['runs'][run]['eval']['step'] == 2
     assert summary['runs'][run]['wall_seconds'] > 0
